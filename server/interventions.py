@@ -84,19 +84,32 @@ class CommonForm:
     p: Tensor  # [r]
     A: Tensor  # [r, d]
 
+    def padded(self, rank: int) -> CommonForm:
+        """Zero rows up to `rank`: they add exact zeros, so padded forms compute the same result."""
+        pad = rank - self.A.shape[0]
+        if pad == 0:
+            return self
+
+        def grow(x: Tensor) -> Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.dim() == 2 else (0, pad)).contiguous()
+
+        return CommonForm(*(grow(x) for x in (self.W, self.b, self.P, self.p, self.A)))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> CommonForm:
+        return CommonForm(*(x.to(device=device, dtype=dtype) for x in (self.W, self.b, self.P, self.p, self.A)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.W, self.b, self.P, self.p, self.A))
+
 
 def common_form(iv: Intervention, rank: int | None = None) -> CommonForm:
     """Rewrite `iv` in the common form; zero-pad to `rank` so different ranks can be stacked."""
     t = iv.tensors
     r = iv.rank
-    d = next(iter(t.values())).shape[-1] if iv.type in ("noreft", "nodireft") else t["rotate_layer"].shape[0]
-    dtype = next(iter(t.values())).dtype
-    zeros_rd = torch.zeros(r, d, dtype=dtype)
-    zeros_r = torch.zeros(r, dtype=dtype)
-    if iv.type in ("noreft", "nodireft"):
-        write = t["proj_weight"]
-    else:
-        write = t["rotate_layer"].T
+    write = t["proj_weight"] if iv.type in ("noreft", "nodireft") else t["rotate_layer"].T
+    zeros_rd = torch.zeros_like(write)
+    zeros_r = torch.zeros(r, dtype=write.dtype)
     W = t.get("weight", zeros_rd)
     if iv.type in ("loreft", "consreft"):
         P, p = write, zeros_r
@@ -104,15 +117,8 @@ def common_form(iv: Intervention, rank: int | None = None) -> CommonForm:
         P, p = write, t.get("proj_bias", zeros_r)
     else:
         P, p = zeros_rd, zeros_r
-    form = CommonForm(W=W, b=t["bias"], P=P, p=p, A=write)
-    if rank is None or rank == r:
-        return CommonForm(*(x.contiguous() for x in (form.W, form.b, form.P, form.p, form.A)))
-    pad = rank - r
-
-    def grow(x: Tensor) -> Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.dim() == 2 else (0, pad)).contiguous()
-
-    return CommonForm(*(grow(x) for x in (form.W, form.b, form.P, form.p, form.A)))
+    form = CommonForm(*(x.contiguous() for x in (W, t["bias"], P, p, write)))
+    return form if rank is None else form.padded(rank)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,33 @@
+"""Every server option, each settable by a `REFT_<OPTION>` environment variable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFT_", extra="ignore")
+
+    model: str | None = Field(None, description="HF model directory, .gguf file or hub id; default: embedded SmolLM2")
+    adapters: str = Field("adapters", description="adapter registry directory")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together")
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")
+    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens admitted into one prefill")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
+    max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")
+    max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload accepted")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
+    adapter_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="device memory for resident adapters")
+    pinned_adapters: list[str] = Field(default_factory=list, description="adapters never evicted from the device")
+    scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    log_level: str = "info"

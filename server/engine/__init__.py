@@ -1,0 +1,1 @@
+"""The batching engine: plan, model runner, sampling and the scheduler loop. Never imports HTTP."""
