@@ -23,10 +23,12 @@ class AdapterRef:
     name: str
     version: int
     adapter: Adapter = field(compare=False, repr=False)
+    sha256: str = ""
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.name, self.version)
+    def key(self) -> tuple[str, str]:
+        """Content-addressed, so a deleted then re-uploaded name never hits stale device tensors."""
+        return (self.name, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class ResidentAdapter:
 class DeviceAdapterCache:
     def __init__(self, device: torch.device, dtype: torch.dtype, budget_bytes: int, pinned: set[str]) -> None:
         self.device, self.dtype, self.budget_bytes, self.pinned = device, dtype, budget_bytes, set(pinned)
-        self._entries: OrderedDict[tuple[str, int], ResidentAdapter] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], ResidentAdapter] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -70,7 +72,7 @@ class DeviceAdapterCache:
         for key in [k for k in self._entries if k[0] == name]:
             self.nbytes -= self._entries.pop(key).nbytes
 
-    def _evict(self, keep: tuple[str, int]) -> None:
+    def _evict(self, keep: tuple[str, str]) -> None:
         for key in list(self._entries):
             if self.nbytes <= self.budget_bytes:
                 return

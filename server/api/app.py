@@ -1,0 +1,256 @@
+"""The FastAPI app: lifespan (background model load), auth, limits, errors, access log, routers."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.adapter_file import AdapterError
+from server.api.serving import Engine, Serving, ServingError, build_engine
+from server.config import Settings
+from server.metrics import Metrics
+from server.registry import AdapterExists, AdapterTooLarge, UnknownAdapter
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("reft.access")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
+               415: "invalid_request_error", 422: "invalid_request_error", 429: "overloaded",
+               499: "cancelled", 500: "server_error", 503: "unavailable"}
+UPLOAD_PATH = "/v1/adapters"
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def error_response(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind or ERROR_TYPES.get(status, "error"), "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class AppState:
+    """What routes reach through `request.app.state.reft`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.serving: Serving | None = None
+        self.load_error: str | None = None
+        self._stop = threading.Event()
+
+    def load(self, factory: Callable[[Settings], Engine]) -> None:
+        try:
+            engine = factory(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the log
+            log.exception("start-up failed")
+            self.load_error = str(exc)
+            return
+        view = self.metrics.view
+        view.num_waiting = lambda: engine.scheduler.num_waiting
+        view.num_running = lambda: engine.scheduler.num_running
+        view.max_batch_size = engine.scheduler.max_batch_size
+        view.running_adapters = engine.scheduler.running_adapters
+        view.waiting_adapters = engine.scheduler.waiting_adapters
+        view.resident_adapters = lambda: len(engine.adapter_cache)
+        view.registered_adapters = lambda: len(engine.registry)
+        view.max_lora = engine.scheduler.max_batch_size
+        self.engine = engine
+        self.serving = Serving(engine, self.metrics)
+        log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),
+                 engine.load_seconds)
+        interval = self.settings.scan_interval
+        while interval > 0 and not self._stop.wait(interval):
+            try:
+                engine.registry.scan()
+            except OSError:
+                log.exception("registry scan failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.engine is not None:
+            self.engine.scheduler.stop()
+
+
+def require_serving(request: Request) -> Serving:
+    state: AppState = request.app.state.reft
+    if state.serving is None:
+        message = f"start-up failed: {state.load_error}" if state.load_error else "the model is still loading"
+        raise ServingError(503, message, "unavailable", {"Retry-After": "5"})
+    return state.serving
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, *keys: object) -> bool:
+    """Constant-time comparison against every configured key (each compared, none short-circuited)."""
+    if token is None:
+        return False
+    given = token.encode()
+    results = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in keys if k is not None]
+    return any(results)
+
+
+def require_api_key(request: Request) -> None:
+    settings: Settings = request.app.state.reft.settings
+    if settings.api_key is not None and not _matches(_bearer(request), settings.api_key, settings.admin_key):
+        raise ServingError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+
+
+def require_admin_key(request: Request) -> None:
+    settings: Settings = request.app.state.reft.settings
+    if settings.admin_key is not None:
+        if not _matches(_bearer(request), settings.admin_key):
+            raise ServingError(401, "this call needs the admin key: 'Authorization: Bearer <admin key>'",
+                               "authentication_error")
+    else:
+        require_api_key(request)
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413, by Content-Length or while they stream in."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["path"].rstrip("/") == UPLOAD_PATH and scope["method"] == "POST"
+        limit = self.settings.max_adapter_bytes + MULTIPART_OVERHEAD if upload else self.settings.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        too_large = error_response(413, f"request body is over the limit of {limit} bytes")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class AccessLog:
+    """One JSON line per request: method, path, status, latency, adapter and tokens (never keys)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            info = scope.get("state", {}).get("access", {})
+            access_log.info(json.dumps({
+                "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "status": status,
+                "latency_ms": round((time.perf_counter() - start) * 1000, 2), **info,
+            }))
+
+
+def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
+    from server.api import routes_adapters, routes_generate, routes_health, routes_openai
+
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=state.load, args=(engine_factory,), name="reft-loader", daemon=True)
+        loader.start()
+        yield
+        state.close()
+
+    app = FastAPI(
+        title="reft-serve", version="0.1.0", lifespan=lifespan,
+        description="Serve many ReFT interventions on one frozen base model, batched together.",
+    )
+    app.state.reft = state
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(400, f"invalid adapter: {exc}")
+
+    @app.exception_handler(AdapterExists)
+    async def adapter_exists(request: Request, exc: AdapterExists) -> JSONResponse:
+        return error_response(409, str(exc))
+
+    @app.exception_handler(AdapterTooLarge)
+    async def adapter_too_large(request: Request, exc: AdapterTooLarge) -> JSONResponse:
+        return error_response(413, str(exc))
+
+    @app.exception_handler(UnknownAdapter)
+    async def unknown_adapter(request: Request, exc: UnknownAdapter) -> JSONResponse:
+        return error_response(404, f"adapter {exc.args[0]!r} does not exist")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error")
+
+    app.include_router(routes_health.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_generate.router)
+    app.include_router(routes_adapters.router)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,65 @@
+"""Adapter registry endpoints: upload, list, describe, delete (HTTP only)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+
+from server.adapter_file import validate_name
+from server.api.app import require_admin_key, require_api_key, require_serving
+from server.api.protocol import AdapterDescription, AdapterList, ErrorResponse
+from server.api.serving import Serving, ServingError
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)}
+
+
+@router.post(
+    "", status_code=201, response_model=AdapterDescription, responses=ERRORS,
+    dependencies=[Depends(require_admin_key)],
+)
+async def upload_adapter(
+    request: Request,
+    name: str = Form(..., description="letters, digits, '-', '_', '.'; at most 64"),
+    file: UploadFile = File(..., description="native .safetensors, or a .zip / .tar.gz of a pyreft save directory"),
+    positions: str | None = Form(None, description="pyreft archives only: e.g. f3+l3"),
+    share_weights: bool = Form(False, description="pyreft archives only"),
+    replace: bool = Query(False, description="replace an existing adapter atomically"),
+    replace_form: bool | None = Form(None, alias="replace"),
+    serving: Serving = Depends(require_serving),
+) -> AdapterDescription:
+    validate_name(name)
+    registry = serving.engine.registry
+    replace = replace or bool(replace_form)
+    if name in registry and not replace:
+        raise ServingError(409, f"adapter {name!r} exists; pass replace=true to replace it", "conflict_error")
+    data = await file.read(registry.max_adapter_bytes + 1)
+    adapter = await asyncio.to_thread(registry.parse_upload, data, positions, share_weights)
+    record = await asyncio.to_thread(registry.put, name, adapter, replace)
+    request.state.access = {"adapter": name, "upload_bytes": len(data)}
+    return AdapterDescription(**record.describe())
+
+
+@router.get("", response_model=AdapterList, responses=ERRORS, dependencies=[Depends(require_api_key)])
+def list_adapters(
+    limit: int = Query(100, ge=1, le=1000), after: str | None = Query(None, description="page after this name"),
+    serving: Serving = Depends(require_serving),
+) -> AdapterList:
+    records = serving.engine.registry.list(limit=limit + 1, after=after)
+    page = records[:limit]
+    return AdapterList(
+        data=[AdapterDescription(**r.describe()) for r in page], has_more=len(records) > limit,
+        next_after=page[-1].name if len(records) > limit else None,
+    )
+
+
+@router.get("/{name}", response_model=AdapterDescription, responses=ERRORS, dependencies=[Depends(require_api_key)])
+def get_adapter(name: str, serving: Serving = Depends(require_serving)) -> AdapterDescription:
+    return AdapterDescription(**serving.engine.registry.get(name).describe())
+
+
+@router.delete("/{name}", status_code=204, responses=ERRORS, dependencies=[Depends(require_admin_key)])
+async def delete_adapter(name: str, serving: Serving = Depends(require_serving)) -> Response:
+    await asyncio.to_thread(serving.engine.registry.delete, name)
+    return Response(status_code=204)

@@ -1,0 +1,34 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.api.protocol import ErrorResponse, Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
+def health(request: Request) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and serving, 503 before (or if start-up failed)."""
+    state = request.app.state.reft
+    if state.serving is None:
+        reason = f"start-up failed: {state.load_error}" if state.load_error else "loading"
+        body = {"status": "loading" if not state.load_error else "failed",
+                "error": {"message": reason, "type": "unavailable", "code": 503}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/live", response_model=Health)
+def live() -> Health:
+    """Liveness: the process answers, whether or not the model has finished loading."""
+    return Health(status="alive")
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.reft.metrics.registry), media_type=CONTENT_TYPE_LATEST)

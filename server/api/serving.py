@@ -1,0 +1,231 @@
+"""Between HTTP and the engine: resolve adapters, tokenize, submit, and turn events into results.
+
+Nothing here knows about routes or status codes beyond `ServingError.status`; the routers build
+responses, the engine never sees HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.adapter_file import AdapterError
+from server.config import Settings
+from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
+from server.engine.runner import ModelRunner
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import EngineError, Event, GenerationRequest, Scheduler
+from server.metrics import Metrics
+from server.model import BaseModel, load_base_model
+from server.registry import Registry, UnknownAdapter
+
+BASE_ALIASES = ("base",)
+MAX_STOP_STRINGS = 16
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class ServingError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Engine:
+    """Everything loaded at start-up that serving needs."""
+
+    base: BaseModel
+    registry: Registry
+    scheduler: Scheduler
+    adapter_cache: DeviceAdapterCache
+    max_new_tokens: int
+    load_seconds: float = 0.0
+
+
+class Serving:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = engine.base.tokenizer
+        self.model_id = engine.base.model_id
+        self.vocab_size = int(engine.base.model.config.vocab_size)
+
+    # ---- names and prompts ------------------------------------------------------------------
+
+    def adapter_name(self, model: str | None) -> str | None:
+        """OpenAI's `model` (or /generate's `adapter`) → adapter name, None for the base model."""
+        if model is None or model == self.model_id or model in BASE_ALIASES:
+            return None
+        return model
+
+    async def resolve(self, name: str | None) -> AdapterRef | None:
+        if name is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.engine.registry.resolve, name)
+        except UnknownAdapter:
+            raise ServingError(
+                404, f"adapter or model {name!r} does not exist; GET /v1/models lists them", "not_found_error"
+            ) from None
+        except (AdapterError, FileNotFoundError) as exc:
+            raise ServingError(404, f"adapter {name!r} is not available: {exc}", "not_found_error") from None
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ServingError(400, f"token ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
+            return list(prompt)
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the text carried its own BOS already
+            ids = ids[1:]
+        return ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ServingError(400, f"the base model {self.model_id!r} has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
+            raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def params(
+        self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
+        seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool,
+    ) -> SamplingParams:
+        limit = self.engine.max_new_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(limit, self.engine.scheduler.max_context - prompt_length))
+        if max_tokens > limit:
+            raise ServingError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ServingError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        bad = [t for t in stop_token_ids or [] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ServingError(400, f"stop_token_ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=tuple(stops), stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,
+        )
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str
+    ) -> Submission:
+        """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts."""
+        return Submission(self, prompt_ids, params, ref, endpoint)
+
+    async def complete(
+        self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Result:
+        result = Result(prompt_tokens=len(prompt_ids))
+        async for event in self.submit(prompt_ids, params, ref, endpoint).events(is_disconnected):
+            result.text += event.text
+            result.token_ids.extend(event.token_ids)
+            result.finish_reason = event.finish_reason
+            result.completion_tokens = event.completion_tokens
+        if result.finish_reason is None:
+            raise ServingError(499, "the client went away", "cancelled")
+        return result
+
+
+class Submission:
+    """One submitted request: its events arrive from the engine thread through an asyncio queue."""
+
+    def __init__(
+        self, serving: Serving, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.metrics = serving.metrics
+        self.endpoint = endpoint
+        self.label = serving.metrics.adapter_label(ref.name if ref else None)
+        self.request = GenerationRequest(
+            prompt_ids, params, ref, on_event=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e)
+        )
+        try:
+            serving.engine.scheduler.submit(self.request)
+        except EngineError as exc:
+            self.metrics.requests.labels(endpoint, self.label, str(exc.status)).inc()
+            headers = {"Retry-After": "1"} if exc.status == 429 else {}
+            raise ServingError(exc.status, str(exc), exc.kind, headers) from None
+        self.start = time.monotonic()
+
+    async def events(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Event]:
+        """Yield the request's events until it finishes; cancel it if the consumer goes away."""
+        first = True
+        status = "499"
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
+                except TimeoutError:
+                    if is_disconnected is not None and await is_disconnected():
+                        return
+                    continue
+                if first and event.token_ids:
+                    self.metrics.ttft.labels(self.label).observe(time.monotonic() - self.start)
+                    first = False
+                if event.finish_reason == "error":
+                    status = "500"
+                    raise ServingError(500, f"generation failed: {event.error}", "server_error")
+                if event.finish_reason == "cancelled":
+                    return
+                yield event
+                if event.finish_reason is not None:
+                    status = "200"
+                    self.metrics.latency.labels(self.label).observe(time.monotonic() - self.start)
+                    self.metrics.prompt_tokens.labels(self.label).inc(event.prompt_tokens)
+                    self.metrics.generation_tokens.labels(self.label).inc(event.completion_tokens)
+                    return
+        finally:
+            self.request.cancel()
+            self.metrics.requests.labels(self.endpoint, self.label, status).inc()
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the base model and the registry, and start the scheduler: everything behind the API."""
+    start = time.perf_counter()
+    base = load_base_model(settings.model, settings.device, settings.dtype)
+    registry = Registry(
+        Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes
+    )
+    registry.open()
+    cache = DeviceAdapterCache(base.device, base.dtype, settings.adapter_cache_bytes, set(settings.pinned_adapters))
+    for name in settings.pinned_adapters:
+        cache.get(registry.resolve(name))
+    eos = base.model.generation_config.eos_token_id
+    if eos is None:
+        eos = base.tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    max_prompt = min(settings.max_prompt_tokens or base.max_context, base.max_context - 1)
+    scheduler = Scheduler(
+        ModelRunner(base),
+        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+        cache,
+        eos_token_ids=eos_ids,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_prompt_tokens=max_prompt,
+        max_context=base.max_context,
+    )
+    scheduler.start()
+    return Engine(base, registry, scheduler, cache, settings.max_new_tokens, time.perf_counter() - start)

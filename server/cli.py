@@ -1,0 +1,77 @@
+"""The `reft-serve` command: serve, import-pyreft, train. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from server.config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve ReFT interventions on one base model.")
+
+ENV = "REFT_"
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Option(None, envvar=ENV + "MODEL", help="HF dir, .gguf or hub id (default: SmolLM2)"),
+    adapters: str = typer.Option("adapters", envvar=ENV + "ADAPTERS", help="adapter registry directory"),
+    host: str = typer.Option("127.0.0.1", envvar=ENV + "HOST"),
+    port: int = typer.Option(8000, envvar=ENV + "PORT"),
+    device: str = typer.Option("auto", envvar=ENV + "DEVICE", help="auto|cpu|cuda"),
+    dtype: str = typer.Option("auto", envvar=ENV + "DTYPE", help="auto|float32|bfloat16|float16"),
+    max_batch_size: int = typer.Option(32, envvar=ENV + "MAX_BATCH_SIZE"),
+    max_queue: int = typer.Option(256, envvar=ENV + "MAX_QUEUE"),
+    api_key: str | None = typer.Option(None, envvar=ENV + "API_KEY", help="needed by /v1/* and /generate"),
+    admin_key: str | None = typer.Option(None, envvar=ENV + "ADMIN_KEY", help="needed to upload or delete adapters"),
+) -> None:
+    """Start the HTTP server. Every other setting is read from its REFT_* environment variable."""
+    import uvicorn
+
+    from server.api.app import create_app
+
+    try:
+        settings = Settings(
+            model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
+            max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format="%(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False)
+
+
+@app.command("import-pyreft")
+def import_pyreft(
+    src_dir: Path = typer.Argument(..., help="a directory written by pyreft's ReftModel.save()"),
+    dest: Path = typer.Argument(..., help="the native adapter file to write (NAME.safetensors)"),
+    positions: str = typer.Option(..., help="where the interventions act: fN, lN or fN+lN (pyreft does not record it)"),
+    share_weights: bool = typer.Option(False, "--share-weights/--no-share-weights"),
+    model: str | None = typer.Option(None, envvar=ENV + "MODEL", help="base model the adapter must fit"),
+    max_rank: int = typer.Option(64, envvar=ENV + "MAX_RANK"),
+) -> None:
+    """Convert a pyreft save directory into the native format, validated against the base model."""
+    from server import adapter_file
+    from server.model import ModelError, load_base_model
+    from server.registry import atomic_write
+
+    try:
+        base = load_base_model(model, device="cpu", dtype="float32")
+        adapter = adapter_file.import_pyreft(src_dir, positions, share_weights, base.shape, max_rank)
+    except (adapter_file.AdapterError, ModelError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, adapter_file.to_bytes(adapter))
+    layers = ", ".join(str(iv.layer) for iv in adapter.interventions)
+    typer.echo(f"wrote {dest}: {len(adapter.interventions)} x {'/'.join(adapter.types)} on layers {layers}, "
+               f"rank {adapter.max_rank}, positions {adapter.positions}, share_weights={adapter.share_weights}")
+
+
+if __name__ == "__main__":
+    app()

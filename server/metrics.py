@@ -1,0 +1,95 @@
+"""Prometheus metrics: our own `reft_*` families, and the vLLM-named gauges that the Kubernetes
+Gateway API Inference Extension's endpoint picker reads (queue, running, cache use, adapters),
+so replicas can sit in an InferencePool with adapter affinity and no custom code.
+
+Adapter labels are bounded: the first `max_adapter_labels` adapters seen keep their name, any
+later one is counted as "other", so a registry of 10,000 adapters cannot blow up cardinality.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+
+
+class EngineView:
+    """What the engine-state gauges read at scrape time (filled in once the model is loaded)."""
+
+    num_waiting: Callable[[], int] = staticmethod(lambda: 0)
+    num_running: Callable[[], int] = staticmethod(lambda: 0)
+    max_batch_size: int = 1
+    running_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
+    waiting_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
+    resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
+    registered_adapters: Callable[[], int] = staticmethod(lambda: 0)
+    max_lora: int = 0
+
+
+class _EngineCollector(Collector):
+    def __init__(self, view: EngineView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        v = self.view
+        waiting, running = v.num_waiting(), v.num_running()
+        usage = running / max(v.max_batch_size, 1)
+        yield GaugeMetricFamily("reft_queue_depth", "Requests waiting to be admitted.", value=waiting)
+        yield GaugeMetricFamily("reft_running_batch_size", "Requests in the running batch.", value=running)
+        yield GaugeMetricFamily("reft_resident_adapters", "Adapters on the device.", value=v.resident_adapters())
+        yield GaugeMetricFamily("reft_registered_adapters", "Adapters in the registry.", value=v.registered_adapters())
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (InferencePool queue).", value=waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (InferencePool).", value=running)
+        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Adapters running and waiting; value = update time.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric(
+            [",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora)], time.time()
+        )
+        yield info
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 50) -> None:
+        self.registry = CollectorRegistry()
+        self.view = EngineView()
+        self.registry.register(_EngineCollector(self.view))
+        self._labels: set[str] = set()
+        self._max_labels = max_adapter_labels
+        self._lock = threading.Lock()
+        r = self.registry
+        self.requests = Counter(
+            "reft_requests", "Requests finished, by endpoint and status.", ["endpoint", "adapter", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("reft_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
+        self.generation_tokens = Counter("reft_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.latency = Histogram(
+            "reft_request_latency_seconds", "Request latency, arrival to last token.", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "reft_time_to_first_token_seconds", "Arrival to first token.", ["adapter"], buckets=TTFT_BUCKETS, registry=r
+        )
+
+    def adapter_label(self, adapter: str | None) -> str:
+        if adapter is None:
+            return BASE_LABEL
+        with self._lock:
+            if adapter in self._labels:
+                return adapter
+            if len(self._labels) < self._max_labels:
+                self._labels.add(adapter)
+                return adapter
+        return OTHER_LABEL
