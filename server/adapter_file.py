@@ -135,9 +135,14 @@ def _metadata_of(data: bytes) -> dict:
         raise AdapterError("not a safetensors file: header is not JSON") from exc
     if not isinstance(header, dict):
         raise AdapterError("not a safetensors file: header is not a JSON object")
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    block = header.get("__metadata__") or {}
+    if not isinstance(block, dict):
+        raise AdapterError("not a safetensors file: its __metadata__ is not a JSON object")
+    raw = block.get(METADATA_KEY)
     if raw is None:
         raise AdapterError(f"safetensors file has no '{METADATA_KEY}' metadata: not a reft-serve adapter")
+    if not isinstance(raw, str):
+        raise AdapterError(f"'{METADATA_KEY}' metadata must be a string holding JSON")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -343,14 +348,22 @@ def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelSha
         raise AdapterError(f"pyreft config.json lacks {exc}") from exc
     if not (len(keys) == len(types) == len(reps)) or not keys:
         raise AdapterError("pyreft config.json: sorted_keys, intervention_types and representations disagree")
-    interventions = []
-    dtype_name = None
+    loaded = []
     for i, (key, type_repr, rep) in enumerate(zip(keys, types, reps, strict=True)):
+        if not isinstance(key, str) or not key or "/" in key or "\\" in key or "\0" in key or key in (".", ".."):
+            raise AdapterError(f"pyreft config.json: sorted key {key!r} is not a plain file-name part")
         cls = str(type_repr).rsplit(".", 1)[-1].strip("'>")
         kind = _PYREFT_CLASSES.get(cls)
         if kind is None:
             raise AdapterError(f"pyreft intervention {key}: type {type_repr} is not supported")
-        layer, component = (rep[0], rep[1]) if isinstance(rep, list) else (rep.get("layer"), rep.get("component"))
+        if isinstance(rep, list) and len(rep) >= 2:
+            layer, component = rep[0], rep[1]
+        elif isinstance(rep, dict):
+            layer, component = rep.get("layer"), rep.get("component")
+        else:
+            raise AdapterError(f"pyreft intervention {key}: representation {rep!r} is not understood")
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise AdapterError(f"pyreft intervention {key}: layer {layer!r} is not an integer")
         path = src / f"intkey_{key}.bin"
         if not path.is_file():
             raise AdapterError(f"pyreft directory lacks {path.name}")
@@ -361,12 +374,19 @@ def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelSha
         if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
             raise AdapterError(f"{path.name} does not hold a state dict of tensors")
         tensors = _pyreft_tensors(kind, state)
-        found = next((n for n, d in DTYPES.items() if d == tensors["bias"].dtype), None)
-        if found is None:
-            raise AdapterError(f"{path.name}: dtype {tensors['bias'].dtype} is not one of {', '.join(DTYPES)}")
-        dtype_name = dtype_name or found
-        rank = tensors["bias"].shape[0]
-        interventions.append(
-            make_intervention(i, kind, int(layer), rank, tensors, base, max_rank, dtype_name, str(component))
+        bad = sorted({str(v.dtype) for v in tensors.values() if not v.is_floating_point()})
+        if bad:
+            raise AdapterError(f"{path.name}: tensors of dtype {', '.join(bad)} are not floating point")
+        loaded.append((i, kind, layer, component, tensors))
+    # pyreft mixes dtypes by default (learned_source bfloat16, rotate_layer float32) and R is rebuilt
+    # in float32: keep one shared dtype when there is one, otherwise widen everything to float32.
+    found = {v.dtype for *_, tensors in loaded for v in tensors.values()}
+    dtype_name = next((n for n, d in DTYPES.items() if {d} == found), "float32")
+    interventions = [
+        make_intervention(
+            i, kind, layer, tensors["bias"].shape[0], {k: v.to(DTYPES[dtype_name]) for k, v in tensors.items()},
+            base, max_rank, dtype_name, str(component),
         )
-    return build(interventions, pos, share_weights, base, dtype_name or "float32")
+        for i, kind, layer, component, tensors in loaded
+    ]
+    return build(interventions, pos, share_weights, base, dtype_name)

@@ -109,7 +109,7 @@ def common_form(iv: Intervention, rank: int | None = None) -> CommonForm:
     r = iv.rank
     write = t["proj_weight"] if iv.type in ("noreft", "nodireft") else t["rotate_layer"].T
     zeros_rd = torch.zeros_like(write)
-    zeros_r = torch.zeros(r, dtype=write.dtype)
+    zeros_r = write.new_zeros(r)
     W = t.get("weight", zeros_rd)
     if iv.type in ("loreft", "consreft"):
         P, p = write, zeros_r
