@@ -91,6 +91,7 @@ def atomic_write(path: Path, data: bytes) -> os.stat_result:
     """Write `data` to `path` so that readers (and crashes) see the old bytes or the new, never a mix."""
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide adapters from a server running as another user
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
