@@ -1,0 +1,409 @@
+"""reft-serve benchmarks: run the real server as a subprocess and drive it over HTTP.
+
+    .venv/bin/python bench/run.py [--quick] [--out bench/results/latest.json] [--only throughput,p2,cold,registry]
+
+Every figure is printed as one line `NAME value target PASS/FAIL` (INFO for figures without a
+target) and written, with the raw samples, the machine and the library versions, to the JSON
+file. Ratios are measured side by side: the two sides of each ratio are interleaved within
+one run (the order rotates every round) and the median of each side is taken, because the
+machine may be shared. The server and the in-process baselines (raw transformers generate,
+peft) never compute at the same time. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+from common import (  # noqa: E402
+    BaselineWorker,
+    Load,
+    ServerProcess,
+    base_shape,
+    machine_info,
+    median,
+    random_loreft,
+    random_prompts,
+    rounded,
+    versions,
+    write_adapters,
+)
+
+from server import adapter_file  # noqa: E402
+
+SECTIONS = ("throughput", "p2", "cold", "registry")
+
+
+class Report:
+    """Collects figures, prints each as it is measured, and rewrites the JSON file after every section."""
+
+    def __init__(self, out: Path, meta: dict) -> None:
+        self.out = out
+        self.data = dict(meta, figures={}, samples={}, notes=[])
+        self.t0 = time.perf_counter()
+
+    def figure(self, name: str, value: float, target: str | None = None, unit: str = "", **detail: object) -> None:
+        passed = None
+        if target is not None and value == value:  # NaN never passes
+            op, bound = (target[:2], float(target[2:])) if target[:2] in (">=", "<=") else (None, None)
+            passed = value >= bound if op == ">=" else value <= bound if op == "<=" else None
+        verdict = "INFO" if target is None else ("PASS" if passed else "FAIL")
+        print(f"{name} {rounded(value)} {target or '-'} {verdict}", flush=True)
+        self.data["figures"][name] = {"value": value, "target": target, "pass": passed, "unit": unit, **detail}
+
+    def samples(self, key: str, value: object) -> None:
+        self.data["samples"][key] = value
+
+    def note(self, text: str) -> None:
+        print(f"# {text}", flush=True)
+        self.data["notes"].append(text)
+
+    def save(self) -> None:
+        self.data["duration_s"] = round(time.perf_counter() - self.t0, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.out)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- throughput: P1, P3, P4, P6 ----------------------------------------------------------------------
+
+
+def throughput(args: argparse.Namespace, report: Report, load: Load, adapters: list[str],
+               worker: BaselineWorker | None) -> None:
+    n, plen, new = args.batch, args.prompt_len, args.new_tokens
+    prompts = random_prompts(n, plen, seed=1)
+    seq_n = min(args.seq_requests, n)
+    steps = ["adapters", "base", "sequential"] + (["raw", "peft"] if worker else [])
+    results: dict[str, list[dict]] = {s: [] for s in steps}
+    for rnd in range(args.rounds):
+        order = steps[rnd % len(steps):] + steps[: rnd % len(steps)]
+        for step in order:
+            log(f"round {rnd + 1}/{args.rounds}: {step}")
+            if step == "adapters":
+                r = load.concurrent(adapters[:n], prompts, new)
+            elif step == "base":
+                r = load.concurrent(["base"] * n, prompts, new)
+            elif step == "sequential":
+                # The same mixed-adapter requests, one at a time (a subset of them with --seq-requests).
+                r = load.sequential(adapters[:seq_n], prompts[:seq_n], new)
+            else:
+                assert worker is not None
+                reply = worker.ask({"cmd": step, "prompts": prompts, "max_new_tokens": new})
+                secs, toks = reply["seconds"], reply["tokens"]
+                r = {"seconds": secs, "tokens": toks, "tok_s": toks / secs}
+            log(f"  {step}: {r['tokens']} tokens in {r['seconds']:.2f}s = {r['tok_s']:.2f} tok/s")
+            results[step].append(r)
+        report.samples("throughput", results)
+        report.save()
+
+    tok_s = {s: median([r["tok_s"] for r in rs]) for s, rs in results.items()}
+    per_round = {s: [round(r["tok_s"], 3) for r in rs] for s, rs in results.items()}
+    report.data["throughput_tok_s"] = {"median": tok_s, "per_round": per_round}
+    report.figure("P1", tok_s["adapters"] / tok_s["base"], ">=0.99", "ratio", adapters_tok_s=tok_s["adapters"],
+                  base_tok_s=tok_s["base"])
+    report.figure("P3", tok_s["adapters"] / tok_s["sequential"], ">=7", "ratio", concurrent_tok_s=tok_s["adapters"],
+                  sequential_tok_s=tok_s["sequential"], sequential_requests=seq_n)
+    if worker:
+        report.figure("P4", tok_s["base"] / tok_s["raw"], ">=0.9", "ratio", server_base_tok_s=tok_s["base"],
+                      raw_generate_tok_s=tok_s["raw"])
+        report.figure("P6", tok_s["adapters"] / tok_s["peft"], ">=2.5", "ratio",
+                      server_adapters_tok_s=tok_s["adapters"], peft_mixed_tok_s=tok_s["peft"])
+        report.figure("P6_PEFT_VS_RAW", tok_s["peft"] / tok_s["raw"], None, "ratio")
+    for step, value in tok_s.items():
+        report.figure(f"TOK_S_{step.upper()}", value, None, "tok/s")
+
+
+# ---- P2: intervention overhead independent of prompt length --------------------------------------------
+
+
+def p2(args: argparse.Namespace, report: Report, load: Load, adapter: str) -> None:
+    lengths = (32, 1024)
+    prompts = {length: random_prompts(1, length, seed=100 + length)[0] for length in lengths}
+    samples: dict[int, dict[str, list[float]]] = {n: {"base": [], "adapter": [], "ratio": []} for n in lengths}
+    for length in lengths:  # warm each shape once
+        load.complete("base", prompts[length], 2)
+    for rep in range(args.p2_reps):
+        for length in lengths:
+            sides = ("base", "adapter") if rep % 2 == 0 else ("adapter", "base")
+            lat = {}
+            for side in sides:
+                model = "base" if side == "base" else adapter
+                lat[side] = load.complete(model, prompts[length], args.new_tokens).latency
+                samples[length][side].append(lat[side])
+            samples[length]["ratio"].append(lat["adapter"] / lat["base"])
+            log(f"P2 rep {rep + 1}/{args.p2_reps} len {length}: base {lat['base']:.3f}s adapter {lat['adapter']:.3f}s")
+        report.samples("p2", samples)
+        report.save()
+    r = {length: median(samples[length]["ratio"]) for length in lengths}
+    report.figure("P2", abs(r[1024] - r[32]) / r[32], "<=0.02", "relative", r32=r[32], r1024=r[1024],
+                  base_latency_s={str(k): median(v["base"]) for k, v in samples.items()},
+                  adapter_latency_s={str(k): median(v["adapter"]) for k, v in samples.items()})
+
+
+# ---- cold adapters ------------------------------------------------------------------------------------------
+
+
+def cold_latency(load: Load, names: list[str], prompt: list[int], warm_name: str) -> dict:
+    """First request to each never-used adapter minus warm requests (max_tokens=1).
+
+    The warm reference is the mean of a request to an already-warm adapter just before the cold
+    one and a second request to the same adapter just after it, so slow drifts of a shared
+    machine cancel out.
+    """
+    rows = []
+    for name in names:
+        before = load.complete(warm_name, prompt, 1).latency
+        cold = load.complete(name, prompt, 1).latency
+        after = load.complete(name, prompt, 1).latency
+        warm = (before + after) / 2
+        rows.append({"adapter": name, "cold_ms": cold * 1e3, "warm_ms": warm * 1e3, "diff_ms": (cold - warm) * 1e3})
+    return {"median_diff_ms": median([r["diff_ms"] for r in rows]), "rows": rows}
+
+
+def cold(args: argparse.Namespace, report: Report, load: Load, server: ServerProcess, cold_files: list[str],
+         warm_name: str, shape) -> None:
+    prompt = random_prompts(1, args.cold_prompt_len, seed=7)[0]
+    for _ in range(2):
+        load.complete(warm_name, prompt, 1)  # warm the shape
+    # Files present in the registry at start-up (parsed by the start-up scan) and never requested.
+    files = cold_latency(load, cold_files, prompt, warm_name)
+    report.samples("cold_file", files)
+    report.figure("COLD_FILE_MS", files["median_diff_ms"], "<=5", "ms", prompt_len=len(prompt))
+    # Fresh uploads: the upload itself is not timed, only the first request after it.
+    names = [f"up-{i:02d}" for i in range(len(cold_files))]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for i, name in enumerate(names):
+            data = adapter_file.to_bytes(random_loreft(shape, 5000 + i))
+            r = client.post("/v1/adapters", data={"name": name},
+                            files={"file": (f"{name}.safetensors", data, "application/octet-stream")})
+            if r.status_code != 201:
+                raise RuntimeError(f"upload {name} -> {r.status_code}: {r.text[:300]}")
+    uploads = cold_latency(load, names, prompt, warm_name)
+    report.samples("cold_upload", uploads)
+    report.figure("COLD_UPLOAD_MS", uploads["median_diff_ms"], "<=5", "ms", prompt_len=len(prompt))
+    report.save()
+
+
+def cold_work(report: Report, directory: Path, names: list[str], shape) -> None:
+    """The cold path's own work, timed in this process without HTTP or a model: what the server does
+    on first use of an adapter it has not parsed since start-up (registry.resolve in a worker thread,
+    as the API does, then the engine's device-cache load)."""
+    import torch
+
+    from server.engine.adapter_cache import DeviceAdapterCache
+    from server.registry import Registry
+
+    registry = Registry(directory, shape, max_rank=64, max_adapter_bytes=64 * 1024 * 1024)
+    registry.open()
+    cache = DeviceAdapterCache(torch.device("cpu"), torch.float32, 256 * 1024 * 1024, set())
+    rows = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for name in names:
+            t0 = time.perf_counter()
+            ref = pool.submit(registry.resolve, name).result()
+            t1 = time.perf_counter()
+            cache.get(ref)
+            t2 = time.perf_counter()
+            pool.submit(registry.resolve, name).result()
+            t3 = time.perf_counter()
+            rows.append({"adapter": name, "resolve_ms": (t1 - t0) * 1e3, "device_ms": (t2 - t1) * 1e3,
+                         "warm_resolve_ms": (t3 - t2) * 1e3})
+    report.samples("cold_work", rows)
+    total = median([r["resolve_ms"] + r["device_ms"] for r in rows])
+    report.figure("COLD_WORK_MS", total, "<=5", "ms (in-process: parse+validate+device load)",
+                  resolve_ms=median([r["resolve_ms"] for r in rows]), device_ms=median([r["device_ms"] for r in rows]),
+                  max_ms=max(r["resolve_ms"] + r["device_ms"] for r in rows))
+
+
+# ---- registry scale -----------------------------------------------------------------------------------------
+
+
+def registry_scale(args: argparse.Namespace, report: Report, tmp: Path, shape) -> None:
+    directory = tmp / "registry-scale"
+    directory.mkdir()
+    data = adapter_file.to_bytes(random_loreft(shape, 9000, layers=(10,)))
+    t0 = time.perf_counter()
+    for i in range(args.registry_size):
+        (directory / f"r{i:05d}.safetensors").write_bytes(data)
+    report.figure("REG_WRITE_FILES_S", time.perf_counter() - t0, None, "s", files=args.registry_size,
+                  file_bytes=len(data))
+    server = ServerProcess(directory, tmp / "server-registry.log", args.model, args.env)
+    try:
+        log(f"registry scale: first start on {args.registry_size} adapters")
+        report.figure("REG_START_COLD_S", server.start(), None, "s", adapters=args.registry_size)
+        with httpx.Client(base_url=server.url, timeout=600) as client:
+            pages, names, after = [], [], None
+            t0 = time.perf_counter()
+            while True:
+                t1 = time.perf_counter()
+                r = client.get("/v1/adapters", params={"limit": 100, **({"after": after} if after else {})})
+                pages.append(time.perf_counter() - t1)
+                r.raise_for_status()
+                body = r.json()
+                names += [d["name"] for d in body["data"]]
+                if not body.get("has_more"):
+                    break
+                after = body["next_after"]
+            total = time.perf_counter() - t0
+            if len(names) != args.registry_size:
+                report.note(f"paging returned {len(names)} adapters, expected {args.registry_size}")
+            report.figure("REG_PAGE_ALL_S", total, None, "s", pages=len(pages), adapters_listed=len(names))
+            report.figure("REG_PAGE_MS", median(pages) * 1e3, None, "ms (median per page of 100)",
+                          max_ms=max(pages) * 1e3)
+            lookups = []
+            for i in range(0, args.registry_size, max(1, args.registry_size // 50)):
+                t1 = time.perf_counter()
+                client.get(f"/v1/adapters/r{i:05d}").raise_for_status()
+                lookups.append(time.perf_counter() - t1)
+            report.figure("REG_LOOKUP_MS", median(lookups) * 1e3, None, "ms (median)", n=len(lookups))
+            t1 = time.perf_counter()
+            client.get("/v1/models").raise_for_status()
+            report.figure("REG_MODELS_LIST_MS", (time.perf_counter() - t1) * 1e3, None, "ms (GET /v1/models, all)")
+        server.stop()
+        log("registry scale: second start (index warm)")
+        report.figure("REG_START_WARM_S", server.start(), None, "s", adapters=args.registry_size)
+        # Never requested, never parsed since this start: the file is read, parsed and validated on first use.
+        step = max(1, args.registry_size // (2 * args.cold_n + 1))
+        never_used = [f"r{i:05d}" for i in range(step // 2 + 1, args.registry_size, step)]
+        load = Load(server.url, concurrency=4)
+        try:
+            prompt = random_prompts(1, args.cold_prompt_len, seed=7)[0]
+            for _ in range(2):
+                load.complete("r00000", prompt, 1)
+            disk = cold_latency(load, never_used[: args.cold_n], prompt, "r00000")
+        finally:
+            load.close()
+        report.samples("cold_disk", disk)
+        report.figure("COLD_DISK_MS", disk["median_diff_ms"], "<=5", "ms", prompt_len=len(prompt))
+        server.stop()
+        cold_work(report, directory, never_used[args.cold_n : 2 * args.cold_n], shape)
+    finally:
+        server.stop()
+        report.save()
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one round, fewer repetitions (same figures, noisier)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--model", default=None, help="base model for server and baselines (default: embedded SmolLM2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the throughput figures")
+    p.add_argument("--seq-requests", type=int, default=None, help="requests in P3's sequential side")
+    p.add_argument("--p2-reps", type=int, default=None)
+    p.add_argument("--cold-n", type=int, default=None, help="adapters per cold-latency figure")
+    p.add_argument("--cold-prompt-len", type=int, default=8,
+                   help="prompt tokens of the cold-adapter requests (short: the cold cost does not depend on it)")
+    p.add_argument("--registry-size", type=int, default=10_000)
+    p.add_argument("--no-baselines", action="store_true", help="skip raw generate and peft (P4, P6)")
+    p.add_argument("--server-env", action="append", default=[], metavar="REFT_X=V",
+                   help="extra server setting (the caller's REFT_* variables are otherwise ignored)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary registries and server logs")
+    args = p.parse_args()
+    args.batch, args.adapters, args.prompt_len, args.new_tokens = 32, 32, 64, 32
+    defaults = {"rounds": (1, 3), "seq_requests": (4, 32), "p2_reps": (2, 6), "cold_n": (5, 10)}
+    for key, (quick, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    args.env = dict(kv.split("=", 1) for kv in args.server_env)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report = Report(args.out, {
+        "date": started, "machine": machine_info(), "versions": versions(), "quick": args.quick,
+        "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
+    })
+    log(f"reft-serve bench ({'quick' if args.quick else 'full'}): sections {args.sections}; results -> {args.out}")
+    shape = base_shape(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="reft-bench-"))
+    adapters = [f"a{i:02d}" for i in range(args.adapters)]
+    cold_files = [f"cold-{i:02d}" for i in range(args.cold_n)]
+    server = worker = load = None
+    try:
+        if {"throughput", "p2", "cold"} & set(args.sections):
+            registry = tmp / "registry"
+            write_adapters(registry, shape, adapters, seed0=0)
+            write_adapters(registry, shape, cold_files, seed0=1000)
+            server = ServerProcess(registry, tmp / "server.log", args.model, args.env)
+            start_s = server.start()
+            report.figure("START_S", start_s, None, "s", adapters=len(adapters) + len(cold_files))
+            load = Load(server.url, concurrency=max(64, args.batch))
+            # Warm-up: every bench adapter resident, the batched paths exercised (short prompts: cheap).
+            short = random_prompts(args.batch, 16, seed=3)
+            with_adapters = load.concurrent(adapters, short, 4)
+            texts_a = [load.complete(a, p, 4).text for a, p in zip(adapters[:8], short, strict=False)]
+            texts_b = [load.complete("base", p, 4).text for p in short[:8]]
+            changed = sum(a != b for a, b in zip(texts_a, texts_b, strict=True))
+            report.data["sanity"] = {"adapters_change_output": f"{changed}/{len(texts_a)}",
+                                     "warmup_s": with_adapters["seconds"]}
+            report.note(f"sanity: adapters changed the greedy output of {changed}/{len(texts_a)} prompts")
+            load.concurrent(["base"] * args.batch, short, 4)
+        if "throughput" in args.sections:
+            if not args.no_baselines:
+                log("loading raw and peft baselines in a worker process (server idle)")
+                worker = BaselineWorker(tmp / "baselines.log")
+                info = worker.ask({"cmd": "load", "model": args.model, "lora_adapters": args.adapters,
+                                   "lora_rank": 8, "seed": 0})
+                report.data["baselines"] = info
+                warm = random_prompts(2, 16, seed=4)
+                worker.ask({"cmd": "raw", "prompts": warm, "max_new_tokens": 2})
+                worker.ask({"cmd": "peft", "prompts": warm, "max_new_tokens": 2})
+            throughput(args, report, load, adapters, worker)
+            if worker:
+                worker.close()
+                worker = None
+        if "p2" in args.sections:
+            p2(args, report, load, adapters[0])
+        if "cold" in args.sections:
+            cold(args, report, load, server, cold_files, adapters[0], shape)
+        if load:
+            load.close()
+            load = None
+        if server:
+            server.stop()
+            server = None
+        if "registry" in args.sections:
+            registry_scale(args, report, tmp, shape)
+    finally:
+        if load:
+            load.close()
+        if worker:
+            worker.close()
+        if server:
+            server.stop()
+        report.data["machine"]["load_avg_end"] = machine_info()["load_avg"]
+        report.save()
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"done in {report.data['duration_s']:.0f}s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
