@@ -570,11 +570,9 @@ def test_queue_full_and_cancel_while_waiting(engine):
         engine.submit([1, 2, 3], params, sch=small)
 
 
-# ---- robustness: known bugs, see the xfail reasons (remove the markers once fixed) ----------------
+# ---- robustness: tiny temperatures, cancellation while queued, broken consumers -----------------
 
 
-@pytest.mark.xfail(reason="a temperature so small that logits / T overflows makes multinomial raise; the "
-                          "engine step fails and _fail_all errors every request in the batch", strict=False)
 def test_tiny_temperature_does_not_fail_the_rest_of_the_batch(engine):
     prompt = engine.chat_prompts[3]
     want = engine.greedy(prompt, 4, ignore_eos=True).tokens
@@ -587,8 +585,6 @@ def test_tiny_temperature_does_not_fail_the_rest_of_the_batch(engine):
     assert offender.finish == "length" and offender.tokens == want  # T -> 0 is greedy
 
 
-@pytest.mark.xfail(reason="a request cancelled while queued behind a full batch keeps its queue slot and gets "
-                          "no event until a batch slot frees", strict=False)
 def test_cancel_while_queued_behind_a_full_batch_is_prompt(engine):
     engine.assert_idle()
     sch = small_scheduler(engine, max_batch_size=1)
@@ -608,8 +604,6 @@ def test_cancel_while_queued_behind_a_full_batch_is_prompt(engine):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(reason="Scheduler._admit calls on_event of a cancelled queued request unguarded: a raising "
-                          "consumer kills the engine thread", strict=False)
 def test_a_raising_consumer_of_a_cancelled_queued_request_does_not_kill_the_engine(engine):
     engine.assert_idle()
     sch = small_scheduler(engine, max_batch_size=2)

@@ -51,7 +51,8 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
 
 
 def _sample_row(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    scores = logits / p.temperature
+    # Shift first: the best score becomes 0, so even a tiny temperature cannot overflow to inf - inf.
+    scores = (logits - logits.max()) / p.temperature
     if 0 < p.top_k < scores.shape[-1]:
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -178,6 +178,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     break
+                self._drop_cancelled_waiting()
                 admitted = self._admit()
             try:
                 self._retire_cancelled()
@@ -191,7 +192,7 @@ class Scheduler:
         self._fail_all([], EngineStopped("the engine stopped"))
         with self._cv:
             for request in self._waiting:
-                request.on_event(Event("", (), "error", error="the engine stopped"))
+                self._notify(request, Event("", (), "error", error="the engine stopped"))
             self._waiting.clear()
 
     def _admit(self) -> list[GenerationRequest]:
@@ -201,7 +202,7 @@ class Scheduler:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
-                request.on_event(Event("", (), "cancelled"))
+                self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
                 continue
             width = max(longest, len(request.prompt_ids))
             if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
@@ -255,11 +256,26 @@ class Scheduler:
         self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.request.prompt_ids), len(seq.token_ids)))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
+        self._notify(seq.request, event)
+
+    def _notify(self, request: GenerationRequest, event: Event) -> None:
         try:
-            seq.request.on_event(event)
+            request.on_event(event)
         except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
-            log.exception("event consumer failed; cancelling %s", seq.request.request_id)
-            seq.request.cancelled = True
+            log.exception("event consumer failed; cancelling %s", request.request_id)
+            request.cancelled = True
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Answer and forget queued requests that were cancelled, wherever they sit in the queue."""
+        if not any(r.cancelled for r in self._waiting):
+            return
+        kept: deque[GenerationRequest] = deque()
+        for request in self._waiting:
+            if request.cancelled:
+                self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
+            else:
+                kept.append(request)
+        self._waiting = kept
 
     def _retire_cancelled(self) -> None:
         for seq in self._running:
@@ -285,6 +301,6 @@ class Scheduler:
             self._emit(seq, Event("", (), "error", error=message))
         for request in admitted:
             if id(request) not in failed:
-                request.on_event(Event("", (), "error", error=message))
+                self._notify(request, Event("", (), "error", error=message))
         self._running = []
         self._kv = None
