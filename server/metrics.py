@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -33,13 +33,17 @@ class EngineView:
     resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
     registered_adapters: Callable[[], int] = staticmethod(lambda: 0)
     max_lora: int = 0
+    adapter_cache_hits: Callable[[], int] = staticmethod(lambda: 0)
+    adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
+    decode_steps: Callable[[], int] = staticmethod(lambda: 0)
+    intervened_positions: Callable[[], int] = staticmethod(lambda: 0)
 
 
 class _EngineCollector(Collector):
     def __init__(self, view: EngineView) -> None:
         self.view = view
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
         waiting, running = v.num_waiting(), v.num_running()
         usage = running / max(v.max_batch_size, 1)
@@ -51,6 +55,13 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (InferencePool).", value=running)
         yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
+        yield CounterMetricFamily("reft_adapter_cache_hits", "Prefills whose adapter was resident.",
+                                  value=v.adapter_cache_hits())
+        yield CounterMetricFamily("reft_adapter_cache_misses", "Adapters loaded onto the device.",
+                                  value=v.adapter_cache_misses())
+        yield CounterMetricFamily("reft_decode_steps", "Batched decode steps run.", value=v.decode_steps())
+        yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
+                                  value=v.intervened_positions())
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Adapters running and waiting; value = update time.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],

@@ -27,6 +27,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -114,7 +115,7 @@ class Registry:
         self._parsed: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._rejected: dict[str, tuple[int, int]] = {}  # hand-dropped files that failed validation
         self._lock = threading.RLock()
-        self.on_removed: list = []  # callbacks(name) when an adapter goes away or changes
+        self.on_removed: list[Callable[[str], None]] = []  # told of every adapter removed or replaced
 
     # ---- start-up and scanning --------------------------------------------------------------
 

@@ -65,6 +65,10 @@ class AppState:
         view.resident_adapters = lambda: len(engine.adapter_cache)
         view.registered_adapters = lambda: len(engine.registry)
         view.max_lora = engine.scheduler.max_batch_size
+        view.adapter_cache_hits = lambda: engine.adapter_cache.hits
+        view.adapter_cache_misses = lambda: engine.adapter_cache.misses
+        view.decode_steps = lambda: engine.scheduler.steps
+        view.intervened_positions = lambda: engine.scheduler.intervened_positions
         self.engine = engine
         self.serving = Serving(engine, self.metrics)
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),

@@ -209,6 +209,7 @@ def build_engine(settings: Settings) -> Engine:
     )
     registry.open()
     cache = DeviceAdapterCache(base.device, base.dtype, settings.adapter_cache_bytes, set(settings.pinned_adapters))
+    registry.on_removed.append(cache.drop)
     for name in settings.pinned_adapters:
         cache.get(registry.resolve(name))
     eos = base.model.generation_config.eos_token_id

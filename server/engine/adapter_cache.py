@@ -7,6 +7,7 @@ requests that pinned it while the new version is loaded beside it.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class DeviceAdapterCache:
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()  # the engine thread reads; registry changes drop from other threads
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -54,23 +56,27 @@ class DeviceAdapterCache:
 
     def get(self, ref: AdapterRef) -> ResidentAdapter:
         """The adapter's device forms, loading them (and evicting LRU entries) on a miss."""
-        entry = self._entries.get(ref.key)
-        if entry is not None:
-            self.hits += 1
-            self._entries.move_to_end(ref.key)
-            return entry
-        self.misses += 1
+        with self._lock:
+            entry = self._entries.get(ref.key)
+            if entry is not None:
+                self.hits += 1
+                self._entries.move_to_end(ref.key)
+                return entry
         forms = tuple(common_form(iv).to(self.device, self.dtype) for iv in ref.adapter.interventions)
         entry = ResidentAdapter(ref.adapter, forms, sum(f.nbytes for f in forms))
-        self._entries[ref.key] = entry
-        self.nbytes += entry.nbytes
-        self._evict(keep=ref.key)
+        with self._lock:
+            self.misses += 1
+            self._entries[ref.key] = entry
+            self.nbytes += entry.nbytes
+            self._evict(keep=ref.key)
         return entry
 
     def drop(self, name: str) -> None:
-        """Forget every resident version of `name` (after a delete)."""
-        for key in [k for k in self._entries if k[0] == name]:
-            self.nbytes -= self._entries.pop(key).nbytes
+        """Forget every resident version of `name` (after a delete or replace); pinned requests
+        reload their version from the Adapter they hold if they still need it."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == name]:
+                self.nbytes -= self._entries.pop(key).nbytes
 
     def _evict(self, keep: tuple[str, str]) -> None:
         for key in list(self._entries):

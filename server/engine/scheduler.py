@@ -114,7 +114,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.steps = 0
-        self.last_pairs = 0
+        self.intervened_positions = 0
 
     # ---- called from other threads -------------------------------------------------------
 
@@ -213,7 +213,8 @@ class Scheduler:
 
     def _prefill(self, admitted: list[GenerationRequest]) -> None:
         resident = [self.adapter_cache.get(r.adapter) if r.adapter else None for r in admitted]
-        logits, kv, self.last_pairs = self.runner.prefill([r.prompt_ids for r in admitted], resident)
+        logits, kv, pairs = self.runner.prefill([r.prompt_ids for r in admitted], resident)
+        self.intervened_positions += pairs
         sequences = [
             _Sequence(r, TextTracker(self.decode_text, r.params.stop), make_generator(r.params)) for r in admitted
         ]
