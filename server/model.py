@@ -100,7 +100,7 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc="hashing model", leave=False
+        total=path.stat().st_size, unit="B", unit_scale=True, desc="hashing model", leave=False, disable=None
     ) as bar:
         while block := fh.read(chunk):
             digest.update(block)

@@ -21,6 +21,7 @@ async def generate(req: GenerateRequest, request: Request, serving: Serving = De
     """Generate with one adapter (or none). With `stream: true`, SSE events of text deltas, then `[DONE]`."""
     if isinstance(req.prompt, list) and not req.prompt:
         raise ServingError(400, "the prompt is empty")
+    request.state.access = {"adapter": req.adapter}
     ref = await serving.resolve(req.adapter)
     ids = serving.encode(req.prompt)
     params = serving.params(

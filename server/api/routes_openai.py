@@ -49,7 +49,7 @@ def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise ServingError(400, "echo, suffix and best_of are not supported")
 
 
-def _track(request: Request, adapter: str | None, prompt_tokens: int) -> None:
+def _track(request: Request, adapter: str | None, prompt_tokens: int | None) -> None:
     request.state.access = {"adapter": adapter, "prompt_tokens": prompt_tokens}
 
 
@@ -87,6 +87,7 @@ async def completions(req: CompletionRequest, request: Request, serving: Serving
     if isinstance(prompt, list) and not prompt:
         raise ServingError(400, "the prompt is empty")
     name = serving.adapter_name(req.model)
+    _track(request, name, None)
     ref = await serving.resolve(name)
     ids = serving.encode(prompt)
     params = serving.params(
@@ -123,6 +124,7 @@ async def _completion_chunks(submission: Submission, model: str, include_usage: 
 async def chat_completions(req: ChatCompletionRequest, request: Request, serving: Serving = Depends(require_serving)):
     _refuse_unsupported(req)
     name = serving.adapter_name(req.model)
+    _track(request, name, None)
     ref = await serving.resolve(name)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     for m in messages:

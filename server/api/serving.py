@@ -83,6 +83,8 @@ class Serving:
             raise ServingError(404, f"adapter {name!r} is not available: {exc}", "not_found_error") from None
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        if not prompt:
+            raise ServingError(400, "the prompt is empty")
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:

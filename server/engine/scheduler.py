@@ -108,6 +108,7 @@ class Scheduler:
         self.max_context = max_context
         self._waiting: deque[GenerationRequest] = deque()
         self._running: list[_Sequence] = []
+        self._admitting = 0  # popped from the queue, not yet in the running batch (being prefilled)
         self._kv: KVBatch | None = None
         self._cv = threading.Condition()
         self._stopping = False
@@ -124,7 +125,7 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + self._admitting
 
     def running_adapters(self) -> list[str]:
         return sorted({s.request.adapter.name for s in list(self._running) if s.request.adapter})
@@ -151,7 +152,7 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            free_slots = self.max_batch_size - len(self._running)
+            free_slots = self.max_batch_size - len(self._running) - self._admitting
             if len(self._waiting) >= self.max_queue + max(free_slots, 0):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             request.request_id = request.request_id or f"req-{next(self._ids)}"
@@ -180,6 +181,7 @@ class Scheduler:
                     break
                 self._drop_cancelled_waiting()
                 admitted = self._admit()
+                self._admitting = len(admitted)
             try:
                 self._retire_cancelled()
                 if admitted:
@@ -224,6 +226,7 @@ class Scheduler:
         else:
             self._kv.extend(kv)
         self._running.extend(sequences)
+        self._admitting = 0
         for seq, token in zip(sequences, tokens.tolist(), strict=True):
             self._advance(seq, token)
         self._retire()
@@ -304,4 +307,5 @@ class Scheduler:
             if id(request) not in failed:
                 self._notify(request, Event("", (), "error", error=message))
         self._running = []
+        self._admitting = 0
         self._kv = None
