@@ -177,6 +177,16 @@ def _collate(seqs: Sequence[tuple[list[int], list[int]]], pad: int, device: torc
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def _completion_loss(base: BaseModel, ids: Tensor, mask: Tensor, labels: Tensor, shortest_prompt: int) -> Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (what transformers computes from
+    `labels`), but with logits only from the last prompt token on: the vocabulary projection
+    over prompt tokens is a large, useless share of a CPU step."""
+    keep = torch.arange(shortest_prompt - 1, ids.shape[1] - 1, device=ids.device)
+    logits = base.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    target = labels[:, shortest_prompt:]
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def train_adapter(
     base: BaseModel,
     examples: list[tuple[str, str]],
@@ -209,6 +219,8 @@ def train_adapter(
         raise ValueError(f"layers {layers} must be a non-empty list within 0..{base.shape.num_layers - 1}")
     if not 1 <= rank <= base.shape.hidden_size:
         raise ValueError(f"rank {rank} is outside 1..{base.shape.hidden_size}")
+    if epochs < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be at least 1")
     pos = Positions.parse(positions)
     all_layers = list(layers) if share_weights or not (pos.first and pos.last) else list(layers) * 2
     seqs = _encode(base, [(chat_prompt(base, q) if chat else q, a) for q, a in examples])
@@ -233,7 +245,7 @@ def train_adapter(
             ids, mask, labels = _collate(chunk, eos_id(base), base.device)
             where = locations_index([len(p) for p, _ in chunk], pos, len(modules), share_weights, base.device)
             with hooked(base.layers, [m.current() for m in modules], where):
-                loss = base.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = _completion_loss(base, ids, mask, labels, min(len(p) for p, _ in chunk))
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
