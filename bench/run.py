@@ -6,8 +6,8 @@ Every figure is printed as one line `NAME value target PASS/FAIL` (INFO for figu
 target) and written, with the raw samples, the machine and the library versions, to the JSON
 file. Ratios are measured side by side: the two sides of each ratio are interleaved within
 one run (the order rotates every round) and the median of each side is taken, because the
-machine may be shared. The server and the in-process baselines (raw transformers generate,
-peft) never compute at the same time. See bench/README.md for what each figure means.
+machine may be shared. The server and the baselines (raw transformers generate, peft, in a
+worker process) never compute at the same time. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from common import (  # noqa: E402
 from server import adapter_file  # noqa: E402
 
 SECTIONS = ("throughput", "p2", "cold", "registry")
+P2_SHORT_GROUPS = 3  # ABBA groups at the 32-token prompt per repetition (one at 1024)
 
 
 class Report:
@@ -140,19 +142,23 @@ def p2(args: argparse.Namespace, report: Report, load: Load, adapter: str) -> No
     samples: dict[int, dict[str, list[float]]] = {n: {"base": [], "adapter": [], "ratio": []} for n in lengths}
     for length in lengths:  # warm each shape once
         load.complete("base", prompts[length], 2)
+    # Short requests are cheap and noisier relative to their length: measure them more often.
+    groups = {32: P2_SHORT_GROUPS, 1024: 1}
     for rep in range(args.p2_reps):
         for length in lengths:
-            # ABBA (or BAAB on odd repetitions): a linear drift of the machine's speed cancels out.
-            order = ("base", "adapter", "adapter", "base") if rep % 2 == 0 else ("adapter", "base", "base", "adapter")
-            lat: dict[str, float] = {"base": 0.0, "adapter": 0.0}
-            for side in order:
-                model = "base" if side == "base" else adapter
-                seconds = load.complete(model, prompts[length], args.new_tokens).latency
-                samples[length][side].append(seconds)
-                lat[side] += seconds
-            samples[length]["ratio"].append(lat["adapter"] / lat["base"])
-            log(f"P2 rep {rep + 1}/{args.p2_reps} len {length}: base {lat['base'] / 2:.3f}s "
-                f"adapter {lat['adapter'] / 2:.3f}s")
+            for g in range(groups[length]):
+                # ABBA (or BAAB): a linear drift of the machine's speed cancels out.
+                order = ("base", "adapter", "adapter", "base") if (rep + g) % 2 == 0 else \
+                    ("adapter", "base", "base", "adapter")
+                lat: dict[str, float] = {"base": 0.0, "adapter": 0.0}
+                for side in order:
+                    model = "base" if side == "base" else adapter
+                    seconds = load.complete(model, prompts[length], args.new_tokens).latency
+                    samples[length][side].append(seconds)
+                    lat[side] += seconds
+                samples[length]["ratio"].append(lat["adapter"] / lat["base"])
+                log(f"P2 rep {rep + 1}/{args.p2_reps} len {length}: base {lat['base'] / 2:.3f}s "
+                    f"adapter {lat['adapter'] / 2:.3f}s")
         report.samples("p2", samples)
         report.save()
     r = {length: median(samples[length]["ratio"]) for length in lengths}
@@ -216,6 +222,12 @@ def cold_work(report: Report, directory: Path, names: list[str], shape) -> None:
 
     registry = Registry(directory, shape, max_rank=64, max_adapter_bytes=64 * 1024 * 1024)
     registry.open()
+    scans = []
+    for _ in range(3):  # the periodic scan (every REFT_SCAN_INTERVAL s) with nothing changed
+        t0 = time.perf_counter()
+        registry.scan()
+        scans.append(time.perf_counter() - t0)
+    report.figure("REG_SCAN_MS", median(scans) * 1e3, None, f"ms (one periodic scan of {len(registry)} files)")
     cache = DeviceAdapterCache(torch.device("cpu"), torch.float32, 256 * 1024 * 1024, set())
     rows = []
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -280,6 +292,21 @@ def registry_scale(args: argparse.Namespace, report: Report, tmp: Path, shape) -
             t1 = time.perf_counter()
             client.get("/v1/models").raise_for_status()
             report.figure("REG_MODELS_LIST_MS", (time.perf_counter() - t1) * 1e3, None, "ms (GET /v1/models, all)")
+            # Writes rewrite the registry index: time one upload and one delete at this size.
+            upload = adapter_file.to_bytes(random_loreft(shape, 9001, layers=(10,)))
+            ups, dels = [], []
+            for i in range(3):
+                t1 = time.perf_counter()
+                r = client.post("/v1/adapters", data={"name": f"zz-upload-{i}"},
+                                files={"file": ("x.safetensors", upload, "application/octet-stream")})
+                ups.append(time.perf_counter() - t1)
+                if r.status_code != 201:
+                    raise RuntimeError(f"upload -> {r.status_code}: {r.text[:300]}")
+                t1 = time.perf_counter()
+                client.delete(f"/v1/adapters/zz-upload-{i}").raise_for_status()
+                dels.append(time.perf_counter() - t1)
+            report.figure("REG_UPLOAD_MS", median(ups) * 1e3, None, "ms (POST /v1/adapters, median of 3)")
+            report.figure("REG_DELETE_MS", median(dels) * 1e3, None, "ms (DELETE, median of 3)")
         server.stop()
         log("registry scale: second start (index warm)")
         report.figure("REG_START_WARM_S", server.start(), None, "s", adapters=args.registry_size)
@@ -337,7 +364,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: stop the server and the worker, remove tmp
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = parse_args()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     report = Report(args.out, {
