@@ -155,7 +155,7 @@ def load_base_model(model: str | None = None, device: str = "auto", dtype: str =
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{model}': {exc}") from exc
-    hf_model.to(dev).eval().requires_grad_(False)
+    hf_model.to(dev).train(False).requires_grad_(False)  # inference mode for dropout and friends
     layers = find_layers(hf_model)
     cfg = hf_model.config
     shape = ModelShape(model_type=cfg.model_type, hidden_size=cfg.hidden_size, num_layers=len(layers))
