@@ -36,6 +36,7 @@ class EngineView:
     adapter_cache_hits: Callable[[], int] = staticmethod(lambda: 0)
     adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
     decode_steps: Callable[[], int] = staticmethod(lambda: 0)
+    prefill_batches: Callable[[], int] = staticmethod(lambda: 0)
     intervened_positions: Callable[[], int] = staticmethod(lambda: 0)
 
 
@@ -60,6 +61,8 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("reft_adapter_cache_misses", "Adapters loaded onto the device.",
                                   value=v.adapter_cache_misses())
         yield CounterMetricFamily("reft_decode_steps", "Batched decode steps run.", value=v.decode_steps())
+        yield CounterMetricFamily("reft_prefill_batches", "Batched prefills run (a burst should take one).",
+                                  value=v.prefill_batches())
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
                                   value=v.intervened_positions())
         info = GaugeMetricFamily(

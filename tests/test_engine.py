@@ -345,6 +345,42 @@ def test_batch_invariance_with_a_full_batch_and_a_small_prefill_budget(engine):
     assert len(near_ties) <= 1, near_ties
 
 
+def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
+    """Requests arriving a little apart at an idle engine share one prefill; a lone one waits `batch_quiet`."""
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    adapters = [engine.emoji, None, next(iter(engine.randoms.values()))]
+    engine.assert_idle()
+    sch = small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=3.0, batch_quiet=0.4)
+    sch.start()
+    try:
+        burst = []
+        for prompt, adapter in zip(engine.chat_prompts, adapters, strict=False):
+            burst.append(engine.submit(prompt, params, adapter, sch=sch)[1])
+            time.sleep(0.05)
+        for r in burst:
+            r.wait()
+        assert sch.prefills == 1
+
+        started = time.monotonic()
+        engine.submit(engine.chat_prompts[0], params, sch=sch)[1].wait_tokens(1)
+        assert sch.prefills == 2 and 0.4 <= time.monotonic() - started < 3.0
+    finally:
+        sch.stop()
+    for prompt, adapter, r in zip(engine.chat_prompts, adapters, burst, strict=False):
+        assert r.tokens == engine.run(prompt, params, adapter).tokens
+
+    sch = small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=30.0, batch_quiet=30.0)
+    sch.start()
+    try:
+        started = time.monotonic()
+        full = [engine.submit(engine.chat_prompts[i % 3], params, sch=sch)[1] for i in range(4)]
+        full[0].wait_tokens(1)
+        assert time.monotonic() - started < 15  # a full batch does not wait for more
+        assert sch.prefills == 1
+    finally:
+        sch.stop()
+
+
 # ---- sampling ----------------------------------------------------------------------------------
 
 

@@ -68,6 +68,7 @@ class AppState:
         view.adapter_cache_hits = lambda: engine.adapter_cache.hits
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
         view.decode_steps = lambda: engine.scheduler.steps
+        view.prefill_batches = lambda: engine.scheduler.prefills
         view.intervened_positions = lambda: engine.scheduler.intervened_positions
         self.engine = engine
         self.serving = Serving(engine, self.metrics)

@@ -229,6 +229,8 @@ def build_engine(settings: Settings) -> Engine:
         max_prefill_tokens=settings.max_prefill_tokens,
         max_prompt_tokens=max_prompt,
         max_context=base.max_context,
+        batch_wait=settings.batch_wait_ms / 1000,
+        batch_quiet=settings.batch_quiet_ms / 1000,
     )
     scheduler.start()
     return Engine(base, registry, scheduler, cache, settings.max_new_tokens, time.perf_counter() - start)
