@@ -5,13 +5,20 @@ Layout of the directory:
                          by hand or by a deploy tool is picked up by the next scan
     .registry.json       name -> version, sha256, bytes, created, and the file's size/mtime, so a
                          restart neither re-hashes nor re-validates files it already knows
-Every write goes to a temporary file that is fsynced, then renamed over its target, then the
-directory is fsynced: a crash at any moment leaves the old version or the new one, never a
-partial file. Temporary files left behind by a crash are removed at start-up.
+    .registry.journal    one JSON line per change since .registry.json was written, so an upload
+                         or delete appends a line instead of rewriting the index of every adapter;
+                         folded into .registry.json at start-up and every COMPACT_AFTER lines
+Every adapter file goes to a temporary file that is fsynced, then renamed over its target, then
+the directory is fsynced: a crash at any moment leaves the old version or the new one, never a
+partial file. Temporary files left behind by a crash are removed at start-up. The index is a
+cache of the files: a record whose file's size or mtime no longer match is re-read and re-hashed.
 
 Adapters are parsed from disk on first use and kept in a bounded host-memory LRU keyed by
 (name, sha256); a request holds the parsed Adapter it resolved, so replacing or deleting an
 adapter never disturbs requests already running with it.
+
+Locking: `_write_lock` serialises changes (put, delete, scan), which do their file work under it;
+`_lock` guards the in-memory maps for moments only, so lookups never wait on disk or on a scan.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from server.model import ModelShape
 log = logging.getLogger(__name__)
 
 INDEX_NAME = ".registry.json"
+JOURNAL_NAME = ".registry.journal"
+COMPACT_AFTER = 1000  # journal lines before the index is rewritten whole
 TMP_PREFIX = ".tmp-"
 SUFFIX = ".safetensors"
 MAX_ARCHIVE_MEMBERS = 256
@@ -105,6 +114,33 @@ def atomic_write(path: Path, data: bytes) -> os.stat_result:
     return path.stat()
 
 
+def read_index(directory: Path) -> dict[str, dict]:
+    """The records as last written: the index, with the journal's changes replayed over it."""
+    try:
+        index = json.loads((directory / INDEX_NAME).read_text())
+    except FileNotFoundError:
+        index = {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is unreadable; rebuilding it from the adapter files", INDEX_NAME)
+        index = {}
+    if not isinstance(index, dict):
+        index = {}
+    try:
+        lines = (directory / JOURNAL_NAME).read_bytes().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # the last line of a journal cut short by a crash
+        if isinstance(entry, dict) and isinstance(entry.get("put"), dict) and "name" in entry["put"]:
+            index[entry["put"]["name"]] = entry["put"]
+        elif isinstance(entry, dict) and isinstance(entry.get("delete"), str):
+            index.pop(entry["delete"], None)
+    return index
+
+
 class Registry:
     def __init__(self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int) -> None:
         self.directory = Path(directory)
@@ -112,80 +148,91 @@ class Registry:
         self.max_rank = max_rank
         self.max_adapter_bytes = max_adapter_bytes
         self._records: dict[str, AdapterRecord] = {}
+        self._sorted: list[str] | None = None  # names in order, rebuilt after a change for paging
         self._parsed: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._rejected: dict[str, tuple[int, int]] = {}  # hand-dropped files that failed validation
+        self._journal_lines = 0
         self._lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self.on_removed: list[Callable[[str], None]] = []  # told of every adapter removed or replaced
 
     # ---- start-up and scanning --------------------------------------------------------------
 
     def open(self) -> float:
-        """Read the index and the directory; returns the seconds it took."""
+        """Read the index and the directory, then fold the journal into the index; returns seconds."""
         start = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(TMP_PREFIX + "*"):
             stale.unlink(missing_ok=True)
-        try:
-            index = json.loads((self.directory / INDEX_NAME).read_text())
-        except FileNotFoundError:
-            index = {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s is unreadable; rebuilding it from the adapter files", INDEX_NAME)
-            index = {}
-        with self._lock:
-            for name, entry in index.items() if isinstance(index, dict) else ():
+        with self._write_lock:
+            for entry in read_index(self.directory).values():
                 try:
-                    self._records[name] = AdapterRecord(**entry)
+                    record = AdapterRecord(**entry)
                 except TypeError:
                     continue
-            self.scan(write_index=False)
-            self._write_index()
+                self._records[record.name] = record
+            self._sorted = None
+            self._scan(journal=False)
+            self._compact()
         return time.perf_counter() - start
 
-    def scan(self, write_index: bool = True) -> list[str]:
+    def scan(self) -> list[str]:
         """Bring the records in line with the directory: new, changed and removed files."""
-        changed: list[str] = []
-        with self._lock:
-            present: dict[str, os.stat_result] = {}
-            with os.scandir(self.directory) as it:
-                for entry in it:
-                    if entry.name.endswith(SUFFIX) and not entry.name.startswith(".") and entry.is_file(
-                        follow_symlinks=False
-                    ):
-                        present[entry.name[: -len(SUFFIX)]] = entry.stat(follow_symlinks=False)
-            for name in [n for n in self._records if n not in present]:
-                del self._records[name]
-                changed.append(name)
-            for name, st in present.items():
-                record = self._records.get(name)
-                if record and (record.file_size, record.file_mtime_ns) == (st.st_size, st.st_mtime_ns):
-                    continue
-                if self._rejected.get(name) == (st.st_size, st.st_mtime_ns):
-                    continue
-                try:
-                    adapter_file.validate_name(name)
-                    data = (self.directory / (name + SUFFIX)).read_bytes()
-                    if len(data) > self.max_adapter_bytes:
-                        raise AdapterError(f"{len(data)} bytes is over the limit of {self.max_adapter_bytes}")
-                    adapter = adapter_file.loads(data, self.base, self.max_rank)
-                except (AdapterError, OSError) as exc:
-                    log.error("ignoring %s%s in %s: %s", name, SUFFIX, self.directory, exc)
-                    self._rejected[name] = (st.st_size, st.st_mtime_ns)
-                    self._records.pop(name, None)
-                    changed.append(name)
-                    continue
-                sha = adapter_file.sha256(data)
-                if record and record.sha256 == sha:
-                    self._records[name] = _with_stat(record, st)
-                    continue
-                version = record.version + 1 if record else 1
-                self._records[name] = _record(name, version, sha, adapter, len(data), st)
-                self._remember(name, sha, adapter)
-                changed.append(name)
-            if changed and write_index:
-                self._write_index()
+        with self._write_lock:
+            changed = self._scan(journal=True)
         for name in changed:
             self._notify(name)
+        return changed
+
+    def _scan(self, journal: bool) -> list[str]:
+        present: dict[str, os.stat_result] = {}
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.endswith(SUFFIX) and not entry.name.startswith(".") and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    present[entry.name[: -len(SUFFIX)]] = entry.stat(follow_symlinks=False)
+        records = self._records  # only this thread changes it while the write lock is held
+        updates: dict[str, AdapterRecord | None] = {name: None for name in records if name not in present}
+        parsed: list[tuple[str, str, Adapter]] = []
+        for name, st in present.items():
+            record = records.get(name)
+            if record and (record.file_size, record.file_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                continue
+            if self._rejected.get(name) == (st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                adapter_file.validate_name(name)
+                data = (self.directory / (name + SUFFIX)).read_bytes()
+                if len(data) > self.max_adapter_bytes:
+                    raise AdapterError(f"{len(data)} bytes is over the limit of {self.max_adapter_bytes}")
+                adapter = adapter_file.loads(data, self.base, self.max_rank)
+            except (AdapterError, OSError) as exc:
+                log.error("ignoring %s%s in %s: %s", name, SUFFIX, self.directory, exc)
+                self._rejected[name] = (st.st_size, st.st_mtime_ns)
+                if record:
+                    updates[name] = None
+                continue
+            sha = adapter_file.sha256(data)
+            if record and record.sha256 == sha:
+                updates[name] = _with_stat(record, st)
+                continue
+            updates[name] = _record(name, record.version + 1 if record else 1, sha, adapter, len(data), st)
+            parsed.append((name, sha, adapter))
+        if not updates:
+            return []
+        changed = [n for n, r in updates.items() if r is None or n not in records or r.sha256 != records[n].sha256]
+        with self._lock:
+            for name, record in updates.items():
+                if record is None:
+                    del self._records[name]
+                else:
+                    self._records[name] = record
+            self._sorted = None
+            for name, sha, adapter in parsed:
+                self._remember(name, sha, adapter)
+        if journal:
+            self._journal([{"delete": n} if r is None else {"put": asdict(r)} for n, r in updates.items()])
         return changed
 
     # ---- reads ------------------------------------------------------------------------------
@@ -204,14 +251,15 @@ class Registry:
 
     def list(self, limit: int | None = None, after: str | None = None) -> list[AdapterRecord]:
         """Records sorted by name; `after` and `limit` page through them."""
-        names = sorted(self._records)
-        if after is not None:
-            names = names[bisect.bisect_right(names, after) :]
-        if limit is not None:
-            names = names[:limit]
-        return [self._records[n] for n in names if n in self._records]
+        with self._lock:
+            if self._sorted is None:
+                self._sorted = sorted(self._records)
+            names, records = self._sorted, self._records
+            lo = bisect.bisect_right(names, after) if after is not None else 0
+            hi = len(names) if limit is None else lo + limit
+            return [records[n] for n in names[lo:hi]]
 
-    def resolve(self, name: str) -> AdapterRef:
+    def resolve(self, name: str, _retry: bool = True) -> AdapterRef:
         """Pin the current version of `name`: parse it on first use, then from the host cache."""
         with self._lock:
             record = self.get(name)
@@ -220,11 +268,16 @@ class Registry:
             if adapter is not None:
                 self._parsed.move_to_end(key)
                 return AdapterRef(name, record.version, adapter, record.sha256)
-        data = (self.directory / (name + SUFFIX)).read_bytes()
+        try:
+            data = (self.directory / (name + SUFFIX)).read_bytes()
+        except FileNotFoundError:
+            data = b""
         sha = adapter_file.sha256(data)
-        if sha != record.sha256:  # changed on disk since the last scan
+        if sha != record.sha256:  # changed or removed on disk since the last scan
+            if not _retry:
+                raise AdapterError(f"the file of {name!r} is changing on disk; retry shortly")
             self.scan()
-            return self.resolve(name)
+            return self.resolve(name, _retry=False)
         adapter = adapter_file.loads(data, self.base, self.max_rank)
         with self._lock:
             self._remember(name, sha, adapter)
@@ -249,27 +302,31 @@ class Registry:
         adapter_file.validate_name(name)
         data = adapter_file.to_bytes(adapter)
         sha = adapter_file.sha256(data)
-        with self._lock:
+        with self._write_lock:
             old = self._records.get(name)
             if old is not None and not replace:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
             st = atomic_write(self.directory / (name + SUFFIX), data)
             record = _record(name, old.version + 1 if old else 1, sha, adapter, len(data), st)
-            self._records[name] = record
-            self._rejected.pop(name, None)
-            self._remember(name, sha, adapter)
-            self._write_index()
+            with self._lock:
+                self._records[name] = record
+                self._sorted = None
+                self._rejected.pop(name, None)
+                self._remember(name, sha, adapter)
+            self._journal([{"put": asdict(record)}])
         if old is not None:
             self._notify(name)
         return record
 
     def delete(self, name: str) -> None:
-        with self._lock:
+        with self._write_lock:
             self.get(name)
             (self.directory / (name + SUFFIX)).unlink(missing_ok=True)
             _fsync_dir(self.directory)
-            del self._records[name]
-            self._write_index()
+            with self._lock:
+                del self._records[name]
+                self._sorted = None
+            self._journal([{"delete": name}])
         self._notify(name)
 
     # ---- internals --------------------------------------------------------------------------
@@ -280,9 +337,28 @@ class Registry:
         while len(self._parsed) > HOST_CACHE_SIZE:
             self._parsed.popitem(last=False)
 
-    def _write_index(self) -> None:
-        index = {name: asdict(r) for name, r in self._records.items()}
+    def _journal(self, entries: list[dict]) -> None:
+        """Append changes to the journal (fsynced); rewrite the index once the journal is long."""
+        path = self.directory / JOURNAL_NAME
+        created = not path.exists()
+        with open(path, "ab") as fh:
+            fh.write(b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if created:
+            _fsync_dir(self.directory)
+        self._journal_lines += len(entries)
+        if self._journal_lines >= COMPACT_AFTER:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Write every record to the index, then drop the journal it now contains."""
+        with self._lock:
+            index = {name: asdict(r) for name, r in self._records.items()}
         atomic_write(self.directory / INDEX_NAME, json.dumps(index, separators=(",", ":")).encode())
+        (self.directory / JOURNAL_NAME).unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        self._journal_lines = 0
 
     def _notify(self, name: str) -> None:
         for callback in self.on_removed:

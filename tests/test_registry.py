@@ -35,12 +35,14 @@ from server.model import ModelShape
 from server.positions import Positions
 from server.registry import (
     INDEX_NAME,
+    JOURNAL_NAME,
     MAX_ARCHIVE_MEMBERS,
     AdapterExists,
     AdapterTooLarge,
     Registry,
     UnknownAdapter,
     extract_archive,
+    read_index,
 )
 
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
@@ -187,7 +189,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def index_of(directory: Path) -> dict:
-    return json.loads((directory / INDEX_NAME).read_text())
+    """The records on disk, as a restarted server would read them."""
+    return read_index(directory)
 
 
 # ---- Registry: unit tests -----------------------------------------------------------------------
@@ -245,7 +248,7 @@ def test_put_get_list_delete_replace(tmp_path):
             reg.put(bad, base, replace=False)
     assert reg.put("x" * 64, base, replace=False).version == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [INDEX_NAME, "a.safetensors", "c.safetensors", "d.safetensors", "x" * 64 + ".safetensors"])
+        [INDEX_NAME, JOURNAL_NAME, "a.safetensors", "c.safetensors", "d.safetensors", "x" * 64 + ".safetensors"])
 
 
 def test_index_survives_reopen(tmp_path):
@@ -278,6 +281,84 @@ def drop(directory: Path, name: str, data: bytes) -> None:
     tmp = directory / f"incoming-{secrets.token_hex(4)}"
     tmp.write_bytes(data)
     os.replace(tmp, directory / name)
+
+
+def test_writes_append_to_the_journal_and_reopen_folds_it_in(tmp_path):
+    reg = open_registry(tmp_path)
+    assert not (tmp_path / JOURNAL_NAME).exists()
+    index_before = (tmp_path / INDEX_NAME).read_bytes()
+    reg.put("one", emoji(), replace=False)
+    reg.put("two", emoji(), replace=False)
+    reg.put("one", variant(emoji(), 0.5), replace=True)
+    reg.delete("two")
+    assert (tmp_path / INDEX_NAME).read_bytes() == index_before  # no write rewrote the whole index
+    lines = [json.loads(line) for line in (tmp_path / JOURNAL_NAME).read_text().splitlines()]
+    assert [next(iter(e)) for e in lines] == ["put", "put", "put", "delete"]
+    assert set(index_of(tmp_path)) == {"one"} and index_of(tmp_path)["one"]["version"] == 2
+
+    again = open_registry(tmp_path)
+    assert not (tmp_path / JOURNAL_NAME).exists()
+    assert set(json.loads((tmp_path / INDEX_NAME).read_text())) == {"one"}
+    assert again.get("one") == reg.get("one") and "two" not in again
+
+
+def test_a_journal_line_cut_short_by_a_crash_is_ignored(tmp_path):
+    reg = open_registry(tmp_path)
+    reg.put("one", emoji(), replace=False)
+    reg.put("one", variant(emoji(), 0.5), replace=True)
+    with open(tmp_path / JOURNAL_NAME, "ab") as fh:
+        fh.write(b'{"put":{"name":"ghost","vers')  # the process died mid-append
+    again = open_registry(tmp_path)
+    assert [r.name for r in again.list()] == ["one"] and again.get("one").version == 2
+
+
+def test_replaying_a_journal_already_in_the_index_changes_nothing(tmp_path):
+    """A crash between writing the folded index and removing the journal replays it twice."""
+    reg = open_registry(tmp_path)
+    reg.put("one", emoji(), replace=False)
+    reg.put("one", variant(emoji(), 0.5), replace=True)
+    reg.put("two", emoji(), replace=False)
+    reg.delete("two")
+    journal = (tmp_path / JOURNAL_NAME).read_bytes()
+    open_registry(tmp_path)
+    (tmp_path / JOURNAL_NAME).write_bytes(journal)
+    again = open_registry(tmp_path)
+    assert [r.name for r in again.list()] == ["one"] and again.get("one") == reg.get("one")
+
+
+def test_journal_is_folded_into_the_index_when_long(tmp_path, monkeypatch):
+    monkeypatch.setattr("server.registry.COMPACT_AFTER", 3)
+    reg = open_registry(tmp_path)
+    for i in range(3):
+        reg.put(f"a{i}", emoji(), replace=False)
+    assert not (tmp_path / JOURNAL_NAME).exists()
+    assert set(json.loads((tmp_path / INDEX_NAME).read_text())) == {"a0", "a1", "a2"}
+    reg.put("a3", emoji(), replace=False)
+    assert len((tmp_path / JOURNAL_NAME).read_text().splitlines()) == 1
+    assert set(index_of(tmp_path)) == {"a0", "a1", "a2", "a3"}
+
+
+def test_listing_follows_changes(tmp_path):
+    reg = open_registry(tmp_path)
+    for name in ("b", "a"):
+        reg.put(name, emoji(), replace=False)
+    assert [r.name for r in reg.list()] == ["a", "b"]
+    reg.put("c", emoji(), replace=False)
+    reg.delete("a")
+    drop(tmp_path, "aa.safetensors", emoji_bytes())
+    reg.scan()
+    assert [r.name for r in reg.list()] == ["aa", "b", "c"]
+    assert [r.name for r in reg.list(after="aa", limit=1)] == ["b"]
+
+
+def test_resolve_notices_a_file_removed_by_hand(tmp_path):
+    reg = open_registry(tmp_path)
+    reg.put("gone", emoji(), replace=False)
+    reg._parsed.clear()  # as after a restart: the next resolve reads the file
+    (tmp_path / "gone.safetensors").unlink()
+    with pytest.raises(UnknownAdapter):
+        reg.resolve("gone")
+    assert "gone" not in reg
 
 
 def test_scan_picks_up_dropped_files_with_validation(tmp_path):
