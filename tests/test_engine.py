@@ -716,3 +716,15 @@ def test_text_tracker_earliest_of_several_stops_and_emoji_stop():
     tracker = TextTracker(byte_decoder(vocab), ("😀",))
     out = feed(tracker, [0, 1, 2, 3])
     assert "".join(d for d, _ in out) == "hi " and all("\ufffd" not in d for d, _ in out)
+
+
+def test_text_tracker_matches_a_full_decode_with_the_real_tokenizer(engine):
+    """Windowed decoding gives the text of decoding everything at once, whatever the tokens."""
+    rng = random.Random(5)
+    vocab = len(engine.base.tokenizer)
+    emoji_ids = engine.base.tokenizer("😀 é ñ 漢字 ... don't , . !", add_special_tokens=False)["input_ids"]
+    for _ in range(20):
+        ids = [rng.choice(emoji_ids) if rng.random() < 0.5 else rng.randrange(vocab) for _ in range(rng.randint(1, 80))]
+        tracker = TextTracker(engine.decode, ())
+        streamed = "".join(d for d, _ in feed(tracker, ids))
+        assert streamed == engine.decode(ids)

@@ -70,23 +70,30 @@ class TextTracker:
     """Turns a growing list of token ids into text deltas safe to stream.
 
     Holds back an incomplete UTF-8 character and any tail that could still become a stop string,
-    and finds the earliest stop string in the whole completion.
+    and finds the earliest stop string in the whole completion. Each token decodes only a short
+    window (the tokens since the last complete character, and the step before them for context),
+    so a long completion costs the same per token as a short one.
     """
 
     decode: object  # Callable[[list[int]], str]
     stop: tuple[str, ...]
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the completion so far; may end in an incomplete character (U+FFFD)
     emitted: int = 0
+    _stable: str = ""  # text of token_ids[:_read], complete characters only
+    _window: int = 0  # the decode window starts here: context for the tokens after _read
+    _read: int = 0
 
     def add(self, token: int | None) -> tuple[str, bool]:
         """Add a token (None = no more tokens); return (new text to send, hit a stop string)."""
+        searched = self.emitted
         if token is not None:
             self.token_ids.append(token)
-            self.text = self.decode(self.token_ids)  # type: ignore[operator]
+            self._extend()
         hit = False
         if self.stop:
-            starts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            # A stop string starting before `emitted` would have been found by an earlier call.
+            starts = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
             if starts:
                 self.text = self.text[: min(starts)]
                 hit = True
@@ -101,3 +108,18 @@ class TextTracker:
         delta = self.text[self.emitted : safe]
         self.emitted = safe
         return delta, hit
+
+    def _extend(self) -> None:
+        decode = self.decode
+        context = decode(self.token_ids[self._window : self._read])  # type: ignore[operator]
+        window = decode(self.token_ids[self._window :])  # type: ignore[operator]
+        if not window.startswith(context):  # the new token rewrote its context: decode everything
+            self._stable, self._window, self._read = "", 0, 0
+            context, window = "", decode(self.token_ids)  # type: ignore[operator]
+        new = window[len(context) :]
+        if new.endswith("\ufffd"):  # an incomplete character: keep decoding from here next time
+            self.text = self._stable + new
+            return
+        self._stable += new
+        self.text = self._stable
+        self._window, self._read = self._read, len(self.token_ids)
