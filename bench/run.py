@@ -292,7 +292,7 @@ def registry_scale(args: argparse.Namespace, report: Report, tmp: Path, shape) -
             t1 = time.perf_counter()
             client.get("/v1/models").raise_for_status()
             report.figure("REG_MODELS_LIST_MS", (time.perf_counter() - t1) * 1e3, None, "ms (GET /v1/models, all)")
-            # Writes rewrite the registry index: time one upload and one delete at this size.
+            # Writes append one line to the registry journal: time uploads and deletes at this size.
             upload = adapter_file.to_bytes(random_loreft(shape, 9001, layers=(10,)))
             ups, dels = [], []
             for i in range(3):
@@ -352,7 +352,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary registries and server logs")
     args = p.parse_args()
     args.batch, args.adapters, args.prompt_len, args.new_tokens = 32, 32, 64, 32
-    defaults = {"rounds": (1, 3), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 10)}
+    defaults = {"rounds": (1, 3), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 30)}
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
