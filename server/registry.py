@@ -259,15 +259,23 @@ class Registry:
             hi = len(names) if limit is None else lo + limit
             return [records[n] for n in names[lo:hi]]
 
-    def resolve(self, name: str, _retry: bool = True) -> AdapterRef:
-        """Pin the current version of `name`: parse it on first use, then from the host cache."""
+    def cached(self, name: str) -> AdapterRef | None:
+        """Pin the current version of `name` if it is parsed already (no disk, no torch); else None."""
         with self._lock:
             record = self.get(name)
             key = (name, record.sha256)
             adapter = self._parsed.get(key)
-            if adapter is not None:
-                self._parsed.move_to_end(key)
-                return AdapterRef(name, record.version, adapter, record.sha256)
+            if adapter is None:
+                return None
+            self._parsed.move_to_end(key)
+            return AdapterRef(name, record.version, adapter, record.sha256)
+
+    def resolve(self, name: str, _retry: bool = True) -> AdapterRef:
+        """Pin the current version of `name`: parse it on first use, then from the host cache."""
+        ref = self.cached(name)
+        if ref is not None:
+            return ref
+        record = self.get(name)
         try:
             data = (self.directory / (name + SUFFIX)).read_bytes()
         except FileNotFoundError:

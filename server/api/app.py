@@ -21,6 +21,7 @@ from server.api.serving import Engine, Serving, ServingError, build_engine
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import AdapterExists, AdapterTooLarge, UnknownAdapter
+from server.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("reft.access")
@@ -51,7 +52,7 @@ class AppState:
 
     def load(self, factory: Callable[[Settings], Engine]) -> None:
         try:
-            engine = factory(self.settings)
+            engine = run_in_own_thread(factory, self.settings)
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log
             log.exception("start-up failed")
             self.load_error = str(exc)
@@ -77,7 +78,7 @@ class AppState:
         interval = self.settings.scan_interval
         while interval > 0 and not self._stop.wait(interval):
             try:
-                engine.registry.scan()
+                run_in_own_thread(engine.registry.scan)
             except OSError:
                 log.exception("registry scan failed")
 

@@ -21,6 +21,7 @@ from server.engine.scheduler import EngineError, Event, GenerationRequest, Sched
 from server.metrics import Metrics
 from server.model import BaseModel, load_base_model
 from server.registry import Registry, UnknownAdapter
+from server.torch_threads import in_own_thread
 
 BASE_ALIASES = ("base",)
 MAX_STOP_STRINGS = 16
@@ -73,8 +74,9 @@ class Serving:
     async def resolve(self, name: str | None) -> AdapterRef | None:
         if name is None:
             return None
+        registry = self.engine.registry
         try:
-            return await asyncio.to_thread(self.engine.registry.resolve, name)
+            return registry.cached(name) or await in_own_thread(registry.resolve, name)
         except UnknownAdapter:
             raise ServingError(
                 404, f"adapter or model {name!r} does not exist; GET /v1/models lists them", "not_found_error"
