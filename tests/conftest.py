@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,3 +113,22 @@ def reft_server_factory():
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's `server` fixture."""
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def error_of(r: httpx.Response, *statuses: int) -> str:
+    """Assert the status and the error shape {"error": {"message", "type", "code"}}; return the message."""
+    assert r.status_code in statuses, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    e = body["error"]
+    assert isinstance(e["message"], str) and e["message"], body
+    assert isinstance(e["type"], str) and e["type"], body
+    assert isinstance(e["code"], (int, str)) and not isinstance(e["code"], bool), body
+    return e["message"]

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import adapter_file
 from server.model import ModelShape
+from tests.conftest import error_of
 
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((EMOJI_DIR / "expected.json").read_text())["emoji"]
@@ -63,18 +64,6 @@ def archive(fmt: str) -> bytes:
             for p in files:
                 tf.add(p, f"emoji/{p.name}")
     return buf.getvalue()
-
-
-def error_of(r: httpx.Response, *statuses: int) -> str:
-    """Assert the status and the error shape {"error": {"message", "type", "code"}}; return the message."""
-    assert r.status_code in statuses, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"}, body
-    e = body["error"]
-    assert isinstance(e["message"], str) and e["message"], body
-    assert isinstance(e["type"], str) and e["type"], body
-    assert isinstance(e["code"], (int, str)) and not isinstance(e["code"], bool), body
-    return e["message"]
 
 
 def sse_data(r: httpx.Response) -> list[str]:
@@ -129,12 +118,6 @@ def server(tmp_path_factory, reft_server_factory):
     srv = reft_server_factory(registry, root / "server.log", env)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

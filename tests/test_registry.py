@@ -44,6 +44,7 @@ from server.registry import (
     extract_archive,
     read_index,
 )
+from tests.conftest import error_of
 
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((EMOJI_DIR / "expected.json").read_text())["emoji"]
@@ -573,20 +574,6 @@ def server(tmp_path_factory, reft_server_factory):
     srv.marker = root / "marker"
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-def error_of(r: httpx.Response, *statuses: int) -> str:
-    assert r.status_code in statuses, (r.status_code, r.text)
-    e = r.json()["error"]
-    assert isinstance(e["message"], str) and e["message"] and isinstance(e["type"], str)
-    assert isinstance(e["code"], (int, str))
-    return e["message"]
 
 
 def upload(client: httpx.Client, name: str, data: bytes, filename: str = "a.safetensors", params=None, **form):
