@@ -4,9 +4,9 @@
 
 Every figure is printed as one line `NAME value target PASS/FAIL` (INFO for figures without a
 target) and written, with the raw samples, the machine and the library versions, to the JSON
-file. Ratios are measured side by side: the two sides of each ratio are interleaved within
-one run (the order rotates every round) and the median of each side is taken, because the
-machine may be shared. The server and the baselines (raw transformers generate, peft, in a
+file. Ratios are measured side by side: the two sides of each ratio run back to back in a
+block symmetric in time (ABBA or A-B-A), and a figure is the median of its blocks' ratios,
+because the machine may be shared. The server and the baselines (raw transformers generate, peft, in a
 worker process) never compute at the same time. See bench/README.md for what each figure means.
 """
 
@@ -20,7 +20,6 @@ import signal
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,48 +85,67 @@ def log(msg: str) -> None:
 # ---- throughput: P1, P3, P4, P6 ----------------------------------------------------------------------
 
 
+# Each ratio is measured in blocks whose sides run back to back, so that the slow drifts of a shared
+# machine (seen here: the same run moving by 15% from one minute to the next) hit both sides alike.
+# Numerator and denominator of each block, and its order: ABBA where both sides are short, A-B-A else.
+BLOCKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "P1": ("adapters", "base", ("adapters", "base", "base", "adapters")),
+    "P4": ("base", "raw", ("base", "raw", "raw", "base")),
+    "P6": ("adapters", "peft", ("adapters", "peft", "adapters")),
+    "P3": ("adapters", "sequential", ("adapters", "sequential", "adapters")),
+}
+TARGETS = {"P1": ">=0.99", "P3": ">=7", "P4": ">=0.9", "P6": ">=2.5"}
+
+
 def throughput(args: argparse.Namespace, report: Report, load: Load, adapters: list[str],
                worker: BaselineWorker | None) -> None:
     n, plen, new = args.batch, args.prompt_len, args.new_tokens
     prompts = random_prompts(n, plen, seed=1)
     seq_n = min(args.seq_requests, n)
-    steps = ["adapters", "base", "sequential"] + (["raw", "peft"] if worker else [])
-    results: dict[str, list[dict]] = {s: [] for s in steps}
-    for rnd in range(args.rounds):
-        order = steps[rnd % len(steps):] + steps[: rnd % len(steps)]
-        # P1 has the tightest target: measure its two sides a second time, in the opposite order.
-        order += sorted(("adapters", "base"), key=order.index, reverse=True)
-        for step in order:
-            log(f"round {rnd + 1}/{args.rounds}: {step}")
-            if step == "adapters":
-                r = load.concurrent(adapters[:n], prompts, new)
-            elif step == "base":
-                r = load.concurrent(["base"] * n, prompts, new)
-            elif step == "sequential":
-                # The same mixed-adapter requests, one at a time (a subset of them with --seq-requests).
-                r = load.sequential(adapters[:seq_n], prompts[:seq_n], new)
-            else:
-                assert worker is not None
-                reply = worker.ask({"cmd": step, "prompts": prompts, "max_new_tokens": new})
-                secs, toks = reply["seconds"], reply["tokens"]
-                r = {"seconds": secs, "tokens": toks, "tok_s": toks / secs}
-            log(f"  {step}: {r['tokens']} tokens in {r['seconds']:.2f}s = {r['tok_s']:.2f} tok/s")
-            results[step].append(r)
-        report.samples("throughput", results)
-        report.save()
 
-    tok_s = {s: median([r["tok_s"] for r in rs]) for s, rs in results.items()}
-    per_round = {s: [round(r["tok_s"], 3) for r in rs] for s, rs in results.items()}
-    report.data["throughput_tok_s"] = {"median": tok_s, "per_round": per_round}
-    report.figure("P1", tok_s["adapters"] / tok_s["base"], ">=0.99", "ratio", adapters_tok_s=tok_s["adapters"],
-                  base_tok_s=tok_s["base"])
-    report.figure("P3", tok_s["adapters"] / tok_s["sequential"], ">=7", "ratio", concurrent_tok_s=tok_s["adapters"],
-                  sequential_tok_s=tok_s["sequential"], sequential_requests=seq_n)
+    def run(step: str) -> dict:
+        if step == "adapters":
+            return load.concurrent(adapters[:n], prompts, new)
+        if step == "base":
+            return load.concurrent(["base"] * n, prompts, new)
+        if step == "sequential":  # the same mixed-adapter requests, one at a time (the first seq_n of them)
+            return load.sequential(adapters[:seq_n], prompts[:seq_n], new)
+        assert worker is not None
+        reply = worker.ask({"cmd": step, "prompts": prompts, "max_new_tokens": new})
+        return {"seconds": reply["seconds"], "tokens": reply["tokens"], "tok_s": reply["tokens"] / reply["seconds"]}
+
+    log("throughput warm-up: the measured workload once, not counted (first runs at a new shape are slower)")
+    run("base")
+    run("adapters")
+    figures = [f for f in BLOCKS if worker or f in ("P1", "P3")]
+    samples: dict[str, list[dict]] = {}
+    block_ratios: dict[str, list[float]] = {f: [] for f in figures}
+    for rnd in range(args.rounds):
+        for figure in figures[rnd % len(figures):] + figures[: rnd % len(figures)]:
+            top, bottom, order = BLOCKS[figure]  # each order is symmetric in time: a linear drift cancels
+            sides: dict[str, list[float]] = {top: [], bottom: []}
+            for step in order:
+                log(f"round {rnd + 1}/{args.rounds} {figure}: {step}")
+                r = run(step)
+                log(f"  {step}: {r['tokens']} tokens in {r['seconds']:.2f}s = {r['tok_s']:.2f} tok/s")
+                samples.setdefault(step, []).append(dict(r, round=rnd + 1, block=figure))
+                sides[step].append(r["tok_s"])
+            ratio = (sum(sides[top]) / len(sides[top])) / (sum(sides[bottom]) / len(sides[bottom]))
+            block_ratios[figure].append(ratio)
+            log(f"  {figure} block ratio {ratio:.4f}")
+            report.samples("throughput", samples)
+            report.samples("block_ratios", block_ratios)
+            report.save()
+
+    tok_s = {s: median([r["tok_s"] for r in rs]) for s, rs in samples.items()}
+    report.data["throughput_tok_s"] = {"median": tok_s}
+    for figure in figures:
+        top, bottom, _ = BLOCKS[figure]
+        report.figure(figure, median(block_ratios[figure]), TARGETS[figure], "ratio (median of block ratios)",
+                      blocks=[round(r, 4) for r in block_ratios[figure]],
+                      **{f"{top}_tok_s": tok_s[top], f"{bottom}_tok_s": tok_s[bottom]},
+                      **({"sequential_requests": seq_n} if figure == "P3" else {}))
     if worker:
-        report.figure("P4", tok_s["base"] / tok_s["raw"], ">=0.9", "ratio", server_base_tok_s=tok_s["base"],
-                      raw_generate_tok_s=tok_s["raw"])
-        report.figure("P6", tok_s["adapters"] / tok_s["peft"], ">=2.5", "ratio",
-                      server_adapters_tok_s=tok_s["adapters"], peft_mixed_tok_s=tok_s["peft"])
         report.figure("P6_PEFT_VS_RAW", tok_s["peft"] / tok_s["raw"], None, "ratio")
     for step, value in tok_s.items():
         report.figure(f"TOK_S_{step.upper()}", value, None, "tok/s")
@@ -213,12 +231,13 @@ def cold(args: argparse.Namespace, report: Report, load: Load, server: ServerPro
 
 def cold_work(report: Report, directory: Path, names: list[str], shape) -> None:
     """The cold path's own work, timed in this process without HTTP or a model: what the server does
-    on first use of an adapter it has not parsed since start-up (registry.resolve in a worker thread,
-    as the API does, then the engine's device-cache load)."""
+    on first use of an adapter it has not parsed since start-up (registry.resolve in a thread of its
+    own, as the API does, then the engine's device-cache load)."""
     import torch
 
     from server.engine.adapter_cache import DeviceAdapterCache
     from server.registry import Registry
+    from server.torch_threads import run_in_own_thread
 
     registry = Registry(directory, shape, max_rank=64, max_adapter_bytes=64 * 1024 * 1024)
     registry.open()
@@ -230,17 +249,16 @@ def cold_work(report: Report, directory: Path, names: list[str], shape) -> None:
     report.figure("REG_SCAN_MS", median(scans) * 1e3, None, f"ms (one periodic scan of {len(registry)} files)")
     cache = DeviceAdapterCache(torch.device("cpu"), torch.float32, 256 * 1024 * 1024, set())
     rows = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for name in names:
-            t0 = time.perf_counter()
-            ref = pool.submit(registry.resolve, name).result()
-            t1 = time.perf_counter()
-            cache.get(ref)
-            t2 = time.perf_counter()
-            pool.submit(registry.resolve, name).result()
-            t3 = time.perf_counter()
-            rows.append({"adapter": name, "resolve_ms": (t1 - t0) * 1e3, "device_ms": (t2 - t1) * 1e3,
-                         "warm_resolve_ms": (t3 - t2) * 1e3})
+    for name in names:
+        t0 = time.perf_counter()
+        ref = run_in_own_thread(registry.resolve, name)
+        t1 = time.perf_counter()
+        cache.get(ref)
+        t2 = time.perf_counter()
+        registry.cached(name)
+        t3 = time.perf_counter()
+        rows.append({"adapter": name, "resolve_ms": (t1 - t0) * 1e3, "device_ms": (t2 - t1) * 1e3,
+                     "warm_resolve_ms": (t3 - t2) * 1e3})
     report.samples("cold_work", rows)
     total = median([r["resolve_ms"] + r["device_ms"] for r in rows])
     report.figure("COLD_WORK_MS", total, "<=5", "ms (in-process: parse+validate+device load)",
