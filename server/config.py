@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         50.0, ge=0, le=10_000, description="most an idle engine waits for a burst to finish arriving; 0 = off"
     )
     batch_quiet_ms: float = Field(
-        5.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
+        10.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
     )
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
