@@ -54,10 +54,11 @@ class Worker:
         from server.model import load_base_model
 
         start = time.perf_counter()
-        self.raw = load_base_model(model, device="cpu", dtype="float32").model
+        # The server's own choice of device and dtype (auto: CUDA + bfloat16 if present, else CPU + float32).
+        self.raw = load_base_model(model).model
         if lora_adapters > 0:
             # A second, separate copy: peft rewrites the modules it wraps in place.
-            base = load_base_model(model, device="cpu", dtype="float32").model
+            base = load_base_model(model).model
             config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                 target_modules=list(LORA_TARGETS), bias="none")
             self.adapter_names = [f"lora{i:02d}" for i in range(lora_adapters)]
@@ -80,7 +81,7 @@ class Worker:
         model = self.raw if which == "raw" else self.peft
         if model is None:
             raise RuntimeError(f"{which} model is not loaded")
-        ids = torch.tensor(prompts, dtype=torch.long)
+        ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
         mask = torch.ones_like(ids)
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                       min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
@@ -90,6 +91,8 @@ class Worker:
         with torch.inference_mode():
             start = time.perf_counter()
             out = model.generate(**kwargs)
+            if out.is_cuda:
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         generated = int(out.shape[1] - ids.shape[1]) * int(out.shape[0])
         return {"seconds": seconds, "tokens": generated, "first_row": out[0, ids.shape[1]:].tolist()}
