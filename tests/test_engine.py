@@ -380,6 +380,19 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
     finally:
         sch.stop()
 
+    prompt = engine.chat_prompts[0]
+    sch = small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=2 * len(prompt),
+                          batch_wait=30.0, batch_quiet=30.0)
+    sch.start()
+    try:
+        started = time.monotonic()
+        both = [engine.submit(prompt, params, sch=sch)[1] for _ in range(2)]
+        both[0].wait_tokens(1)
+        assert time.monotonic() - started < 15  # the prefill budget is full: no reason to wait
+        assert sch.prefills == 1
+    finally:
+        sch.stop()
+
 
 # ---- sampling ----------------------------------------------------------------------------------
 

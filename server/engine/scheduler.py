@@ -210,13 +210,17 @@ class Scheduler:
         Requests sent together reach the engine a few milliseconds apart; prefilling the first
         alone and merging the rest later costs an extra forward pass and a KV merge. So an idle
         engine waits while requests keep coming less than `batch_quiet` seconds apart, at most
-        `batch_wait` seconds after the first, and never once a full batch is waiting. A lone
-        request waits `batch_quiet`. Called with the lock held; waiting releases it.
+        `batch_wait` seconds after the first, and never once the waiting requests fill a batch or
+        the prefill token budget. A lone request waits `batch_quiet`. Called with the lock held;
+        waiting releases it.
         """
         if self.batch_wait <= 0 or not self._waiting:
             return
         deadline = self._waiting[0].arrival + self.batch_wait
         while not self._stopping and 0 < len(self._waiting) < self.max_batch_size:
+            longest = max(len(r.prompt_ids) for r in self._waiting)
+            if longest * len(self._waiting) >= self.max_prefill_tokens:
+                return
             until = min(deadline, self._waiting[-1].arrival + self.batch_quiet)
             remaining = until - time.monotonic()
             if remaining <= 0:
