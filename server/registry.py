@@ -34,7 +34,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -222,15 +222,7 @@ class Registry:
         if not updates:
             return []
         changed = [n for n, r in updates.items() if r is None or n not in records or r.sha256 != records[n].sha256]
-        with self._lock:
-            for name, record in updates.items():
-                if record is None:
-                    del self._records[name]
-                else:
-                    self._records[name] = record
-            self._sorted = None
-            for name, sha, adapter in parsed:
-                self._remember(name, sha, adapter)
+        self._apply(updates, parsed)
         if journal:
             self._journal([{"delete": n} if r is None else {"put": asdict(r)} for n, r in updates.items()])
         return changed
@@ -316,11 +308,8 @@ class Registry:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
             st = atomic_write(self.directory / (name + SUFFIX), data)
             record = _record(name, old.version + 1 if old else 1, sha, adapter, len(data), st)
-            with self._lock:
-                self._records[name] = record
-                self._sorted = None
-                self._rejected.pop(name, None)
-                self._remember(name, sha, adapter)
+            self._rejected.pop(name, None)
+            self._apply({name: record}, [(name, sha, adapter)])
             self._journal([{"put": asdict(record)}])
         if old is not None:
             self._notify(name)
@@ -331,13 +320,25 @@ class Registry:
             self.get(name)
             (self.directory / (name + SUFFIX)).unlink(missing_ok=True)
             _fsync_dir(self.directory)
-            with self._lock:
-                del self._records[name]
-                self._sorted = None
+            self._apply({name: None})
             self._journal([{"delete": name}])
         self._notify(name)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _apply(
+        self, updates: dict[str, AdapterRecord | None], parsed: Sequence[tuple[str, str, Adapter]] = ()
+    ) -> None:
+        """Set (or, for None, remove) records and keep what was parsed: the one place records change."""
+        with self._lock:
+            for name, record in updates.items():
+                if record is None:
+                    self._records.pop(name, None)
+                else:
+                    self._records[name] = record
+            self._sorted = None
+            for name, sha, adapter in parsed:
+                self._remember(name, sha, adapter)
 
     def _remember(self, name: str, sha: str, adapter: Adapter) -> None:
         self._parsed[(name, sha)] = adapter

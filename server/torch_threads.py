@@ -4,7 +4,7 @@ Every thread that runs a parallel torch op gets its own OpenMP (libgomp) thread 
 it until the thread exits. Once a process has more OpenMP threads than cores, libgomp stops
 spinning between parallel regions, and every op of the engine's forward pass pays for waking
 its workers. Measured on a 2-core CPU: one idle pool left by a thread that had parsed an adapter
-cut batched `generate` from about 125 to 110 tok/s, and one left by model loading to about 92.
+cut batched `generate` from about 125 to 110 tok/s, and one left by a 512x512 matmul to about 92.
 So the engine thread is the only long-lived thread that runs torch; model loading, adapter
 parsing and directory scans each run in a thread of their own that exits afterwards.
 """

@@ -10,6 +10,7 @@ from server.adapter_file import validate_name
 from server.api.app import require_admin_key, require_api_key, require_serving
 from server.api.protocol import AdapterDescription, AdapterList, ErrorResponse
 from server.api.serving import Serving, ServingError
+from server.registry import AdapterRecord
 from server.torch_threads import in_own_thread
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -36,8 +37,11 @@ async def upload_adapter(
     if name in registry and not replace:
         raise ServingError(409, f"adapter {name!r} exists; pass replace=true to replace it", "conflict_error")
     data = await file.read(registry.max_adapter_bytes + 1)
-    adapter = await in_own_thread(registry.parse_upload, data, positions, share_weights)
-    record = await in_own_thread(registry.put, name, adapter, replace)
+
+    def store() -> AdapterRecord:
+        return registry.put(name, registry.parse_upload(data, positions, share_weights), replace)
+
+    record = await in_own_thread(store)
     request.state.access = {"adapter": name, "upload_bytes": len(data)}
     return AdapterDescription(**record.describe())
 
