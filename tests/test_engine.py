@@ -198,6 +198,26 @@ def engine():
     sch.stop()
 
 
+# ---- the runner ----------------------------------------------------------------------------------
+
+
+def test_prefill_runs_the_lm_head_as_one_matrix_product(engine):
+    """The prefill's last-position head input is made contiguous: one mm, not a bmm over B weight copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.assert_idle()
+    prompts = [p[:12] for p in engine.chat_prompts]
+    vocab = engine.base.model.get_output_embeddings().weight.shape[0]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        logits, _, _ = engine.runner.prefill(prompts, [None] * len(prompts))
+    head_products = [e for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+                     and any(vocab in shape for shape in e.input_shapes)]
+    assert [e.name for e in head_products] == ["aten::mm"]
+    with torch.inference_mode():
+        reference = engine.base.model(torch.tensor(prompts)).logits[:, -1]
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
 # ---- pyreft parity -----------------------------------------------------------------------------
 
 

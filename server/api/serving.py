@@ -18,6 +18,7 @@ from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineError, Event, GenerationRequest, Scheduler
+from server.host_memory import keep_freed_memory
 from server.metrics import Metrics
 from server.model import BaseModel, load_base_model
 from server.registry import Registry, UnknownAdapter
@@ -208,6 +209,8 @@ def build_engine(settings: Settings) -> Engine:
     """Load the base model and the registry, and start the scheduler: everything behind the API."""
     start = time.perf_counter()
     base = load_base_model(settings.model, settings.device, settings.dtype)
+    if base.device.type == "cpu":
+        keep_freed_memory()
     registry = Registry(
         Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes
     )

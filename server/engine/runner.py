@@ -68,6 +68,17 @@ def _left_pad(x: Tensor, width: int) -> Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=seq_dim)
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """Hand the LM head a contiguous input, so that it runs as one matrix product.
+
+    For the prefill, transformers slices the last position out of the hidden states; that
+    [B, 1, d] view is not contiguous, and matmul then runs it as a batched product over B
+    expanded copies of the head's weight. With the default model at B = 32 that took 145 ms
+    of the prefill where the same product as one mm takes about 28 ms.
+    """
+    return (args[0].contiguous(), *args[1:])
+
+
 class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
@@ -80,6 +91,9 @@ class ModelRunner:
         self._plan: BatchPlan | None = None
         for index, layer in enumerate(base.layers):
             layer.register_forward_hook(self._hook(index))
+        head = base.model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     def _hook(self, layer_index: int):  # noqa: ANN202 - torch hook signature
         def intervene(module: torch.nn.Module, args: tuple, output: Tensor | tuple) -> None:
