@@ -21,10 +21,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")
     max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens admitted into one prefill")
     batch_wait_ms: float = Field(
-        50.0, ge=0, le=10_000, description="most an idle engine waits for a burst to finish arriving; 0 = off"
+        100.0, ge=0, le=10_000, description="most an idle engine waits for a burst to finish arriving; 0 = off"
     )
     batch_quiet_ms: float = Field(
-        10.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
+        30.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
     )
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")

@@ -7,6 +7,7 @@ responses, the engine never sees HTTP.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -238,4 +239,8 @@ def build_engine(settings: Settings) -> Engine:
         batch_quiet=settings.batch_quiet_ms / 1000,
     )
     scheduler.start()
+    # Everything loaded so far lives as long as the server. Freezing it keeps the collector from
+    # walking it again: a full collection over it paused the event loop for about 190 ms.
+    gc.collect()
+    gc.freeze()
     return Engine(base, registry, scheduler, cache, settings.max_new_tokens, time.perf_counter() - start)
