@@ -370,7 +370,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary registries and server logs")
     args = p.parse_args()
     args.batch, args.adapters, args.prompt_len, args.new_tokens = 32, 32, 64, 32
-    defaults = {"rounds": (1, 3), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 30)}
+    defaults = {"rounds": (1, 5), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 30)}
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
