@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -130,7 +131,7 @@ def throughput(args: argparse.Namespace, report: Report, load: Load, adapters: l
                 log(f"  {step}: {r['tokens']} tokens in {r['seconds']:.2f}s = {r['tok_s']:.2f} tok/s")
                 samples.setdefault(step, []).append(dict(r, round=rnd + 1, block=figure))
                 sides[step].append(r["tok_s"])
-            ratio = (sum(sides[top]) / len(sides[top])) / (sum(sides[bottom]) / len(sides[bottom]))
+            ratio = statistics.fmean(sides[top]) / statistics.fmean(sides[bottom])
             block_ratios[figure].append(ratio)
             log(f"  {figure} block ratio {ratio:.4f}")
             report.samples("throughput", samples)

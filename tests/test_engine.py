@@ -10,6 +10,8 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,6 +343,16 @@ def small_scheduler(engine: Engine, **kw) -> Scheduler:
     return Scheduler(engine.runner, engine.decode, engine.cache, **opts)
 
 
+@contextmanager
+def running(sch: Scheduler) -> Iterator[Scheduler]:
+    """Run `sch` for the block; stop it however the block ends."""
+    sch.start()
+    try:
+        yield sch
+    finally:
+        sch.stop()
+
+
 def test_batch_invariance_with_a_full_batch_and_a_small_prefill_budget(engine):
     """Admission split by max_prefill_tokens and by a full batch; queued requests join mid-decode."""
     rng = random.Random(1234)
@@ -350,14 +362,10 @@ def test_batch_invariance_with_a_full_batch_and_a_small_prefill_budget(engine):
              for _ in range(7)]
     specs.append((GENERATIONS[3]["prompt_ids"], engine.emoji, 10))
     engine.assert_idle()
-    sch = small_scheduler(engine, max_batch_size=3, max_queue=16, max_prefill_tokens=64)
-    sch.start()
-    try:
+    with running(small_scheduler(engine, max_batch_size=3, max_queue=16, max_prefill_tokens=64)) as sch:
         results = [engine.submit(p, SamplingParams(max_new_tokens=n), a, sch=sch)[1] for p, a, n in specs]
         for r in results:
             r.wait()
-    finally:
-        sch.stop()
     alone = AloneCache(engine)
     near_ties: list[str] = []
     for (prompt, adapter, max_new), r in zip(specs, results, strict=True):
@@ -370,9 +378,7 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     adapters = [engine.emoji, None, next(iter(engine.randoms.values()))]
     engine.assert_idle()
-    sch = small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=3.0, batch_quiet=0.4)
-    sch.start()
-    try:
+    with running(small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=3.0, batch_quiet=0.4)) as sch:
         burst = []
         for prompt, adapter in zip(engine.chat_prompts, adapters, strict=False):
             burst.append(engine.submit(prompt, params, adapter, sch=sch)[1])
@@ -384,34 +390,25 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
         started = time.monotonic()
         engine.submit(engine.chat_prompts[0], params, sch=sch)[1].wait_tokens(1)
         assert sch.prefills == 2 and 0.4 <= time.monotonic() - started < 3.0
-    finally:
-        sch.stop()
     for prompt, adapter, r in zip(engine.chat_prompts, adapters, burst, strict=False):
         assert r.tokens == engine.run(prompt, params, adapter).tokens
 
-    sch = small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=30.0, batch_quiet=30.0)
-    sch.start()
-    try:
+    with running(small_scheduler(engine, max_batch_size=4, max_queue=8, batch_wait=30.0, batch_quiet=30.0)) as sch:
         started = time.monotonic()
         full = [engine.submit(engine.chat_prompts[i % 3], params, sch=sch)[1] for i in range(4)]
         full[0].wait_tokens(1)
         assert time.monotonic() - started < 15  # a full batch does not wait for more
         assert sch.prefills == 1
-    finally:
-        sch.stop()
 
     prompt = engine.chat_prompts[0]
-    sch = small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=2 * len(prompt),
-                          batch_wait=30.0, batch_quiet=30.0)
-    sch.start()
-    try:
+    budget_of_two = small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=2 * len(prompt),
+                                    batch_wait=30.0, batch_quiet=30.0)
+    with running(budget_of_two) as sch:
         started = time.monotonic()
         both = [engine.submit(prompt, params, sch=sch)[1] for _ in range(2)]
         both[0].wait_tokens(1)
         assert time.monotonic() - started < 15  # the prefill budget is full: no reason to wait
         assert sch.prefills == 1
-    finally:
-        sch.stop()
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -656,9 +653,7 @@ def test_tiny_temperature_does_not_fail_the_rest_of_the_batch(engine):
 
 def test_cancel_while_queued_behind_a_full_batch_is_prompt(engine):
     engine.assert_idle()
-    sch = small_scheduler(engine, max_batch_size=1)
-    sch.start()
-    try:
+    with running(small_scheduler(engine, max_batch_size=1)) as sch:
         long = engine.submit(engine.chat_prompts[0], SamplingParams(max_new_tokens=30, ignore_eos=True), sch=sch)[1]
         queued_req, queued = engine.submit(engine.chat_prompts[1], SamplingParams(max_new_tokens=4), sch=sch)
         long.wait_tokens(2)
@@ -666,8 +661,6 @@ def test_cancel_while_queued_behind_a_full_batch_is_prompt(engine):
         assert queued.done.wait(WAIT_S)
         finished_first = not long.done.is_set()
         long.wait()
-    finally:
-        sch.stop()
     assert queued.finish == "cancelled" and queued.tokens == []
     assert finished_first, "the cancelled queued request got its event only after the running one finished"
 
@@ -684,14 +677,11 @@ def test_a_raising_consumer_of_a_cancelled_queued_request_does_not_kill_the_engi
     sch.submit(doomed)
     doomed.cancel()
     _, later = engine.submit(engine.chat_prompts[3], SamplingParams(max_new_tokens=2), sch=sch)
-    sch.start()
-    try:
+    with running(sch):
         deadline = time.monotonic() + 60
         while not later.done.is_set() and sch._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert later.done.is_set(), "the engine thread died"
-    finally:
-        sch.stop()
 
 
 # ---- TextTracker (no model) ---------------------------------------------------------------------
