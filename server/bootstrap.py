@@ -4,17 +4,21 @@ the assembled `Engine` to the API. Only the app factory and the CLI import this 
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
+from server.engine.kv_cache import KVCache, default_budget
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
 from server.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,8 +52,12 @@ def build_engine(settings: Settings) -> Engine:
         eos = base.tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     max_prompt = min(settings.max_prompt_tokens or base.max_context, base.max_context - 1)
+    kv = KVCache.for_model(base.model.config, base.dtype, base.device,
+                           settings.kv_cache_bytes or default_budget(base.device))
+    log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
+             kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
     scheduler = Scheduler(
-        ModelRunner(base),
+        ModelRunner(base, kv),
         lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
         cache,
         eos_token_ids=eos_ids,
@@ -58,6 +66,7 @@ def build_engine(settings: Settings) -> Engine:
         max_prefill_tokens=settings.max_prefill_tokens,
         max_prompt_tokens=max_prompt,
         max_context=base.max_context,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         batch_wait=settings.batch_wait_ms / 1000,
         batch_quiet=settings.batch_quiet_ms / 1000,
     )

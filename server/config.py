@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     batch_quiet_ms: float = Field(
         30.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
     )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="prompt tokens computed per step while other rows decode (chunked prefill)"
+    )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1 << 20, description="KV cache bytes at start-up; default 4 GiB on CPU, 80% of free GPU memory"
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
     max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")

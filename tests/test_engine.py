@@ -20,7 +20,8 @@ import torch
 
 from server.adapter_file import Adapter, build, import_pyreft, make_intervention
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
-from server.engine.runner import ModelRunner
+from server.engine.kv_cache import KVCache
+from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams, TextTracker
 from server.engine.scheduler import (
     EngineError,
@@ -129,12 +130,17 @@ class Engine:
         """Top-2 logit gap before each of `tokens`, running the prompt alone (scheduler idle)."""
         self.assert_idle()
         resident = self.cache.get(adapter) if adapter else None
-        logits, kv, _ = self.runner.prefill([prompt], [resident])
-        gaps = []
-        for token in tokens:
-            top = logits[0].topk(2).values
-            gaps.append(float(top[0] - top[1]))
-            logits = self.runner.decode(kv, torch.tensor([token]))
+        kv = self.runner.cache
+        slot = kv.allocate(len(prompt) + len(tokens))
+        try:
+            logits = self.runner.prefill([PrefillChunk(prompt, 0, len(prompt), slot, resident)]).logits
+            gaps = []
+            for i, token in enumerate(tokens):
+                top = logits[0].topk(2).values
+                gaps.append(float(top[0] - top[1]))
+                logits = self.runner.decode([DecodeRow(token, len(prompt) + i, slot)])
+        finally:
+            kv.free(slot)
         return gaps
 
 
@@ -172,7 +178,7 @@ QUESTIONS = ["Tell me a joke about the sea.", "List three colors.", "Why is the 
 def engine():
     torch.manual_seed(0)
     base = load_base_model()
-    runner = ModelRunner(base)
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30))
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 28, set())
     sch = Scheduler(
         runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache, eos_token_ids=[EOS],
@@ -210,8 +216,13 @@ def test_prefill_runs_the_lm_head_as_one_matrix_product(engine):
     engine.assert_idle()
     prompts = [p[:12] for p in engine.chat_prompts]
     vocab = engine.base.model.get_output_embeddings().weight.shape[0]
+    kv = engine.runner.cache
+    slots = [kv.allocate(len(p)) for p in prompts]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        logits, _, _ = engine.runner.prefill(prompts, [None] * len(prompts))
+        chunks = [PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]
+        logits = engine.runner.prefill(chunks).logits
+    for slot in slots:
+        kv.free(slot)
     head_products = [e for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
                      and any(vocab in shape for shape in e.input_shapes)]
     assert [e.name for e in head_products] == ["aten::mm"]

@@ -154,11 +154,11 @@ def batched_rows(
         pad = width - length
         hidden[i, pad:] = row.hidden
         if row.adapter is None:
-            plan_rows.append(PlanRow(None, None, length, pad))
+            plan_rows.append(PlanRow(None, None, length, i * width + pad))
         else:
             resident = cache.get(AdapterRef(f"a{id(row.adapter)}", 1, row.adapter))
-            plan_rows.append(PlanRow(resident.adapter, resident.forms, length, pad))
-    plan = build_plan(plan_rows, width, CPU) if use_plan else None
+            plan_rows.append(PlanRow(resident.adapter, resident.forms, length, i * width + pad))
+    plan = build_plan(plan_rows, CPU) if use_plan else None
     for layer in range(N_LAYERS):
         hidden = fake_layer(hidden, scales[layer]).contiguous()
         if plan is None or layer not in plan.rounds:

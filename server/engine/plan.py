@@ -1,11 +1,13 @@
 """The batch plan: for one prefill, which (row, position) pairs each layer changes, and with what.
 
-A plan is built once per prefill from the rows' adapters and prompt lengths, before the forward
-pass. Per intervened layer it holds ordered rounds; round k applies the k-th intervention that
-each adapter places on that layer, so several interventions of one adapter on one layer act
-one after another, as pyvene's hooks do. Each round is one gather + two batched matmuls over
-all pairs of all rows (`interventions.batched_apply`): no loop over requests in the forward.
-Rows without an adapter contribute no pairs and cost nothing.
+A plan is built once per prefill step from the rows' adapters, prompt lengths and the part of the
+prompt each row computes in this step (a chunk), before the forward pass. First-N / last-N
+positions are absolute prompt positions, known up front, so a chunk carries exactly the
+planned positions that fall inside it. Per intervened layer it holds ordered rounds; round k
+applies the k-th intervention that each adapter places on that layer, so several interventions
+of one adapter on one layer act one after another, as pyvene's hooks do. Each round is one
+gather + two batched matmuls over all pairs of all rows (`interventions.batched_apply`): no loop
+over requests in the forward. Rows without an adapter contribute no pairs and cost nothing.
 """
 
 from __future__ import annotations
@@ -23,12 +25,22 @@ from server.interventions import CommonForm, StackedForms
 
 @dataclass(frozen=True)
 class PlanRow:
-    """One prefill row: its adapter (None = base model), its device-resident forms, its length."""
+    """One prefill row: its adapter (None = base model), its device-resident forms, where its tokens sit.
+
+    The row computes prompt positions [start, start + length) (the whole prompt unless chunked);
+    position `start` sits at index `offset` of the step's flattened hidden states.
+    """
 
     adapter: Adapter | None
     forms: Sequence[CommonForm] | None  # one per intervention, in adapter order, on the device
     prompt_length: int
-    pad: int  # left padding in front of the prompt within the prefill batch
+    offset: int
+    start: int = 0
+    length: int | None = None  # None = up to the end of the prompt
+
+    @property
+    def end(self) -> int:
+        return self.prompt_length if self.length is None else self.start + self.length
 
 
 @dataclass(frozen=True)
@@ -47,27 +59,28 @@ class BatchPlan:
         return sum(int(r.flat_index.numel()) for rounds in self.rounds.values() for r in rounds)
 
 
-def build_plan(rows: Sequence[PlanRow], seq_len: int, device: torch.device) -> BatchPlan | None:
+def build_plan(rows: Sequence[PlanRow], device: torch.device) -> BatchPlan | None:
     """Map every (row, position) an adapter touches to its intervention slot; None if no row has one."""
     # (layer, round) -> (flat indices, slot per pair, forms by slot)
     flat: dict[tuple[int, int], list[int]] = defaultdict(list)
     slots: dict[tuple[int, int], list[int]] = defaultdict(list)
     forms: dict[tuple[int, int], list[CommonForm]] = defaultdict(list)
-    for row_index, row in enumerate(rows):
+    for row in rows:
         if row.adapter is None or row.forms is None:
             continue
         seen_on_layer: dict[int, int] = defaultdict(int)
         locations = row.adapter.locations(row.prompt_length)
-        base = row_index * seq_len + row.pad
+        base = row.offset - row.start
         for iv, form, positions in zip(row.adapter.interventions, row.forms, locations, strict=True):
             key = (iv.layer, seen_on_layer[iv.layer])
             seen_on_layer[iv.layer] += 1
-            if not positions:
+            inside = [p for p in positions if row.start <= p < row.end]
+            if not inside:
                 continue
             slot = len(forms[key])
             forms[key].append(form)
-            flat[key].extend(base + p for p in positions)
-            slots[key].extend([slot] * len(positions))
+            flat[key].extend(base + p for p in inside)
+            slots[key].extend([slot] * len(inside))
     if not flat:
         return None
     rounds: dict[int, list[Round]] = defaultdict(list)

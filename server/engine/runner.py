@@ -1,12 +1,13 @@
-"""The model runner: prefill and decode steps on the frozen base model, and the KV cache they share.
+"""The model runner: prefill and decode forwards on the frozen base model, over the engine's KV cache.
 
-Hooks on every decoder layer are installed once, at start-up. During a prefill they read the
-current `BatchPlan` and change only the planned (row, position) pairs in place; during decode
-the plan is None and each hook returns at once, so decode costs what the base model costs.
+Every forward is one packed sequence `[1, N]`: the rows' tokens one after another, each with
+its own position ids and its own KV columns (`kv_cache.py`), so no token is padding and no row
+waits for the longest. What a forward needs beyond the model's own inputs travels with the call:
+the `AttentionLayout` (which columns each row's queries read) and, in a prefill, the `BatchPlan`
+(which positions each layer's hook changes). Nothing is left in a field between calls.
 
-The running batch's KV cache is a transformers DynamicCache of left-padded rows. New rows are
-prefilled together, then merged into the running batch (padding the shorter side on the left);
-finished rows are dropped by index and fully padded leading columns trimmed away.
+Hooks on every decoder layer are installed once, at start-up; they read the plan from the
+layer's keyword arguments, so decode forwards (no plan) cost what the base model costs.
 """
 
 from __future__ import annotations
@@ -16,65 +17,51 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
+from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
+from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
 from server.model import BaseModel
 
+PLAN_KWARG = "reft_plan"
 
-@dataclass
-class KVBatch:
-    """KV cache and attention mask of the rows being decoded, in row order."""
 
-    cache: DynamicCache
-    mask: Tensor  # [B, T] 1 = real token, 0 = left padding
-    lengths: Tensor  # [B] real tokens per row = next position id
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [start, start + len(tokens)) of one row, computed in one prefill step."""
+
+    tokens: Sequence[int]
+    start: int
+    prompt_length: int
+    slot: Slot
+    adapter: ResidentAdapter | None = None
 
     @property
-    def size(self) -> int:
-        return int(self.mask.shape[0])
-
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only `rows` (in that order) and cut padding columns no remaining row needs."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        start = int(self.mask.shape[1] - self.lengths.max().item()) if len(rows) else 0
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self.mask = self.mask[:, start:]
-
-    def extend(self, other: KVBatch) -> None:
-        """Append `other`'s rows after ours, left-padding whichever side is shorter."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
-        self.lengths = torch.cat([self.lengths, other.lengths])
+    def completes_prompt(self) -> bool:
+        return self.start + len(self.tokens) == self.prompt_length
 
 
-def _left_pad(x: Tensor, width: int) -> Tensor:
-    """Zero-pad the sequence axis (dim 2 of a [B, H, T, D] cache, dim 1 of a [B, T] mask) on the left."""
-    seq_dim = 2 if x.dim() == 4 else 1
-    missing = width - x.shape[seq_dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[seq_dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=seq_dim)
+@dataclass(frozen=True)
+class DecodeRow:
+    token: int  # the row's last sampled token, fed at `position`
+    position: int
+    slot: Slot
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    logits: Tensor  # [rows whose prompt this step completed, V], in chunk order
+    intervened: int  # (row, layer-round, position) pairs changed
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     """Hand the LM head a contiguous input, so that it runs as one matrix product.
 
-    For the prefill, transformers slices the last position out of the hidden states; that
-    [B, 1, d] view is not contiguous, and matmul then runs it as a batched product over B
-    expanded copies of the head's weight. With the default model at B = 32 that took 145 ms
-    of the prefill where the same product as one mm takes about 28 ms.
+    transformers slices the kept positions out of the hidden states; a strided view there makes
+    matmul run a batched product over expanded copies of the head's weight (145 ms against 28 ms
+    as one mm at 32 rows with the default model).
     """
     return (args[0].contiguous(), *args[1:])
 
@@ -82,76 +69,72 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, base: BaseModel, cache: KVCache) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
-        gen = base.model.generation_config
-        self.pad_id = int(gen.pad_token_id if gen.pad_token_id is not None else 0)
-        self._plan: BatchPlan | None = None
+        self.cache = cache
+        attention.install(self.model)
         for index, layer in enumerate(base.layers):
-            layer.register_forward_hook(self._hook(index))
+            layer.register_forward_hook(_intervene(index), with_kwargs=True)
         head = base.model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
 
-    def _hook(self, layer_index: int):  # noqa: ANN202 - torch hook signature
-        def intervene(module: torch.nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            plan = self._plan
-            if plan is None or layer_index not in plan.rounds:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            if not hidden.is_contiguous():
-                raise RuntimeError("decoder layer returned a non-contiguous hidden state; cannot intervene in place")
-            flat = hidden.view(-1, hidden.shape[-1])
-            for step in plan.rounds[layer_index]:
-                x = flat.index_select(0, step.flat_index)
-                flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots))
-            return None
-
-        return intervene
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> PrefillResult:
+        """Compute the chunks' prompt tokens with their interventions; logits for rows whose prompt ends here."""
+        ids, positions, spans, plan_rows, keep = [], [], [], [], []
+        for chunk in chunks:
+            offset, n = len(ids), len(chunk.tokens)
+            ids.extend(chunk.tokens)
+            positions.extend(range(chunk.start, chunk.start + n))
+            spans.append((offset, n, chunk.slot.start, chunk.start))
+            if chunk.adapter is not None:
+                plan_rows.append(PlanRow(chunk.adapter.adapter, chunk.adapter.forms, chunk.prompt_length, offset,
+                                         chunk.start, n))
+            if chunk.completes_prompt:
+                keep.append(offset + n - 1)
+        plan = build_plan(plan_rows, self.device)
+        columns = [span[2] + p for span, chunk in zip(spans, chunks, strict=True)
+                   for p in range(chunk.start, chunk.start + len(chunk.tokens))]
+        logits = self._forward(ids, positions, columns, attention.prefill_layout(spans, self.device), plan, keep)
+        return PrefillResult(logits, plan.pairs if plan else 0)
 
     @torch.inference_mode()
-    def prefill(
-        self, prompts: Sequence[Sequence[int]], rows: Sequence[ResidentAdapter | None]
-    ) -> tuple[Tensor, KVBatch, int]:
-        """Run the prompts as one left-padded batch with their interventions.
+    def decode(self, rows: Sequence[DecodeRow]) -> Tensor:
+        """One decode step for `rows`: feed each row's last token, return next-token logits [B, V]."""
+        layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
+                                         self.cache.block_tokens, self.device)
+        return self._forward([r.token for r in rows], [r.position for r in rows],
+                             [r.slot.start + r.position for r in rows], layout, None, None)
 
-        Returns the last-position logits [B, V], the new rows' KV batch and the number of
-        (row, position) pairs intervened on.
-        """
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        plan_rows = []
-        for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
-            pad = width - len(prompt)
-            ids[i, pad:] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, pad:] = 1
-            adapter, forms = (row.adapter, row.forms) if row is not None else (None, None)
-            plan_rows.append(PlanRow(adapter, forms, len(prompt), pad))
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        plan = build_plan(plan_rows, width, self.device)
-        cache = DynamicCache()
-        self._plan = plan
-        try:
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1,
-            )
-        finally:
-            self._plan = None
-        lengths = mask.sum(-1)
-        return out.logits[:, -1, :].float(), KVBatch(cache, mask, lengths), (plan.pairs if plan else 0)
-
-    @torch.inference_mode()
-    def decode(self, batch: KVBatch, tokens: Tensor) -> Tensor:
-        """One decode step for every row: feed each row's last token, return next-token logits [B, V]."""
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
+    def _forward(self, ids: list[int], positions: list[int], columns: list[int], layout: attention.AttentionLayout,
+                 plan: BatchPlan | None, keep: list[int] | None) -> Tensor:
+        device = self.device
+        column_index = torch.tensor(columns, device=device)
+        extra = {PLAN_KWARG: plan} if plan is not None else {}
         out = self.model(
-            input_ids=tokens.view(-1, 1).to(self.device), attention_mask=batch.mask,
-            position_ids=batch.lengths.view(-1, 1), past_key_values=batch.cache, use_cache=True,
+            input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+            cache_position=column_index, past_key_values=StepCache(self.cache, column_index), use_cache=True,
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device) if keep is not None else 0,
+            **{attention.LAYOUT_KWARG: layout}, **extra,
         )
-        batch.lengths = batch.lengths + 1
-        return out.logits[:, -1, :].float()
+        return out.logits[0].float()
+
+
+def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> None:
+        plan: BatchPlan | None = kwargs.get(PLAN_KWARG)
+        if plan is None or layer_index not in plan.rounds:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not hidden.is_contiguous():
+            raise RuntimeError("decoder layer returned a non-contiguous hidden state; cannot intervene in place")
+        flat = hidden.view(-1, hidden.shape[-1])
+        for step in plan.rounds[layer_index]:
+            x = flat.index_select(0, step.flat_index)
+            flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots))
+        return None
+
+    return hook

@@ -1,10 +1,14 @@
-"""The continuous-batching loop: admit, prefill, decode, retire, cancel.
+"""The continuous-batching loop: admit, prefill (in chunks), decode, retire, cancel.
 
-It runs in one background thread that owns the model. Each iteration admits waiting requests
-(up to the batch size and the prefill token budget), prefills them as one batch with their
-interventions, merges them into the running batch, then runs one decode step for every
-running row. Finished and cancelled rows leave the batch before the next step. Callers
-submit from any thread and receive `Event`s through the callback they pass.
+It runs in one background thread that owns the model and the KV cache. Each iteration admits
+waiting requests (up to the batch size, and only when a KV slot for the prompt plus max_tokens
+is free), runs one prefill step over the admitted prompts, then one decode step for every
+running row. A prefill step computes at most `prefill_chunk_tokens` prompt tokens while rows
+are decoding, so a long prompt is spread over several steps and never stalls running streams
+for more than one chunk; an idle engine prefills a burst up to `max_prefill_tokens` at once.
+Finished and cancelled rows give their slot back before the next step. A step that fails is
+retried row by row, so an error fails only the request it belongs to. Callers submit from any
+thread and receive `Event`s through the callback they pass.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
-from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
-from server.engine.runner import KVBatch, ModelRunner
+from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache, ResidentAdapter
+from server.engine.kv_cache import CacheFull, Slot
+from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams, TextTracker, make_generator, sample
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -79,8 +86,15 @@ class _Sequence:
     request: GenerationRequest
     tracker: TextTracker
     generator: torch.Generator | None
+    slot: Slot
+    resident: ResidentAdapter | None = None
+    computed: int = 0  # prompt tokens already in the KV cache
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
 
 
 class Scheduler:
@@ -96,30 +110,34 @@ class Scheduler:
         max_prefill_tokens: int,
         max_prompt_tokens: int,
         max_context: int,
+        prefill_chunk_tokens: int = 512,
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
     ) -> None:
         self.runner = runner
+        self.cache = runner.cache
         self.decode_text = decode_text
         self.adapter_cache = adapter_cache
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.max_context = max_context
         self.batch_wait = batch_wait
         self.batch_quiet = batch_quiet
         self._waiting: deque[GenerationRequest] = deque()
-        self._running: list[_Sequence] = []
-        self._admitting = 0  # popped from the queue, not yet in the running batch (being prefilled)
-        self._kv: KVBatch | None = None
+        self._prefilling: list[_Sequence] = []  # admitted, KV slot held, prompt not yet fully computed
+        self._running: list[_Sequence] = []  # decoding
         self._cv = threading.Condition()
         self._stopping = False
+        self._died: str | None = None
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.steps = 0
         self.prefills = 0
+        self.prefill_positions = 0
         self.intervened_positions = 0
 
     # ---- called from other threads -------------------------------------------------------
@@ -130,13 +148,26 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + self._admitting
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died (or before it starts): readiness reports it."""
+        return self._thread is not None and self._thread.is_alive() and self._died is None
+
+    def kv_usage(self) -> float:
+        return self.cache.usage
 
     def running_adapters(self) -> list[str]:
-        return sorted({s.request.adapter.name for s in list(self._running) if s.request.adapter})
+        seqs = list(self._running) + list(self._prefilling)
+        return sorted({s.request.adapter.name for s in seqs if s.request.adapter})
 
     def waiting_adapters(self) -> list[str]:
         return sorted({r.adapter.name for r in list(self._waiting) if r.adapter})
+
+    def reservation(self, prompt_length: int, max_new_tokens: int) -> int:
+        """KV columns a request holds while it runs: its prompt plus every token it may generate."""
+        return min(prompt_length + max_new_tokens, self.max_context)
 
     def check(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse what can never run, with the numbers, before it takes a queue slot."""
@@ -151,13 +182,21 @@ class Scheduler:
                 f"the prompt has {prompt_length} tokens and max_tokens is {max_new_tokens}: "
                 f"{prompt_length + max_new_tokens} exceeds the model's context of {self.max_context} tokens"
             )
+        need = self.cache.slot_size(self.reservation(prompt_length, max_new_tokens))
+        if need > self.cache.capacity:
+            raise PromptTooLong(
+                f"the prompt has {prompt_length} tokens and max_tokens is {max_new_tokens}: that needs {need} tokens "
+                f"of KV cache ({need * self.cache.bytes_per_token} bytes) and this server's KV cache holds "
+                f"{self.cache.capacity} tokens ({self.cache.nbytes} bytes, REFT_KV_CACHE_BYTES)"
+            )
 
     def submit(self, request: GenerationRequest) -> None:
         self.check(len(request.prompt_ids), request.params.max_new_tokens)
         with self._cv:
-            if self._stopping:
-                raise EngineStopped("the engine is shutting down")
-            free_slots = self.max_batch_size - len(self._running) - self._admitting
+            if self._stopping or self._died is not None:
+                reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"
+                raise EngineStopped(reason)
+            free_slots = self.max_batch_size - self.num_running
             if len(self._waiting) >= self.max_queue + max(free_slots, 0):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             request.request_id = request.request_id or f"req-{next(self._ids)}"
@@ -165,7 +204,7 @@ class Scheduler:
             self._cv.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="reft-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -177,49 +216,53 @@ class Scheduler:
 
     # ---- the engine thread ---------------------------------------------------------------
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+            message = "the engine stopped"
+        except BaseException as exc:  # noqa: BLE001 - the thread is dying: nobody may be left waiting
+            log.exception("the engine thread died")
+            self._died = message = f"{type(exc).__name__}: {exc}"
+        with self._cv:
+            for seq in self._running + self._prefilling:
+                self._emit(seq, Event("", (), "error", error=message))
+            for request in self._waiting:
+                self._notify(request, Event("", (), "error", error=message))
+            self._running, self._prefilling = [], []
+            self._waiting.clear()
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and not self._stopping:
+                while not (self._waiting or self._prefilling or self._running or self._stopping):
                     self._cv.wait()
-                if not self._running:
+                if not self._running and not self._prefilling:
                     self._gather_burst()
                 if self._stopping:
-                    break
+                    return
                 self._drop_cancelled_waiting()
                 admitted = self._admit()
-                self._admitting = len(admitted)
-            try:
-                self._retire_cancelled()
-                if admitted:
-                    self._prefill(admitted)
-                if self._running:
-                    self._decode()
-            except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not the server
-                log.exception("engine step failed")
-                self._fail_all(admitted, exc)
-        self._fail_all([], EngineStopped("the engine stopped"))
-        with self._cv:
-            for request in self._waiting:
-                self._notify(request, Event("", (), "error", error="the engine stopped"))
-            self._waiting.clear()
+            self._start(admitted)
+            self._retire_cancelled()
+            if self._prefilling:
+                self._prefill()
+            if self._running:
+                self._decode()
 
     def _gather_burst(self) -> None:
         """Let a burst finish arriving at an idle engine, so that it is prefilled as one batch.
 
         Requests sent together reach the engine a few milliseconds apart; prefilling the first
-        alone and merging the rest later costs an extra forward pass and a KV merge. So an idle
-        engine waits while requests keep coming less than `batch_quiet` seconds apart, at most
-        `batch_wait` seconds after the first, and never once the waiting requests fill a batch or
-        the prefill token budget. A lone request waits `batch_quiet`. Called with the lock held;
-        waiting releases it.
+        alone costs an extra forward pass. So an idle engine waits while requests keep coming
+        less than `batch_quiet` seconds apart, at most `batch_wait` seconds after the first, and
+        never once the waiting requests fill a batch or the prefill token budget. A lone request
+        waits `batch_quiet`. Called with the lock held; waiting releases it.
         """
         if self.batch_wait <= 0 or not self._waiting:
             return
         deadline = self._waiting[0].arrival + self.batch_wait
         while not self._stopping and 0 < len(self._waiting) < self.max_batch_size:
-            longest = max(len(r.prompt_ids) for r in self._waiting)
-            if longest * len(self._waiting) >= self.max_prefill_tokens:
+            if sum(len(r.prompt_ids) for r in self._waiting) >= self.max_prefill_tokens:
                 return
             until = min(deadline, self._waiting[-1].arrival + self.batch_quiet)
             remaining = until - time.monotonic()
@@ -227,53 +270,103 @@ class Scheduler:
                 return
             self._cv.wait(remaining)
 
-    def _admit(self) -> list[GenerationRequest]:
-        admitted: list[GenerationRequest] = []
-        longest = 0
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+    def _admit(self) -> list[tuple[GenerationRequest, Slot]]:
+        """Take waiting requests in arrival order while the batch has room and their KV slot is free."""
+        admitted: list[tuple[GenerationRequest, Slot]] = []
+        while self._waiting and self.num_running + len(admitted) < self.max_batch_size:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
                 self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
                 continue
-            width = max(longest, len(request.prompt_ids))
-            if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
-                break
-            longest = width
-            admitted.append(self._waiting.popleft())
+            try:
+                slot = self.cache.allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens))
+            except CacheFull:
+                break  # it waits, first in line, until running rows give their slots back
+            admitted.append((self._waiting.popleft(), slot))
         return admitted
 
-    def _prefill(self, admitted: list[GenerationRequest]) -> None:
+    def _start(self, admitted: list[tuple[GenerationRequest, Slot]]) -> None:
+        """Make the admitted requests' adapters resident; one that cannot be loaded fails alone."""
+        for request, slot in admitted:
+            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), make_generator(request.params),
+                            slot)
+            try:
+                seq.resident = self.adapter_cache.get(request.adapter) if request.adapter else None
+            except Exception as exc:  # noqa: BLE001 - the adapter's failure is its request's alone
+                log.exception("loading adapter %s failed", request.adapter.name if request.adapter else None)
+                self._fail(seq, f"the adapter could not be loaded: {exc}")
+                continue
+            self._prefilling.append(seq)
+
+    def _prefill(self) -> None:
+        """One prefill step: the next chunk of each admitted prompt, in arrival order, within the token budget."""
+        budget = self.prefill_chunk_tokens if self._running else self.max_prefill_tokens
+        work: list[tuple[_Sequence, PrefillChunk]] = []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.computed)
+            chunk = PrefillChunk(seq.prompt[seq.computed : seq.computed + n], seq.computed, len(seq.prompt), seq.slot,
+                                 seq.resident)
+            work.append((seq, chunk))
+            budget -= n
         started = time.perf_counter()
-        resident = [self.adapter_cache.get(r.adapter) if r.adapter else None for r in admitted]
-        logits, kv, pairs = self.runner.prefill([r.prompt_ids for r in admitted], resident)
-        log.debug("prefill: %d rows joining %d running, %.0f ms", len(admitted), len(self._running),
-                  1000 * (time.perf_counter() - started))
-        self.intervened_positions += pairs
         self.prefills += 1
-        sequences = [
-            _Sequence(r, TextTracker(self.decode_text, r.params.stop), make_generator(r.params)) for r in admitted
-        ]
-        tokens = sample(logits, [r.params for r in admitted], [s.generator for s in sequences])
-        if self._kv is None:
-            self._kv = kv
-        else:
-            self._kv.extend(kv)
-        self._running.extend(sequences)
-        self._admitting = 0
-        for seq, token in zip(sequences, tokens.tolist(), strict=True):
-            self._advance(seq, token)
+        self._isolated(work, self._prefill_part)
+        log.debug("prefill: %d chunks, %d running, %.0f ms", len(work), len(self._running),
+                  1000 * (time.perf_counter() - started))
         self._retire()
 
-    def _decode(self) -> None:
-        assert self._kv is not None
-        last = torch.tensor([s.token_ids[-1] for s in self._running], dtype=torch.long)
-        logits = self.runner.decode(self._kv, last)
-        self.steps += 1
-        tokens = sample(logits, [s.request.params for s in self._running], [s.generator for s in self._running])
-        for seq, token in zip(self._running, tokens.tolist(), strict=True):
+    def _prefill_part(self, part: list[tuple[_Sequence, PrefillChunk]]) -> None:
+        result = self.runner.prefill([chunk for _, chunk in part])
+        done = [seq for seq, chunk in part if chunk.completes_prompt]
+        tokens = sample(result.logits, [s.request.params for s in done], [s.generator for s in done]).tolist()
+        self.intervened_positions += result.intervened
+        self.prefill_positions += sum(len(chunk.tokens) for _, chunk in part)
+        for seq, chunk in part:
+            seq.computed += len(chunk.tokens)
+        for seq, token in zip(done, tokens, strict=True):
+            self._prefilling.remove(seq)
+            self._running.append(seq)
             self._advance(seq, token)
+
+    def _decode(self) -> None:
+        work = [(seq, DecodeRow(seq.token_ids[-1], len(seq.prompt) + len(seq.token_ids) - 1, seq.slot))
+                for seq in self._running]
+        self.steps += 1
+        self._isolated(work, self._decode_part)
         self._retire()
+
+    def _decode_part(self, part: list[tuple[_Sequence, DecodeRow]]) -> None:
+        logits = self.runner.decode([row for _, row in part])
+        seqs = [seq for seq, _ in part]
+        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs]).tolist()
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._advance(seq, token)
+
+    def _isolated(self, work: list[tuple[_Sequence, T]], run: Callable[[list[tuple[_Sequence, T]]], None]) -> None:
+        """Run `work` as one step; if that raises, run it row by row and fail only the rows that raise alone.
+
+        Rerunning rows is safe: a step writes each row's KV columns at fixed places, so the retry
+        overwrites what the failed attempt wrote with the same values, and no other row's columns
+        are touched. `run` changes no row's state before its forward and sampling have succeeded.
+        """
+        try:
+            run(work)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(work) == 1:
+                log.exception("request %s failed", work[0][0].request.request_id)
+                self._fail(work[0][0], f"{type(exc).__name__}: {exc}")
+                return
+            log.exception("a step of %d rows failed; retrying them one by one", len(work))
+        for item in work:
+            try:
+                run([item])
+            except Exception as exc:  # noqa: BLE001 - this row's own failure
+                log.exception("request %s failed", item[0].request.request_id)
+                self._fail(item[0], f"{type(exc).__name__}: {exc}")
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         params = seq.request.params
@@ -287,11 +380,11 @@ class Scheduler:
             if hit:
                 seq.finish_reason = "stop"
             elif len(seq.token_ids) >= params.max_new_tokens or (
-                len(seq.request.prompt_ids) + len(seq.token_ids) >= self.max_context
+                len(seq.prompt) + len(seq.token_ids) >= self.max_context
             ):
                 delta += seq.tracker.add(None)[0]
                 seq.finish_reason = "length"
-        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.request.prompt_ids), len(seq.token_ids)))
+        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids)))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         self._notify(seq.request, event)
@@ -302,6 +395,15 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
             log.exception("event consumer failed; cancelling %s", request.request_id)
             request.cancelled = True
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        """Finish one request with an error; its slot is given back at the next retirement."""
+        seq.finish_reason = "error"
+        self._emit(seq, Event("", (), "error", len(seq.prompt), len(seq.token_ids), error=message))
+        if seq not in self._running and seq not in self._prefilling:
+            self.cache.free(seq.slot)
+        else:
+            self._retire()
 
     def _drop_cancelled_waiting(self) -> None:
         """Answer and forget queued requests that were cancelled, wherever they sit in the queue."""
@@ -316,30 +418,16 @@ class Scheduler:
         self._waiting = kept
 
     def _retire_cancelled(self) -> None:
-        for seq in self._running:
+        for seq in self._running + self._prefilling:
             if seq.request.cancelled and seq.finish_reason is None:
                 seq.finish_reason = "cancelled"
-                self._emit(seq, Event("", (), "cancelled", len(seq.request.prompt_ids), len(seq.token_ids)))
+                self._emit(seq, Event("", (), "cancelled", len(seq.prompt), len(seq.token_ids)))
         self._retire()
 
     def _retire(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._kv = None
-        elif self._kv is not None:
-            self._kv.select(keep)
-
-    def _fail_all(self, admitted: list[GenerationRequest], exc: BaseException) -> None:
-        message = str(exc) or type(exc).__name__
-        failed = {id(s.request) for s in self._running}
-        for seq in self._running:
-            self._emit(seq, Event("", (), "error", error=message))
-        for request in admitted:
-            if id(request) not in failed:
-                self._notify(request, Event("", (), "error", error=message))
-        self._running = []
-        self._admitting = 0
-        self._kv = None
+        """Drop finished rows and give their KV slots back; no other row's cache is touched."""
+        for rows in (self._running, self._prefilling):
+            finished = [s for s in rows if s.finish_reason is not None]
+            for seq in finished:
+                rows.remove(seq)
+                self.cache.free(seq.slot)

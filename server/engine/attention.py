@@ -1,0 +1,146 @@
+"""Attention over the engine's KV cache, plugged into transformers' own attention interface.
+
+The model code is not forked: the engine registers one attention function and runs every step
+as a single packed sequence `[1, N]` (each row's tokens one after another, no padding). The
+model computes q, k, v and the rotary embedding as always; `StepCache.update` writes k and v
+into the pool at the step's columns and hands this layer's pool to the function below, which
+reads the `AttentionLayout` the runner passed with the forward call and runs SDPA over views of
+the pool:
+
+- a prefill chunk: its queries against its own row's columns, causal (lower-right aligned when
+  the chunk continues a prompt); one call per row, so attention work follows each row's length;
+- decode: one call per block of equal-size slots (`kv_cache.py`), the block's slots as a batch,
+  keys up to the longest row in that block, a boolean mask for the shorter ones.
+
+Any forward without a layout (training, reference checks) is plain SDPA, as before.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from server.engine.kv_cache import Slot
+
+ATTENTION_NAME = "reft_slots"
+LAYOUT_KWARG = "reft_attention"
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Rows decoding in one block: its slots are one strided view [slots, kv_heads, slot_size, head_dim]."""
+
+    start: int  # first column of the view
+    slot_size: int
+    slots: int  # slots in the view: the highest used index + 1
+    kv_len: int  # keys read per slot: the longest row's length
+    query_index: Tensor  # [n] the rows' places in the packed step
+    slot_index: Tensor | None  # [n] each row's slot in the view; None when the rows are slots 0..n-1 in order
+    mask: Tensor | None  # [slots, 1, 1, kv_len], True = attend; None when every slot reads kv_len keys
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One row's chunk of prompt: `length` queries at `offset` in the step, keys = its first `kv_len` columns."""
+
+    offset: int
+    length: int
+    start: int  # the row's first column
+    kv_len: int
+    mask: Tensor | None  # [length, kv_len] when the chunk continues a prompt; None = plain causal
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    decode: tuple[DecodeGroup, ...] = ()
+    prefill: tuple[PrefillSpan, ...] = ()
+
+
+def install(model: torch.nn.Module) -> None:
+    """Route the model's attention through `attention` (plain SDPA whenever no layout is passed)."""
+    AttentionInterface.register(ATTENTION_NAME, attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def decode_layout(
+    slots: Sequence[Slot], lengths: Sequence[int], block_tokens: int, device: torch.device
+) -> AttentionLayout:
+    """Group decode rows by block. `lengths[i]` = row i's keys after this step's token is written."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, slot in enumerate(slots):
+        groups[(slot.start, 0) if slot.size >= block_tokens else (slot.block, slot.size)].append(i)
+    out = []
+    for (key, size), rows in groups.items():
+        rows.sort(key=lambda i: slots[i].index)
+        index = [slots[i].index for i in rows]
+        lens = [lengths[i] for i in rows]
+        start = slots[rows[0]].start if size == 0 else key * block_tokens
+        n_slots, kv_len = index[-1] + 1, max(lens)
+        dense = index == list(range(len(rows)))
+        mask = None
+        if not dense or min(lens) < kv_len:
+            per_slot = [1] * n_slots  # an unused slot reads one (zero or stale) column; its output is dropped
+            for i, n in zip(index, lens, strict=True):
+                per_slot[i] = n
+            limit = torch.tensor(per_slot, device=device).view(-1, 1, 1, 1)
+            mask = torch.arange(kv_len, device=device) < limit
+        out.append(DecodeGroup(
+            start=start, slot_size=slots[rows[0]].size, slots=n_slots, kv_len=kv_len,
+            query_index=torch.tensor(rows, device=device),
+            slot_index=None if dense else torch.tensor(index, device=device), mask=mask,
+        ))
+    return AttentionLayout(decode=tuple(out))
+
+
+def prefill_layout(spans: Sequence[tuple[int, int, int, int]], device: torch.device) -> AttentionLayout:
+    """`spans`: (offset in the step, chunk length, the row's first column, prompt position of the chunk)."""
+    out = []
+    for offset, length, start, position in spans:
+        kv_len = position + length
+        mask = None
+        if position > 0:  # query j sits at prompt position `position + j` and sees keys up to it
+            mask = torch.arange(kv_len, device=device) <= torch.arange(position, kv_len, device=device).view(-1, 1)
+        out.append(PrefillSpan(offset, length, start, kv_len, mask))
+    return AttentionLayout(prefill=tuple(out))
+
+
+def attention(
+    module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+    scaling: float | None = None, dropout: float = 0.0, **kwargs: object,
+) -> tuple[Tensor, None]:
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query [1, heads, N, dim]; key/value: this layer's pool [kv_heads, capacity, dim]
+    heads, kv_heads, dim = query.shape[1], key.shape[0], key.shape[2]
+    gqa = heads != kv_heads
+    out = query.new_empty(query.shape[2], heads, dim)
+    for span in layout.prefill:
+        q = query[:, :, span.offset : span.offset + span.length]
+        k = key[:, span.start : span.start + span.kv_len].unsqueeze(0)
+        v = value[:, span.start : span.start + span.kv_len].unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=span.mask is None, scale=scaling,
+                                           enable_gqa=gqa)
+        out[span.offset : span.offset + span.length] = o[0].transpose(0, 1)
+    for g in layout.decode:
+        q = query[0].index_select(1, g.query_index).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
+        if g.slot_index is not None:
+            q = q.new_zeros((g.slots, *q.shape[1:])).index_copy_(0, g.slot_index, q)
+        columns = slice(g.start, g.start + g.slots * g.slot_size)
+        k = key[:, columns].view(kv_heads, g.slots, g.slot_size, dim).transpose(0, 1)[:, :, : g.kv_len]
+        v = value[:, columns].view(kv_heads, g.slots, g.slot_size, dim).transpose(0, 1)[:, :, : g.kv_len]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa)[:, :, 0]
+        if g.slot_index is not None:
+            o = o.index_select(0, g.slot_index)
+        out.index_copy_(0, g.query_index, o)
+    return out.unsqueeze(0), None
