@@ -38,6 +38,8 @@ class EngineView:
     decode_steps: Callable[[], int] = staticmethod(lambda: 0)
     prefill_batches: Callable[[], int] = staticmethod(lambda: 0)
     intervened_positions: Callable[[], int] = staticmethod(lambda: 0)
+    prefill_positions: Callable[[], int] = staticmethod(lambda: 0)
+    kv_cache_usage: Callable[[], float] = staticmethod(lambda: 0.0)
 
 
 class _EngineCollector(Collector):
@@ -47,15 +49,16 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
         waiting, running = v.num_waiting(), v.num_running()
-        usage = running / max(v.max_batch_size, 1)
+        usage = v.kv_cache_usage()
         yield GaugeMetricFamily("reft_queue_depth", "Requests waiting to be admitted.", value=waiting)
         yield GaugeMetricFamily("reft_running_batch_size", "Requests in the running batch.", value=running)
         yield GaugeMetricFamily("reft_resident_adapters", "Adapters on the device.", value=v.resident_adapters())
         yield GaugeMetricFamily("reft_registered_adapters", "Adapters in the registry.", value=v.registered_adapters())
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (InferencePool queue).", value=waiting)
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (InferencePool).", value=running)
-        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
+        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of the KV cache held by rows (0-1).",
+                                value=usage)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of the KV cache held by rows (0-1).", value=usage)
         yield CounterMetricFamily("reft_adapter_cache_hits", "Prefills whose adapter was resident.",
                                   value=v.adapter_cache_hits())
         yield CounterMetricFamily("reft_adapter_cache_misses", "Adapters loaded onto the device.",
@@ -63,6 +66,8 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("reft_decode_steps", "Batched decode steps run.", value=v.decode_steps())
         yield CounterMetricFamily("reft_prefill_batches", "Batched prefills run (a burst should take one).",
                                   value=v.prefill_batches())
+        yield CounterMetricFamily("reft_prefill_positions", "Token positions computed in prefills (padding included).",
+                                  value=v.prefill_positions())
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
                                   value=v.intervened_positions())
         info = GaugeMetricFamily(

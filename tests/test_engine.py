@@ -762,3 +762,190 @@ def test_text_tracker_matches_a_full_decode_with_the_real_tokenizer(engine):
         tracker = TextTracker(engine.decode, ())
         streamed = "".join(d for d, _ in feed(tracker, ids))
         assert streamed == engine.decode(ids)
+
+
+# ---- the KV cache, chunked prefill, admission by memory, failures that stay with their request ---
+
+
+@contextmanager
+def kv_cache_of(engine: Engine, budget_tokens: int) -> Iterator[KVCache]:
+    """Give the runner a small KV cache for the block (only while the module's scheduler is idle)."""
+    engine.assert_idle()
+    config, kept = engine.base.model.config, engine.runner.cache
+    small = KVCache.for_model(config, engine.base.dtype, engine.base.device, budget_tokens * kept.bytes_per_token)
+    engine.runner.cache = small
+    try:
+        yield small
+    finally:
+        engine.runner.cache = kept
+
+
+def test_chunked_prefill_keeps_pyreft_parity(engine):
+    """Prompts spread over 5-token chunks (the last two intervened positions often in two different
+    chunks), alone and all together, give pyreft's exact tokens."""
+    assert all(len(g["prompt_ids"]) > 2 * 5 for g in GENERATIONS)
+    engine.assert_idle()
+    with running(small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=5,
+                                 prefill_chunk_tokens=5)) as sch:
+        first = engine.submit(GENERATIONS[0]["prompt_ids"], SamplingParams(max_new_tokens=32), engine.emoji, sch=sch)
+        assert first[1].wait().tokens == GENERATIONS[0]["completion_ids"]
+        assert sch.prefills == -(-len(GENERATIONS[0]["prompt_ids"]) // 5)
+        results = [engine.submit(g["prompt_ids"], SamplingParams(max_new_tokens=32), engine.emoji, sch=sch)[1]
+                   for g in GENERATIONS]
+        for g, r in zip(GENERATIONS, results, strict=True):
+            assert r.wait().tokens == g["completion_ids"], g["question"]
+
+
+def test_prefill_computes_the_real_tokens_only(engine):
+    """A long prompt beside short ones is packed, not padded: positions computed = prompt tokens."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (300, 12, 40, 7, 25)]
+    engine.assert_idle()
+    before = engine.sch.prefill_positions
+    results = [engine.submit(p, SamplingParams(max_new_tokens=1))[1] for p in prompts]
+    for r in results:
+        r.wait()
+    assert engine.sch.prefill_positions - before == sum(len(p) for p in prompts)
+
+
+def copied_bytes(engine: Engine, rows: list[DecodeRow]) -> int:
+    """Bytes read by copying ops (cat, copy, clone, gathers) in one decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine.runner.decode(rows)
+    copying = ("aten::cat", "aten::copy_", "aten::clone", "aten::index_select", "aten::contiguous", "aten::gather")
+    total = 0
+    for event in prof.events():
+        if event.name in copying:
+            for shape in event.input_shapes:
+                if shape:
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    total += 4 * n
+    return total
+
+
+def test_a_decode_step_copies_nothing_that_grows_with_the_cache(engine):
+    """The same decode step at 20 and at 600 tokens of context moves the same bytes: KV is read in place.
+
+    (Both in slots of one size, so that the rows are grouped alike.)"""
+    engine.assert_idle()
+    kv = engine.runner.cache
+    rng = random.Random(2)
+    measured = []
+    for context in (20, 600):
+        prompts = [[rng.randrange(3, 40000) for _ in range(context)] for _ in range(3)]
+        slots = [kv.allocate(900) for _ in prompts]
+        try:
+            engine.runner.prefill([PrefillChunk(p, 0, context, s) for p, s in zip(prompts, slots, strict=True)])
+            measured.append(copied_bytes(engine, [DecodeRow(5, context, s) for s in slots]))
+        finally:
+            for slot in slots:
+                kv.free(slot)
+    assert measured[1] == measured[0], measured
+
+
+def test_rows_join_and_leave_without_touching_other_rows_kv(engine):
+    engine.assert_idle()
+    kv = engine.runner.cache
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (30, 50, 20)]
+    slots = [kv.allocate(len(p) + 4) for p in prompts]
+    try:
+        engine.runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts[:2], slots[:2], strict=True)])
+        a = slots[0]
+        snapshot = kv.k[:, :, a.start : a.start + 30].clone(), kv.v[:, :, a.start : a.start + 30].clone()
+        engine.runner.prefill([PrefillChunk(prompts[2], 0, 20, slots[2])])  # a row joins
+        engine.runner.decode([DecodeRow(7, 50, slots[1]), DecodeRow(8, 20, slots[2])])  # others decode
+        kv.free(slots.pop(1))  # a row leaves
+        assert torch.equal(kv.k[:, :, a.start : a.start + 30], snapshot[0])
+        assert torch.equal(kv.v[:, :, a.start : a.start + 30], snapshot[1])
+    finally:
+        for slot in slots:
+            kv.free(slot)
+
+
+def test_admission_waits_for_kv_memory_and_refuses_what_can_never_fit(engine):
+    """With room for two rows, a third waits for a slot (it is not failed), then runs as it would alone."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 40000) for _ in range(40)] for _ in range(3)]
+    alone = [engine.run(p, SamplingParams(max_new_tokens=3, ignore_eos=True)).tokens for p in prompts]
+    with kv_cache_of(engine, 2048) as kv, running(small_scheduler(engine, max_batch_size=8, max_queue=8)) as sch:
+        params = SamplingParams(max_new_tokens=kv.capacity // 2 - 40, ignore_eos=True)  # each holds half the cache
+        submitted = [engine.submit(p, params, sch=sch) for p in prompts]
+        for _, r in submitted[:2]:
+            r.wait_tokens(3)
+        assert (sch.num_running, sch.num_waiting, kv.usage) == (2, 1, 1.0)
+        submitted[0][0].cancel()
+        submitted[2][1].wait_tokens(3)
+        assert [r.tokens[:3] for _, r in submitted] == alone
+        assert submitted[0][1].finish == "cancelled" and submitted[2][1].finish is None
+        with pytest.raises(PromptTooLong, match=r"needs \d+ tokens of KV cache \(\d+ bytes\) .* holds \d+ tokens"):
+            sch.check(40, kv.capacity)
+        for request, _ in submitted:
+            request.cancel()
+    assert kv.usage == 0.0
+
+
+POISON = 49151  # a token id no test prompt contains
+
+
+@contextmanager
+def poisoned(engine: Engine, *, position: int | None = None, kill: bool = False) -> Iterator[None]:
+    """Make any forward whose input holds POISON (or, with `position`, a token at that position) raise."""
+
+    class EngineKilled(BaseException):
+        pass
+
+    def check(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+        if (ids is not None and bool((ids == POISON).any())) or (
+            position is not None and positions is not None and bool((positions == position).any())
+        ):
+            raise EngineKilled("injected") if kill else RuntimeError("injected fault")
+
+    handle = engine.base.model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_failing_prefill_or_decode_fails_its_own_request_only(engine):
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (21, 33, 27)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = [engine.run(p, params, a).tokens for p, a in zip(prompts, [None, engine.emoji, None], strict=True)]
+    victim = [rng.randrange(3, 40000) for _ in range(70)]
+    engine.assert_idle()
+    with poisoned(engine):
+        results = [engine.submit(p, params, a)[1] for p, a in zip(prompts, [None, engine.emoji, None], strict=True)]
+        bad = engine.submit(victim[:35] + [POISON] + victim[35:], params)[1]
+        assert bad.wait().finish == "error" and "injected fault" in bad.events[-1].error
+        assert [r.wait().tokens for r in results] == alone
+    engine.assert_idle()
+    with poisoned(engine, position=len(victim) + 3):  # the victim's 4th decode step fails
+        results = [engine.submit(p, params, a)[1] for p, a in zip(prompts, [None, engine.emoji, None], strict=True)]
+        bad = engine.submit(victim, params)[1]
+        assert bad.wait().finish == "error" and len(bad.tokens) == 4
+        assert [r.wait().tokens for r in results] == alone
+
+
+def test_a_dead_engine_thread_fails_everyone_at_once_and_says_so(engine):
+    engine.assert_idle()
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    with running(small_scheduler(engine, max_batch_size=4, max_queue=4)) as sch:
+        assert sch.alive
+        streaming = engine.submit(engine.chat_prompts[0], params, sch=sch)[1]
+        streaming.wait_tokens(2)
+        queued = [engine.submit(engine.chat_prompts[1], params, sch=sch)[1] for _ in range(2)]
+        with poisoned(engine, kill=True):
+            engine.submit(engine.chat_prompts[2][:9] + [POISON], params, sch=sch)
+            for r in [streaming, *queued]:
+                assert r.wait(timeout=30).finish == "error"
+        assert not sch.alive
+        assert "EngineKilled" in streaming.events[-1].error
+        with pytest.raises(EngineStopped, match="EngineKilled"):
+            sch.submit(GenerationRequest(engine.chat_prompts[0], params, None, Result()))

@@ -72,6 +72,8 @@ class AppState:
         view.decode_steps = lambda: engine.scheduler.steps
         view.prefill_batches = lambda: engine.scheduler.prefills
         view.intervened_positions = lambda: engine.scheduler.intervened_positions
+        view.prefill_positions = lambda: engine.scheduler.prefill_positions
+        view.kv_cache_usage = engine.scheduler.kv_usage
         self.engine = engine
         self.serving = Serving(engine, self.metrics)
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),

@@ -226,6 +226,7 @@ class Scheduler:
         with self._cv:
             for seq in self._running + self._prefilling:
                 self._emit(seq, Event("", (), "error", error=message))
+                self.cache.free(seq.slot)
             for request in self._waiting:
                 self._notify(request, Event("", (), "error", error=message))
             self._running, self._prefilling = [], []
