@@ -7,7 +7,9 @@ penalties, samples every row at once and brings the ids (and any logprobs) back 
 A sampled row draws by inverse CDF with a uniform hashed from (seed, step), so a seeded row's
 tokens depend neither on what shares its batch nor on the slot it sits in.
 
-`sample()` does the same draw on the host, one row at a time with a torch.Generator per row.
+Stop token ids and stop strings are checked on the host, by the scheduler, on the ids a call
+returns (`TextTracker` for strings). `sample()` samples on the host instead, one row at a time,
+each row with its own torch.Generator.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 
 MAX_LOGPROBS = 20  # most top alternatives a row may ask for, as OpenAI allows
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value; larger ones are clamped
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -101,7 +104,9 @@ class _Needs:
     sampling: bool = False  # some row has temperature > 0
     truncating: bool = False  # some sampling row keeps only its top-k or top-p tokens
     candidates: int = 0  # widest top-k among sampling rows (the vocabulary size when one has none)
-    penalties: bool = False
+    penalties: bool = False  # some row has a penalty: generated tokens are counted
+    repetition: bool = False  # some row has repetition_penalty != 1
+    additive: bool = False  # some row has a presence or frequency penalty
     bias: bool = False
     logprobs: int = -1  # most top alternatives asked for; -1 when no row asked for logprobs
 
@@ -123,7 +128,7 @@ class Sampler:
     `logits.argmax(-1)` bit for bit.
 
     Sampling is by inverse CDF: the row's probabilities (after temperature, top-k and top-p) are
-    summed in float64 and a uniform picks the token. The uniform is a counter-based hash of the
+    summed in float64, in token id order, and a uniform picks the token. The uniform is a counter-based hash of the
     row's seed and its step (tokens sampled so far), computed with int64 tensor ops: no generator
     state, so the same seed gives the same tokens in any batch and any slot.
 
@@ -222,6 +227,8 @@ class Sampler:
             truncating=any(0 < p.top_k < self.vocab_size or p.top_p < 1.0 for p in sampling),
             candidates=max(widths, default=0),
             penalties=any(_has_penalties(p) for p in rows),
+            repetition=any(p.repetition_penalty != 1.0 for p in rows),
+            additive=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in rows),
             bias=any(p.logit_bias for p in rows),
             logprobs=max((p.logprobs for p in rows if p.logprobs is not None), default=-1),
         )
@@ -260,10 +267,13 @@ class Sampler:
         counts = self._counts.index_select(0, slots)
         params = self._floats.index_select(0, slots)
         generated = counts > 0
-        seen = self._prompt_seen.index_select(0, slots) | generated
-        repetition = params[:, _REPETITION, None]
-        scores = torch.where(seen, torch.where(scores > 0, scores / repetition, scores * repetition), scores)
-        return scores - params[:, _FREQUENCY, None] * counts - params[:, _PRESENCE, None] * generated
+        if self._needs.repetition:
+            seen = self._prompt_seen.index_select(0, slots) | generated
+            repetition = params[:, _REPETITION, None]
+            scores = torch.where(seen, torch.where(scores > 0, scores / repetition, scores * repetition), scores)
+        if self._needs.additive:
+            scores = scores - params[:, _FREQUENCY, None] * counts - params[:, _PRESENCE, None] * generated
+        return scores
 
     def _draw(self, scores: Tensor, slots: Tensor, temperature: Tensor) -> Tensor:
         """Sample every row by inverse CDF over its kept tokens, in token id order; greedy rows' draws are unused.
