@@ -1,16 +1,28 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seeds; stop strings and stop tokens.
+"""Per-request sampling: greedy, temperature, top-k, top-p, seeds, penalties, logit bias, logprobs;
+stop strings and stop tokens.
 
-Greedy rows of a batch are one argmax. Sampled rows each draw from their own torch.Generator,
-so a request with a seed gives the same text whatever else shares its batch.
+`Sampler` samples a whole batch on the model's device. Each row's parameters live in slot tables
+written once, when the row joins; a call gathers the rows' slots, applies logit bias and
+penalties, samples every row at once and brings the ids (and any logprobs) back in one transfer.
+A sampled row draws by inverse CDF with a uniform hashed from (seed, step), so a seeded row's
+tokens depend neither on what shares its batch nor on the slot it sits in.
+
+Stop token ids and stop strings are checked on the host, by the scheduler, on the ids a call
+returns (`TextTracker` for strings).
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+MAX_LOGPROBS = 20  # most top alternatives a row may ask for, as OpenAI allows
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value; larger ones are clamped
 
 
 @dataclass(frozen=True)
@@ -23,46 +35,303 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt or the output (divides positive logits)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    logprobs: int | None = None  # top alternatives per token to report (0..20); None = no logprobs
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.greedy:
-        return None
-    gen = torch.Generator()
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
-    return gen
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's logprob and the row's most likely tokens, under the model's own distribution."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; as many as the row asked
 
 
-def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> Tensor:
-    """Pick the next token of every row of logits [B, V] (float32, on CPU or device)."""
-    tokens = logits.argmax(dim=-1).cpu()
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        tokens[row] = _sample_row(logits[row].cpu(), p, gen)
-    return tokens
+@dataclass(frozen=True)
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # per row; None where the row did not ask for logprobs
 
 
-def _sample_row(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    # Shift first: the best score becomes 0, so even a tiny temperature cannot overflow to inf - inf.
-    scores = (logits - logits.max()) / p.temperature
-    if 0 < p.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
-        scores = scores.index_fill(0, order[drop], float("-inf"))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+@dataclass(frozen=True)
+class _Needs:
+    """What the rows holding a slot ask for, so that a call skips the work nobody needs."""
+
+    sampling: bool = False  # some row has temperature > 0
+    truncating: bool = False  # some sampling row keeps only its top-k or top-p tokens
+    candidates: int = 0  # widest top-k among sampling rows (the vocabulary size when one has none)
+    penalties: bool = False  # some row has a penalty: generated tokens are counted
+    repetition: bool = False  # some row has repetition_penalty != 1
+    additive: bool = False  # some row has a presence or frequency penalty
+    bias: bool = False
+    logprobs: int = -1  # most top alternatives asked for; -1 when no row asked for logprobs
+
+
+# Columns of the slot tables.
+_TEMPERATURE, _TOP_P, _PRESENCE, _FREQUENCY, _REPETITION = range(5)
+_TOP_K, _KEY_A, _KEY_B, _LOGPROBS = range(4)
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Sampler:
+    """Samples the next token of every row of a batch on the model's device.
+
+    Per-row parameters live on the device in slot tables [max_rows, ...], written by `add()` when
+    a row joins and never rebuilt per step. Work that no row holding a slot needs (sorting for
+    top-p, penalties, bias, logprobs) is skipped; rows that do not ask for it pass through the
+    shared computation unchanged (bias 0, penalties 0 and 1 are exact no-ops), so greedy rows are
+    `logits.argmax(-1)` bit for bit.
+
+    Sampling is by inverse CDF: the row's probabilities (after temperature, top-k and top-p) are
+    summed in float64, in token id order, and a uniform picks the token. The uniform is a counter-based hash of the
+    row's seed and its step (tokens sampled so far), computed with int64 tensor ops: no generator
+    state, so the same seed gives the same tokens in any batch and any slot.
+
+    Logprobs are the model's: log_softmax of the raw logits, before bias, penalties, temperature
+    and truncation (vLLM's default, "raw_logprobs").
+    """
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str) -> None:
+        self.max_rows = max_rows
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._floats = torch.zeros((max_rows, 5), dtype=torch.float32, device=self.device)
+        self._ints = torch.zeros((max_rows, 4), dtype=torch.int64, device=self.device)
+        self._steps = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        # [max_rows, V] tables, allocated when the first row that needs them joins.
+        self._counts: Tensor | None = None  # int32: times each token was generated
+        self._prompt_seen: Tensor | None = None  # bool: token occurs in the prompt
+        self._bias: Tensor | None = None  # float32: logit bias
+        self._rows: dict[int, SamplingParams] = {}
+        self._needs = _Needs()
+
+    # ---- rows joining and leaving -------------------------------------------------------
+
+    def check(self, params: SamplingParams) -> None:
+        """Raise ValueError, with the offending value, for parameters this sampler cannot honour."""
+        p = params
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0; got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1]; got {p.top_p}")
+        if p.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off); got {p.top_k}")
+        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0; got {p.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(p, name)):
+                raise ValueError(f"{name} must be a finite number; got {getattr(p, name)}")
+        bad = [t for t, b in p.logit_bias if not 0 <= t < self.vocab_size or not math.isfinite(b)]
+        if bad:
+            raise ValueError(
+                f"logit_bias keys must be token ids in 0..{self.vocab_size - 1} with finite values; got {bad[:5]}"
+            )
+        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must lie in 0..{MAX_LOGPROBS}; got {p.logprobs}")
+
+    @torch.inference_mode()
+    def add(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        """A row joins at `slot`: write its parameters into the slot tables (a few small copies)."""
+        if not 0 <= slot < self.max_rows:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_rows - 1}")
+        if slot in self._rows:
+            raise ValueError(f"slot {slot} is taken")
+        self.check(params)
+        if params.repetition_penalty != 1.0 and any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        key_a, key_b = _seed_key(seed)
+        top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
+        floats = [params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty,
+                  params.repetition_penalty]
+        ints = [top_k, key_a, key_b, -1 if params.logprobs is None else params.logprobs]
+        self._floats[slot] = torch.tensor(floats, dtype=torch.float32)
+        self._ints[slot] = torch.tensor(ints, dtype=torch.int64)
+        self._steps[slot] = 0
+        if _has_penalties(params):
+            if self._counts is None or self._prompt_seen is None:
+                self._counts = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.int32, device=self.device)
+                self._prompt_seen = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.bool, device=self.device)
+            self._counts[slot] = 0
+            self._prompt_seen[slot] = False
+            if params.repetition_penalty != 1.0 and prompt_ids:
+                index = torch.tensor(list(prompt_ids), dtype=torch.long).to(self.device)
+                self._prompt_seen[slot].index_fill_(0, index, True)
+        if params.logit_bias:
+            if self._bias is None:
+                self._bias = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.float32, device=self.device)
+            ids, values = zip(*params.logit_bias, strict=True)
+            row = torch.zeros(self.vocab_size, dtype=torch.float32)
+            row[list(ids)] = torch.tensor(values, dtype=torch.float32).clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
+            self._bias[slot] = row.to(self.device)
+        self._rows[slot] = params
+        self._needs = self._summarise()
+
+    def remove(self, slot: int) -> None:
+        """A row leaves; its slot may be given to the next row that joins."""
+        if self._rows.pop(slot, None) is None:
+            raise ValueError(f"slot {slot} holds no row")
+        self._needs = self._summarise()
+
+    def _summarise(self) -> _Needs:
+        rows = list(self._rows.values())
+        sampling = [p for p in rows if not p.greedy]
+        widths = [p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size for p in sampling]
+        return _Needs(
+            sampling=bool(sampling),
+            truncating=any(0 < p.top_k < self.vocab_size or p.top_p < 1.0 for p in sampling),
+            candidates=max(widths, default=0),
+            penalties=any(_has_penalties(p) for p in rows),
+            repetition=any(p.repetition_penalty != 1.0 for p in rows),
+            additive=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in rows),
+            bias=any(p.logit_bias for p in rows),
+            logprobs=max((p.logprobs for p in rows if p.logprobs is not None), default=-1),
+        )
+
+    # ---- one step -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, logits: Tensor, slots: Tensor) -> SampleOutput:
+        """Sample row i of logits [B, V] (float32, on the device) for the row at slots[i].
+
+        Advances each row's step and, where penalties are on, its generated-token counts.
+        """
+        needs = self._needs
+        scores = logits
+        if needs.bias:
+            assert self._bias is not None
+            scores = scores + self._bias.index_select(0, slots)
+        if needs.penalties:
+            scores = self._penalise(scores, slots)
+        tokens = scores.argmax(dim=-1)
+        if needs.sampling:
+            temperature = self._floats.index_select(0, slots)[:, _TEMPERATURE]
+            tokens = torch.where(temperature > 0, self._draw(scores, slots, temperature), tokens)
+        self._steps.index_add_(0, slots, torch.ones_like(slots))
+        if needs.penalties:
+            assert self._counts is not None
+            flat = slots * self.vocab_size + tokens
+            self._counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        if needs.logprobs < 0:
+            return SampleOutput(tokens.tolist(), [None] * len(slots))
+        return self._with_logprobs(logits, slots, tokens, needs.logprobs)
+
+    def _penalise(self, scores: Tensor, slots: Tensor) -> Tensor:
+        """Repetition penalty on tokens of the prompt or the output, then frequency and presence on the output's."""
+        assert self._counts is not None and self._prompt_seen is not None
+        counts = self._counts.index_select(0, slots)
+        params = self._floats.index_select(0, slots)
+        generated = counts > 0
+        if self._needs.repetition:
+            seen = self._prompt_seen.index_select(0, slots) | generated
+            repetition = params[:, _REPETITION, None]
+            scores = torch.where(seen, torch.where(scores > 0, scores / repetition, scores * repetition), scores)
+        if self._needs.additive:
+            scores = scores - params[:, _FREQUENCY, None] * counts - params[:, _PRESENCE, None] * generated
+        return scores
+
+    def _draw(self, scores: Tensor, slots: Tensor, temperature: Tensor) -> Tensor:
+        """Sample every row by inverse CDF over its kept tokens, in token id order; greedy rows' draws are unused.
+
+        Summing in token id order, not in order of probability, keeps a row's draw independent of
+        how the batch's other rows made this call truncate (top-k, full sort, or nothing).
+        """
+        ints = self._ints.index_select(0, slots)
+        # Shift first: the best score becomes 0, so even a tiny temperature cannot overflow to inf - inf.
+        safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+        scores = (scores - scores.amax(dim=-1, keepdim=True)) / safe[:, None]
+        if self._needs.truncating:
+            top_p = self._floats.index_select(0, slots)[:, _TOP_P]
+            scores = scores.masked_fill(scores < self._cut(scores, ints[:, _TOP_K], top_p), float("-inf"))
+        cumulative = scores.softmax(dim=-1).double().cumsum(dim=-1)
+        uniform = _uniform(ints[:, _KEY_A], ints[:, _KEY_B], self._steps.index_select(0, slots))
+        target = uniform[:, None] * cumulative[:, -1:]
+        index = torch.searchsorted(cumulative, target, right=True).clamp_(max=cumulative.shape[-1] - 1)
+        return index.squeeze(-1)
+
+    def _cut(self, scores: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+        """Each row's lowest kept score [B, 1]: of its top_k best, the fewest whose mass reaches top_p.
+
+        Rows' scores peak at 0. Tokens tied with the cut are kept too.
+        """
+        width = self._needs.candidates
+        if width * 8 <= self.vocab_size:
+            best = scores.topk(width, dim=-1).values
+        else:
+            best = scores.sort(dim=-1, descending=True).values
+            width = best.shape[-1]
+        position = torch.arange(width, device=best.device)
+        top_k = top_k.clamp(max=width)[:, None]
+        weight = best.exp() * (position < top_k)
+        cumulative = weight.cumsum(dim=-1)
+        mass = cumulative.gather(-1, top_k - 1)
+        top_p = top_p[:, None]
+        keep = (position < top_k) & ((cumulative - weight < top_p * mass) | (top_p >= 1.0) | (position == 0))
+        return best.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)
+
+    def _with_logprobs(self, logits: Tensor, slots: Tensor, tokens: Tensor, most: int) -> SampleOutput:
+        """Pack ids, the sampled tokens' logprobs and the top alternatives into one tensor; fetch it once."""
+        logprobs = logits.log_softmax(dim=-1)
+        columns = [
+            tokens[:, None].double(),
+            self._ints.index_select(0, slots)[:, _LOGPROBS, None].double(),
+            logprobs.gather(-1, tokens[:, None]).double(),
+        ]
+        if most > 0:
+            top_values, top_ids = logprobs.topk(most, dim=-1)
+            columns += [top_ids.double(), top_values.double()]
+        rows = torch.cat(columns, dim=-1).tolist()
+        token_ids, out = [], []
+        for row in rows:
+            token_ids.append(int(row[0]))
+            asked = int(row[1])
+            if asked < 0:
+                out.append(None)
+                continue
+            top = tuple((int(i), v) for i, v in zip(row[3 : 3 + asked], row[3 + most : 3 + most + asked], strict=True))
+            out.append(TokenLogprobs(row[2], top))
+        return SampleOutput(token_ids, out)
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def _seed_key(seed: int) -> tuple[int, int]:
+    """Two 32-bit words from any integer seed (splitmix64's finaliser), so nearby seeds share nothing."""
+    z = (seed + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z ^= z >> 31
+    return z & _M32, z >> 32
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """x * c mod 2**32 for x in [0, 2**32), in two halves so that no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """The lowbias32 integer hash (Wellons' hash-prospector): a bijection of 32-bit words."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _uniform(key_a: Tensor, key_b: Tensor, step: Tensor) -> Tensor:
+    """A float64 uniform in (0, 1) per row, a pure function of the row's seed key and step."""
+    h = _mix32(_mix32((step + key_b) & _M32) ^ key_a)
+    return (h.double() + 0.5) / 2.0**32
 
 
 @dataclass

@@ -6,7 +6,8 @@ is free), runs one prefill step over the admitted prompts, then one decode step 
 running row. A prefill step computes at most `prefill_chunk_tokens` prompt tokens while rows
 are decoding, so a long prompt is spread over several steps and never stalls running streams
 for more than one chunk; an idle engine prefills a burst up to `max_prefill_tokens` at once.
-Finished and cancelled rows give their slot back before the next step. A step that fails is
+Each row also holds a row of the batched `Sampler`'s tables. Finished and cancelled rows give
+their slots back before the next step. A step that fails is
 retried row by row, so an error fails only the request it belongs to. Callers submit from any
 thread and receive `Event`s through the callback they pass.
 """
@@ -27,7 +28,7 @@ import torch
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from server.engine.sampling import SamplingParams, TextTracker, make_generator, sample
+from server.engine.sampling import Sampler, SamplingParams, TextTracker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,8 +86,8 @@ class GenerationRequest:
 class _Sequence:
     request: GenerationRequest
     tracker: TextTracker
-    generator: torch.Generator | None
-    slot: Slot
+    slot: Slot  # KV columns
+    row: int  # the Sampler's tables
     resident: ResidentAdapter | None = None
     computed: int = 0  # prompt tokens already in the KV cache
     token_ids: list[int] = field(default_factory=list)
@@ -130,6 +131,8 @@ class Scheduler:
         self._waiting: deque[GenerationRequest] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, KV slot held, prompt not yet fully computed
         self._running: list[_Sequence] = []  # decoding
+        self.sampler = Sampler(max_batch_size, int(runner.model.config.vocab_size), runner.device)
+        self._free_rows = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
         self._cv = threading.Condition()
         self._stopping = False
         self._died: str | None = None
@@ -192,6 +195,10 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest) -> None:
         self.check(len(request.prompt_ids), request.params.max_new_tokens)
+        try:
+            self.sampler.check(request.params)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
         with self._cv:
             if self._stopping or self._died is not None:
                 reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"
@@ -226,7 +233,7 @@ class Scheduler:
         with self._cv:
             for seq in self._running + self._prefilling:
                 self._emit(seq, Event("", (), "error", error=message))
-                self.cache.free(seq.slot)
+                self._release(seq)
             for request in self._waiting:
                 self._notify(request, Event("", (), "error", error=message))
             self._running, self._prefilling = [], []
@@ -290,8 +297,8 @@ class Scheduler:
     def _start(self, admitted: list[tuple[GenerationRequest, Slot]]) -> None:
         """Make the admitted requests' adapters resident; one that cannot be loaded fails alone."""
         for request, slot in admitted:
-            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), make_generator(request.params),
-                            slot)
+            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), slot, self._free_rows.pop())
+            self.sampler.add(seq.row, request.params, request.prompt_ids)
             try:
                 seq.resident = self.adapter_cache.get(request.adapter) if request.adapter else None
             except Exception as exc:  # noqa: BLE001 - the adapter's failure is its request's alone
@@ -322,7 +329,7 @@ class Scheduler:
     def _prefill_part(self, part: list[tuple[_Sequence, PrefillChunk]]) -> None:
         result = self.runner.prefill([chunk for _, chunk in part])
         done = [seq for seq, chunk in part if chunk.completes_prompt]
-        tokens = sample(result.logits, [s.request.params for s in done], [s.generator for s in done]).tolist()
+        tokens = self._sample(result.logits, done)
         self.intervened_positions += result.intervened
         self.prefill_positions += sum(len(chunk.tokens) for _, chunk in part)
         for seq, chunk in part:
@@ -342,9 +349,14 @@ class Scheduler:
     def _decode_part(self, part: list[tuple[_Sequence, DecodeRow]]) -> None:
         logits = self.runner.decode([row for _, row in part])
         seqs = [seq for seq, _ in part]
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token in zip(seqs, self._sample(logits, seqs), strict=True):
             self._advance(seq, token)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        if not seqs:
+            return []
+        rows = torch.tensor([s.row for s in seqs], dtype=torch.long, device=logits.device)
+        return self.sampler(logits, rows).token_ids
 
     def _isolated(self, work: list[tuple[_Sequence, T]], run: Callable[[list[tuple[_Sequence, T]]], None]) -> None:
         """Run `work` as one step; if that raises, run it row by row and fail only the rows that raise alone.
@@ -402,9 +414,15 @@ class Scheduler:
         seq.finish_reason = "error"
         self._emit(seq, Event("", (), "error", len(seq.prompt), len(seq.token_ids), error=message))
         if seq not in self._running and seq not in self._prefilling:
-            self.cache.free(seq.slot)
+            self._release(seq)
         else:
             self._retire()
+
+    def _release(self, seq: _Sequence) -> None:
+        """Give a leaving row's KV slot and Sampler row back."""
+        self.cache.free(seq.slot)
+        self.sampler.remove(seq.row)
+        self._free_rows.append(seq.row)
 
     def _drop_cancelled_waiting(self) -> None:
         """Answer and forget queued requests that were cancelled, wherever they sit in the queue."""
@@ -431,4 +449,4 @@ class Scheduler:
             finished = [s for s in rows if s.finish_reason is not None]
             for seq in finished:
                 rows.remove(seq)
-                self.cache.free(seq.slot)
+                self._release(seq)
