@@ -97,6 +97,30 @@ class Worker:
         generated = int(out.shape[1] - ids.shape[1]) * int(out.shape[0])
         return {"seconds": seconds, "tokens": generated, "first_row": out[0, ids.shape[1]:].tolist()}
 
+    def step_times(self, prompts: list[list[int]], max_new_tokens: int) -> dict:
+        """Raw generate (its default cache) on the prompts as one batch; the time at which each step's
+        logits were ready, so that decode steps are timed without the prefill."""
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Clock(LogitsProcessor):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                self.times.append(time.perf_counter())
+                return scores
+
+        model = self.raw
+        ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
+        clock = Clock()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2,
+                           logits_processor=LogitsProcessorList([clock]))
+        return {"start": start, "times": clock.times}
+
 
 def main() -> None:
     out = _protocol_stream()
@@ -115,6 +139,8 @@ def main() -> None:
             if cmd == "load":
                 reply = model_thread.submit(worker.load, msg.get("model"), int(msg.get("lora_adapters", 32)),
                                             int(msg.get("lora_rank", 8)), int(msg.get("seed", 0))).result()
+            elif cmd == "raw_steps":
+                reply = model_thread.submit(worker.step_times, msg["prompts"], int(msg["max_new_tokens"])).result()
             elif cmd in ("raw", "peft"):
                 reply = model_thread.submit(worker.generate, cmd, msg["prompts"], int(msg["max_new_tokens"])).result()
             else:

@@ -11,6 +11,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +306,28 @@ class Load:
         tokens = sum(r.tokens for r in results)
         return {"seconds": wall, "tokens": tokens, "tok_s": tokens / wall,
                 "median_latency": median([r.latency for r in results])}
+
+    def token_times(self, prompt: list[int], max_tokens: int, stop: threading.Event | None = None,
+                    times: list[float] | None = None) -> list[float]:
+        """Stream one base-model request (/generate); the arrival time of each token, appended to `times`
+        as it comes (so another thread can watch). Stops reading (and so cancels the request) once `stop`
+        is set."""
+        body = {"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        times = [] if times is None else times
+        with self.client.stream("POST", "/generate", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"POST /generate (stream) -> {r.status_code}: {r.read()[:300]!r}")
+            for line in r.iter_lines():
+                if stop is not None and stop.is_set():
+                    break
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(f"stream failed: {event['error']}")
+                now = time.perf_counter()
+                times.extend(now for _ in event["token_ids"])
+        return times
 
     def sequential(self, models: Sequence[str], prompts: Sequence[list[int]], max_tokens: int) -> dict:
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from common import (  # noqa: E402
 
 from server import adapter_file  # noqa: E402
 
-SECTIONS = ("throughput", "p2", "cold", "registry")
+SECTIONS = ("throughput", "p2", "long", "hol", "cold", "registry")
 P2_SHORT_GROUPS = 3  # ABBA groups at the 32-token prompt per repetition (one at 1024)
 
 
@@ -184,6 +185,95 @@ def p2(args: argparse.Namespace, report: Report, load: Load, adapter: str) -> No
     report.figure("P2", abs(r[1024] - r[32]) / r[32], "<=0.02", "relative", r32=r[32], r1024=r[1024],
                   base_latency_s={str(k): median(v["base"]) for k, v in samples.items()},
                   adapter_latency_s={str(k): median(v["adapter"]) for k, v in samples.items()})
+
+
+# ---- long and mixed prompts: P8, P9, P10 -----------------------------------------------------------------
+
+
+def decode_step_after_all_started(streams: list[list[float]]) -> float:
+    """Median gap between a stream's tokens, counting only steps where every stream was already decoding."""
+    everyone = max(t[0] for t in streams)
+    return median([b - a for t in streams for a, b in zip(t, t[1:], strict=False) if a >= everyone])
+
+
+def long_context(args: argparse.Namespace, report: Report, load: Load, worker: BaselineWorker) -> None:
+    """P8: decode step time with 16 rows of 1,024-token prompts, raw generate's ÷ the server's."""
+    prompts = random_prompts(16, 1024, seed=11)
+    new = 33
+
+    def server_step() -> float:
+        futures = [load.pool.submit(load.token_times, p, new) for p in prompts]
+        return decode_step_after_all_started([f.result() for f in futures])
+
+    def raw_step() -> float:
+        times = worker.ask({"cmd": "raw_steps", "prompts": prompts, "max_new_tokens": new})["times"]
+        return median([b - a for a, b in zip(times, times[1:], strict=False)])
+
+    log("P8 warm-up: both sides once at this shape, not counted")
+    server_step()
+    raw_step()
+    ratios, sides = [], {"server": [], "raw": []}
+    for rnd in range(args.long_rounds):
+        block = []
+        for side in ("server", "raw", "server"):  # A-B-A: a linear drift cancels
+            seconds = server_step() if side == "server" else raw_step()
+            sides[side].append(seconds)
+            block.append(seconds)
+            log(f"P8 round {rnd + 1}/{args.long_rounds} {side}: {1000 * seconds:.0f} ms per decode step")
+        ratios.append(block[1] / statistics.fmean([block[0], block[2]]))
+        report.samples("p8", {"block_ratios": ratios, "step_s": sides})
+        report.save()
+    report.figure("P8", median(ratios), ">=1.0", "ratio (raw generate step ÷ server step, 16 x 1024 tokens)",
+                  blocks=[round(r, 4) for r in ratios], server_step_ms=1000 * median(sides["server"]),
+                  raw_step_ms=1000 * median(sides["raw"]))
+
+
+def metric_sum(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
+
+
+def padding(report: Report, load: Load, url: str) -> None:
+    """P10: positions computed in prefills ÷ real prompt tokens, one 2,000-token prompt with fifteen of 100."""
+    prompts = random_prompts(1, 2000, seed=12) + random_prompts(15, 100, seed=13)
+    positions, tokens = metric_sum(url, "reft_prefill_positions_total"), metric_sum(url, "reft_prompt_tokens_total")
+    load.concurrent(["base"] * len(prompts), prompts, 1)
+    positions = metric_sum(url, "reft_prefill_positions_total") - positions
+    tokens = metric_sum(url, "reft_prompt_tokens_total") - tokens
+    report.figure("P10", positions / tokens, "<=1.15", "ratio (prefill positions ÷ prompt tokens)",
+                  positions=positions, prompt_tokens=tokens, left_padding_would_compute=len(prompts) * 2000)
+
+
+def head_of_line(args: argparse.Namespace, report: Report, load: Load) -> None:
+    """P9: 16 streams decode; a 4,096-token prompt arrives. Longest gap between two tokens of any stream
+    while it is prefilled ÷ its own time to first token."""
+    short, long = random_prompts(16, 64, seed=21), random_prompts(1, 4096, seed=22)[0]
+    ratios, rows = [], []
+    for rnd in range(args.hol_rounds + 1):  # round 0 warms the shapes and is not counted
+        stop = threading.Event()
+        streams: list[list[float]] = [[] for _ in short]
+        futures = [load.pool.submit(load.token_times, p, 400, stop, t) for p, t in zip(short, streams, strict=True)]
+        deadline = time.monotonic() + 300
+        while min(len(t) for t in streams) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sent = time.perf_counter()
+        first = load.token_times(long, 1)[0]
+        stop.set()
+        for f in futures:
+            f.result()
+        gaps = [b - a for t in streams for a, b in zip(t, t[1:], strict=False) if b > sent and a < first]
+        ttft = first - sent
+        worst = max(gaps) if gaps else float("nan")
+        log(f"P9 round {rnd}/{args.hol_rounds}: ttft {ttft:.2f}s, longest stream gap {worst:.2f}s")
+        if rnd:
+            ratios.append(worst / ttft)
+            rows.append({"ttft_s": ttft, "max_gap_s": worst, "steps_seen": len(gaps) // len(short)})
+        report.samples("p9", rows)
+        report.save()
+    report.figure("P9", median(ratios), "<=0.25", "ratio (longest stream gap ÷ long prompt's TTFT)",
+                  ttft_s=median([r["ttft_s"] for r in rows]), max_gap_s=median([r["max_gap_s"] for r in rows]))
 
 
 # ---- cold adapters ------------------------------------------------------------------------------------------
@@ -361,6 +451,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the throughput figures")
     p.add_argument("--seq-requests", type=int, default=None, help="requests in P3's sequential side")
     p.add_argument("--p2-reps", type=int, default=None)
+    p.add_argument("--long-rounds", type=int, default=None, help="A-B-A blocks of P8")
+    p.add_argument("--hol-rounds", type=int, default=None, help="measured rounds of P9")
     p.add_argument("--cold-n", type=int, default=None, help="adapters per cold-latency figure")
     p.add_argument("--cold-prompt-len", type=int, default=8,
                    help="prompt tokens of the cold-adapter requests (short: the cold cost does not depend on it)")
@@ -371,7 +463,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary registries and server logs")
     args = p.parse_args()
     args.batch, args.adapters, args.prompt_len, args.new_tokens = 32, 32, 64, 32
-    defaults = {"rounds": (1, 5), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 30)}
+    defaults = {"rounds": (1, 5), "seq_requests": (4, 32), "p2_reps": (3, 6), "cold_n": (5, 30), "long_rounds": (1, 3),
+                "hol_rounds": (1, 3)}
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
@@ -402,7 +495,7 @@ def main() -> int:
     cold_files = [f"cold-{i:02d}" for i in range(args.cold_n)]
     server = worker = load = None
     try:
-        if {"throughput", "p2", "cold"} & set(args.sections):
+        if {"throughput", "p2", "long", "hol", "cold"} & set(args.sections):
             registry = tmp / "registry"
             write_adapters(registry, shape, adapters, seed0=0)
             write_adapters(registry, shape, cold_files, seed0=1000)
@@ -420,20 +513,26 @@ def main() -> int:
                                      "warmup_s": with_adapters["seconds"]}
             report.note(f"sanity: adapters changed the greedy output of {changed}/{len(texts_a)} prompts")
             load.concurrent(["base"] * args.batch, short, 4)
+        if {"throughput", "long"} & set(args.sections) and not args.no_baselines:
+            log("loading raw and peft baselines in a worker process (server idle)")
+            worker = BaselineWorker(tmp / "baselines.log")
+            info = worker.ask({"cmd": "load", "model": args.model, "lora_adapters": args.adapters,
+                               "lora_rank": 8, "seed": 0})
+            report.data["baselines"] = info
+            warm = random_prompts(2, 16, seed=4)
+            worker.ask({"cmd": "raw", "prompts": warm, "max_new_tokens": 2})
+            worker.ask({"cmd": "peft", "prompts": warm, "max_new_tokens": 2})
         if "throughput" in args.sections:
-            if not args.no_baselines:
-                log("loading raw and peft baselines in a worker process (server idle)")
-                worker = BaselineWorker(tmp / "baselines.log")
-                info = worker.ask({"cmd": "load", "model": args.model, "lora_adapters": args.adapters,
-                                   "lora_rank": 8, "seed": 0})
-                report.data["baselines"] = info
-                warm = random_prompts(2, 16, seed=4)
-                worker.ask({"cmd": "raw", "prompts": warm, "max_new_tokens": 2})
-                worker.ask({"cmd": "peft", "prompts": warm, "max_new_tokens": 2})
             throughput(args, report, load, adapters, worker)
+        if "long" in args.sections:
+            padding(report, load, server.url)
             if worker:
-                worker.close()
-                worker = None
+                long_context(args, report, load, worker)
+        if worker:
+            worker.close()
+            worker = None
+        if "hol" in args.sections:
+            head_of_line(args, report, load)
         if "p2" in args.sections:
             p2(args, report, load, adapters[0])
         if "cold" in args.sections:
