@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
@@ -19,6 +21,12 @@ from server.model import BaseModel, load_base_model
 from server.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# How long an idle engine waits for a burst to stop arriving, by device, unless REFT_BATCH_QUIET_MS
+# says otherwise. On CPU a prefill of a burst costs seconds and arrivals spread over 25-40 ms, so
+# 30 ms of quiet lets the burst share one prefill; on a GPU a prefill takes milliseconds, and a lone
+# request should not wait 30 ms for its first token.
+BATCH_QUIET_MS = {"cpu": 30.0, "cuda": 2.0}
 
 
 @dataclass
@@ -43,7 +51,7 @@ def build_engine(settings: Settings) -> Engine:
         Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes
     )
     registry.open()
-    cache = DeviceAdapterCache(base.device, base.dtype, settings.adapter_cache_bytes, set(settings.pinned_adapters))
+    cache = DeviceAdapterCache(base.device, torch.float32, settings.adapter_cache_bytes, set(settings.pinned_adapters))
     registry.on_removed.append(cache.drop)
     for name in settings.pinned_adapters:
         cache.get(registry.resolve(name))
@@ -68,7 +76,8 @@ def build_engine(settings: Settings) -> Engine:
         max_context=base.max_context,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         batch_wait=settings.batch_wait_ms / 1000,
-        batch_quiet=settings.batch_quiet_ms / 1000,
+        batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
+                     else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
     )
     scheduler.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from

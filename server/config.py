@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         100.0, ge=0, le=10_000, description="most an idle engine waits for a burst to finish arriving; 0 = off"
     )
-    batch_quiet_ms: float = Field(
-        30.0, ge=0, le=10_000, description="an idle engine starts once no request has arrived for this long"
+    batch_quiet_ms: float | None = Field(
+        None, ge=0, le=10_000,
+        description="an idle engine starts once no request has arrived for this long; default 30 on CPU, 2 on GPU",
     )
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="prompt tokens computed per step while other rows decode (chunked prefill)"

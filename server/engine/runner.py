@@ -133,8 +133,9 @@ def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
             raise RuntimeError("decoder layer returned a non-contiguous hidden state; cannot intervene in place")
         flat = hidden.view(-1, hidden.shape[-1])
         for step in plan.rounds[layer_index]:
-            x = flat.index_select(0, step.flat_index)
-            flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots))
+            # In float32 whatever the model's dtype (pyreft trains in float32), written back in the model's.
+            x = flat.index_select(0, step.flat_index).float()
+            flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots).to(flat.dtype))
         return None
 
     return hook
