@@ -445,6 +445,21 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
     assert engine.run(prompt, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=1e-6, seed=4)).tokens == greedy
 
 
+def test_logit_bias_and_penalties_reach_the_sampler(engine):
+    prompt = engine.chat_prompts[2]
+    greedy = engine.greedy(prompt, 6, ignore_eos=True).tokens
+    forced = engine.run(prompt, SamplingParams(max_new_tokens=3, logit_bias=((42, 100.0),), ignore_eos=True))
+    assert forced.tokens == [42, 42, 42]
+    banned = engine.run(prompt, SamplingParams(max_new_tokens=6, logit_bias=((greedy[0], -100.0),), ignore_eos=True))
+    assert banned.tokens[0] != greedy[0]
+    # a strong repetition penalty on the prompt's and the output's tokens: no token comes twice
+    penalised = engine.run(prompt, SamplingParams(max_new_tokens=6, repetition_penalty=100.0, ignore_eos=True))
+    assert len(set(penalised.tokens)) == 6 and not set(penalised.tokens) & set(prompt)
+    with pytest.raises(EngineError, match="logprobs") as exc:
+        engine.submit(prompt, SamplingParams(logprobs=21))
+    assert exc.value.status == 400
+
+
 def _token_boundaries(engine: Engine, ids: list[int]) -> list[int]:
     return [len(engine.decode(ids[:k])) for k in range(len(ids) + 1)]
 

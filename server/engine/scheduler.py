@@ -3,8 +3,10 @@
 It runs in one background thread that owns the model. Each iteration admits waiting requests
 (up to the batch size and the prefill token budget), prefills them as one batch with their
 interventions, merges them into the running batch, then runs one decode step for every
-running row. Finished and cancelled rows leave the batch before the next step. Callers
-submit from any thread and receive `Event`s through the callback they pass.
+running row. Each running row holds a slot of the batched `Sampler`, taken when it is
+prefilled and given back when it leaves. Finished and cancelled rows leave the batch before
+the next step. Callers submit from any thread and receive `Event`s through the callback they
+pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.runner import KVBatch, ModelRunner
-from server.engine.sampling import SamplingParams, TextTracker, make_generator, sample
+from server.engine.sampling import Sampler, SamplingParams, TextTracker
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class GenerationRequest:
 class _Sequence:
     request: GenerationRequest
     tracker: TextTracker
-    generator: torch.Generator | None
+    slot: int  # the row's slot in the Sampler's tables
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -114,6 +116,8 @@ class Scheduler:
         self._running: list[_Sequence] = []
         self._admitting = 0  # popped from the queue, not yet in the running batch (being prefilled)
         self._kv: KVBatch | None = None
+        self.sampler = self._new_sampler()
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))  # popped from the end: slot 0 first
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -154,6 +158,10 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest) -> None:
         self.check(len(request.prompt_ids), request.params.max_new_tokens)
+        try:
+            self.sampler.check(request.params)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -251,17 +259,19 @@ class Scheduler:
                   1000 * (time.perf_counter() - started))
         self.intervened_positions += pairs
         self.prefills += 1
-        sequences = [
-            _Sequence(r, TextTracker(self.decode_text, r.params.stop), make_generator(r.params)) for r in admitted
-        ]
-        tokens = sample(logits, [r.params for r in admitted], [s.generator for s in sequences])
+        sequences = []
+        for r in admitted:
+            slot = self._free_slots.pop()
+            self.sampler.add(slot, r.params, r.prompt_ids)
+            sequences.append(_Sequence(r, TextTracker(self.decode_text, r.params.stop), slot))
+        tokens = self._sample(logits, sequences)
         if self._kv is None:
             self._kv = kv
         else:
             self._kv.extend(kv)
         self._running.extend(sequences)
         self._admitting = 0
-        for seq, token in zip(sequences, tokens.tolist(), strict=True):
+        for seq, token in zip(sequences, tokens, strict=True):
             self._advance(seq, token)
         self._retire()
 
@@ -270,10 +280,16 @@ class Scheduler:
         last = torch.tensor([s.token_ids[-1] for s in self._running], dtype=torch.long)
         logits = self.runner.decode(self._kv, last)
         self.steps += 1
-        tokens = sample(logits, [s.request.params for s in self._running], [s.generator for s in self._running])
-        for seq, token in zip(self._running, tokens.tolist(), strict=True):
+        for seq, token in zip(self._running, self._sample(logits, self._running), strict=True):
             self._advance(seq, token)
         self._retire()
+
+    def _new_sampler(self) -> Sampler:
+        return Sampler(self.max_batch_size, int(self.runner.model.config.vocab_size), self.runner.device)
+
+    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
+        slots = torch.tensor([s.slot for s in sequences], dtype=torch.long).to(logits.device)
+        return self.sampler(logits, slots).token_ids
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         params = seq.request.params
@@ -326,6 +342,10 @@ class Scheduler:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
         if len(keep) == len(self._running):
             return
+        for seq in self._running:
+            if seq.finish_reason is not None:
+                self.sampler.remove(seq.slot)
+                self._free_slots.append(seq.slot)
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._kv = None
@@ -343,3 +363,5 @@ class Scheduler:
         self._running = []
         self._admitting = 0
         self._kv = None
+        self.sampler = self._new_sampler()  # rows that joined it before the failure are gone too
+        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
