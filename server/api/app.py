@@ -20,7 +20,7 @@ from server.adapter_file import AdapterError
 from server.api.serving import Engine, Serving, ServingError, build_engine
 from server.config import Settings
 from server.metrics import Metrics
-from server.registry import AdapterExists, AdapterTooLarge, UnknownAdapter
+from server.registry import AdapterExists, AdapterTooLarge, ReadOnlyRegistry, UnknownAdapter
 from server.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class AccessLog:
 
 
 def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
-    from server.api import routes_adapters, routes_generate, routes_health, routes_openai
+    from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai
 
     state = AppState(settings)
 
@@ -247,6 +247,10 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     async def adapter_too_large(request: Request, exc: AdapterTooLarge) -> JSONResponse:
         return error_response(413, str(exc))
 
+    @app.exception_handler(ReadOnlyRegistry)
+    async def read_only_registry(request: Request, exc: ReadOnlyRegistry) -> JSONResponse:
+        return error_response(403, str(exc), "permission_error")
+
     @app.exception_handler(UnknownAdapter)
     async def unknown_adapter(request: Request, exc: UnknownAdapter) -> JSONResponse:
         return error_response(404, f"adapter {exc.args[0]!r} does not exist")
@@ -260,6 +264,7 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     app.include_router(routes_openai.router)
     app.include_router(routes_generate.router)
     app.include_router(routes_adapters.router)
+    app.include_router(routes_lora.router)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AccessLog)
     return app
