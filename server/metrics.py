@@ -33,6 +33,7 @@ class EngineView:
     resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
     registered_adapters: Callable[[], int] = staticmethod(lambda: 0)
     max_lora: int = 0
+    kv_usage: Callable[[], float] | None = None  # real KV use (0-1) once the engine accounts it
     adapter_cache_hits: Callable[[], int] = staticmethod(lambda: 0)
     adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
     decode_steps: Callable[[], int] = staticmethod(lambda: 0)
@@ -43,19 +44,35 @@ class EngineView:
 class _EngineCollector(Collector):
     def __init__(self, view: EngineView) -> None:
         self.view = view
+        self._lora_lock = threading.Lock()
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._lora_since = 0.0
+
+    def _lora_info(self) -> tuple[tuple[str, str, str], float]:
+        """The adapters running and waiting, and when that last changed (not when it was scraped).
+
+        The router keeps the series with the highest value, as vLLM stamps each new combination
+        with its creation time. A change is stamped when a scrape first sees it, so at most one
+        scrape interval late."""
+        v = self.view
+        labels = (",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora))
+        with self._lora_lock:
+            if labels != self._lora_labels:
+                self._lora_labels, self._lora_since = labels, time.time()
+            return labels, self._lora_since
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
         waiting, running = v.num_waiting(), v.num_running()
-        usage = running / max(v.max_batch_size, 1)
+        usage = v.kv_usage() if v.kv_usage is not None else running / max(v.max_batch_size, 1)
         yield GaugeMetricFamily("reft_queue_depth", "Requests waiting to be admitted.", value=waiting)
         yield GaugeMetricFamily("reft_running_batch_size", "Requests in the running batch.", value=running)
         yield GaugeMetricFamily("reft_resident_adapters", "Adapters on the device.", value=v.resident_adapters())
         yield GaugeMetricFamily("reft_registered_adapters", "Adapters in the registry.", value=v.registered_adapters())
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (InferencePool queue).", value=waiting)
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (InferencePool).", value=running)
-        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of batch capacity in use (0-1).", value=usage)
+        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV cache use (0-1); vLLM's older name.", value=usage)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache use (0-1).", value=usage)
         yield CounterMetricFamily("reft_adapter_cache_hits", "Prefills whose adapter was resident.",
                                   value=v.adapter_cache_hits())
         yield CounterMetricFamily("reft_adapter_cache_misses", "Adapters loaded onto the device.",
@@ -66,12 +83,11 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
                                   value=v.intervened_positions())
         info = GaugeMetricFamily(
-            "vllm:lora_requests_info", "Adapters running and waiting; value = update time.",
+            "vllm:lora_requests_info", "Adapters running and waiting; value = time of the last change.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric(
-            [",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora)], time.time()
-        )
+        labels, since = self._lora_info()
+        info.add_metric(list(labels), since)
         yield info
 
 

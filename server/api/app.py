@@ -65,7 +65,8 @@ class AppState:
         view.waiting_adapters = engine.scheduler.waiting_adapters
         view.resident_adapters = lambda: len(engine.adapter_cache)
         view.registered_adapters = lambda: len(engine.registry)
-        view.max_lora = engine.scheduler.max_batch_size
+        view.max_lora = engine.scheduler.max_batch_size  # any mix of adapters shares a batch
+        view.kv_usage = getattr(engine.scheduler, "kv_usage", None)  # else the share of batch rows in use
         view.adapter_cache_hits = lambda: engine.adapter_cache.hits
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
         view.decode_steps = lambda: engine.scheduler.steps
