@@ -292,8 +292,8 @@ class Registry:
         """Remove temporary files of crashed writers: dead processes of this host, or any old enough."""
         now = time.time()
         for path in self.directory.glob(TMP_PREFIX + "*"):
-            host, _, rest = path.name[len(TMP_PREFIX):].rpartition("-")[0].rpartition("-")
-            dead = host == HOST and rest.isdigit() and not _pid_alive(int(rest))
+            host, _, pid = path.name[len(TMP_PREFIX):].rpartition("-")[0].rpartition("-")  # HOST-PID-random
+            dead = host == HOST and pid.isdigit() and not _pid_alive(int(pid))
             try:
                 old = now - path.stat().st_mtime > STALE_TMP_SECONDS
             except FileNotFoundError:
