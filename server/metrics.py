@@ -45,6 +45,22 @@ class EngineView:
 class _EngineCollector(Collector):
     def __init__(self, view: EngineView) -> None:
         self.view = view
+        self._lora_lock = threading.Lock()
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._lora_since = 0.0
+
+    def _lora_info(self) -> tuple[tuple[str, str, str], float]:
+        """The adapters running and waiting, and when that last changed (not when it was scraped).
+
+        The router keeps the series with the highest value, as vLLM stamps each new combination
+        with its creation time. A change is stamped when a scrape first sees it, so at most one
+        scrape interval late."""
+        v = self.view
+        labels = (",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora))
+        with self._lora_lock:
+            if labels != self._lora_labels:
+                self._lora_labels, self._lora_since = labels, time.time()
+            return labels, self._lora_since
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
@@ -71,12 +87,11 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
                                   value=v.intervened_positions())
         info = GaugeMetricFamily(
-            "vllm:lora_requests_info", "Adapters running and waiting; value = update time.",
+            "vllm:lora_requests_info", "Adapters running and waiting; value = time of the last change.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric(
-            [",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora)], time.time()
-        )
+        labels, since = self._lora_info()
+        info.add_metric(list(labels), since)
         yield info
 
 

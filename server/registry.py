@@ -3,38 +3,56 @@
 Layout of the directory:
     NAME.safetensors     the current version of adapter NAME (native format); a file dropped in
                          by hand or by a deploy tool is picked up by the next scan
-    .registry.json       name -> version, sha256, bytes, created, and the file's size/mtime, so a
-                         restart neither re-hashes nor re-validates files it already knows
-    .registry.journal    one JSON line per change since .registry.json was written, so an upload
-                         or delete appends a line instead of rewriting the index of every adapter;
-                         folded into .registry.json at start-up and every COMPACT_AFTER lines
+    .registry.json       {"format": 2, "seq": S, "adapters": name -> version, sha256, bytes,
+                         created, and the file's size/mtime}, so a restart neither re-hashes nor
+                         re-validates files it already knows
+    .registry.journal    one JSON line per change since .registry.json was written, numbered by
+                         "seq", so an upload or delete appends a line instead of rewriting the
+                         index of every adapter; folded into .registry.json at start-up and every
+                         COMPACT_AFTER lines
+    .registry.lock       the lock file that makes the directory safe for many server processes
 Every adapter file goes to a temporary file that is fsynced, then renamed over its target, then
 the directory is fsynced: a crash at any moment leaves the old version or the new one, never a
-partial file. Temporary files left behind by a crash are removed at start-up. The index is a
-cache of the files: a record whose file's size or mtime no longer match is re-read and re-hashed.
+partial file. The index is a cache of the files: a record whose file's size or mtime no longer
+match is re-read and re-hashed.
+
+Many processes, on one host or on many (a ReadWriteMany volume), may serve one directory. Every
+change (upload, replace, delete, a scan that records a hand-dropped file, compaction) happens
+under an exclusive `flock` of .registry.lock, after bringing this process's records up to the
+shared index and journal, so versions are assigned from the true current state and never twice.
+Readers take the lock shared, and only when the index or journal changed on disk (two stats
+otherwise). Journal lines carry consecutive sequence numbers, so a reader tailing the journal
+notices a compaction or a gap and re-reads the index. A temporary file is named after the host
+and process that writes it; start-up removes only those of dead processes on this host, and any
+older than STALE_TMP_SECONDS (another host's process cannot be asked). A read-only replica
+(`read_only=True`) takes no exclusive lock and writes nothing: it follows the others and the files.
 
 Adapters are parsed from disk on first use and kept in a bounded host-memory LRU keyed by
 (name, sha256); a request holds the parsed Adapter it resolved, so replacing or deleting an
 adapter never disturbs requests already running with it.
 
-Locking: `_write_lock` serialises changes (put, delete, scan), which do their file work under it;
-`_lock` guards the in-memory maps for moments only, so lookups never wait on disk or on a scan.
+Locking: `_write_lock` serialises, within this process, everything that reads or changes the
+shared files (put, delete, scan, sync); `_lock` guards the in-memory maps for moments only, so
+lookups never wait on disk, on a scan or on another process.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import io
 import json
 import logging
 import os
+import socket
 import tarfile
 import tempfile
 import threading
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -47,8 +65,12 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = ".registry.json"
 JOURNAL_NAME = ".registry.journal"
+LOCK_NAME = ".registry.lock"
+INDEX_FORMAT = 2
 COMPACT_AFTER = 1000  # journal lines before the index is rewritten whole
 TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 15 * 60  # a temporary file this old is a crash's leftover, whoever wrote it
+HOST = socket.gethostname().replace("/", "_") or "localhost"
 SUFFIX = ".safetensors"
 MAX_ARCHIVE_MEMBERS = 256
 HOST_CACHE_SIZE = 1024
@@ -64,6 +86,10 @@ class AdapterExists(ValueError):
 
 class AdapterTooLarge(ValueError):
     """An upload or archive member over the configured size limit."""
+
+
+class ReadOnlyRegistry(PermissionError):
+    """This server was started with a read-only registry: it serves and scans, never writes."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +125,7 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> os.stat_result:
     """Write `data` to `path` so that readers (and crashes) see the old bytes or the new, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{HOST}-{os.getpid()}-", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide adapters from a server running as another user
         with os.fdopen(fd, "wb") as fh:
@@ -114,44 +140,105 @@ def atomic_write(path: Path, data: bytes) -> os.stat_result:
     return path.stat()
 
 
-def read_index(directory: Path) -> dict[str, dict]:
-    """The records as last written: the index, with the journal's changes replayed over it."""
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another without reading it: inode, size, mtime."""
     try:
-        index = json.loads((directory / INDEX_NAME).read_text())
+        st = path.stat()
     except FileNotFoundError:
-        index = {}
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _load_index(directory: Path) -> tuple[dict[str, dict], int, tuple[int, int, int] | None]:
+    """The index's records, the last journal sequence number folded into it, and its file's identity."""
+    try:
+        with open(directory / INDEX_NAME, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read()
+    except FileNotFoundError:
+        return {}, 0, None
+    identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        index = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is unreadable; rebuilding it from the adapter files", INDEX_NAME)
-        index = {}
-    if not isinstance(index, dict):
-        index = {}
-    try:
-        lines = (directory / JOURNAL_NAME).read_bytes().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
+        return {}, 0, identity
+    if isinstance(index, dict) and index.get("format") == INDEX_FORMAT:
+        adapters, seq = index.get("adapters"), index.get("seq")
+    else:  # format 1: the records alone, no sequence number
+        adapters, seq = index, 0
+    if not isinstance(adapters, dict) or not isinstance(seq, int):
+        return {}, 0, identity
+    return adapters, seq, identity
+
+
+def _journal_lines(data: bytes) -> Iterator[tuple[int, dict | None]]:
+    """(offset just past the line, its entry or None if unreadable) for each complete line."""
+    start = 0
+    while (end := data.find(b"\n", start)) != -1:
         try:
-            entry = json.loads(line)
+            entry = json.loads(data[start:end])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # the last line of a journal cut short by a crash
-        if isinstance(entry, dict) and isinstance(entry.get("put"), dict) and "name" in entry["put"]:
-            index[entry["put"]["name"]] = entry["put"]
-        elif isinstance(entry, dict) and isinstance(entry.get("delete"), str):
-            index.pop(entry["delete"], None)
+            entry = None  # a line cut short by a crash, ended by the next writer
+        yield end + 1, entry if isinstance(entry, dict) else None
+        start = end + 1
+
+
+def _replay(index: dict[str, dict], entry: dict) -> None:
+    if isinstance(entry.get("put"), dict) and "name" in entry["put"]:
+        index[entry["put"]["name"]] = entry["put"]
+    elif isinstance(entry.get("delete"), str):
+        index.pop(entry["delete"], None)
+
+
+def _read_journal(directory: Path) -> tuple[int | None, bytes]:
+    try:
+        with open(directory / JOURNAL_NAME, "rb") as fh:
+            return os.fstat(fh.fileno()).st_ino, fh.read()
+    except FileNotFoundError:
+        return None, b""
+
+
+def read_index(directory: Path) -> dict[str, dict]:
+    """The records as last written: the index, with the journal's later changes replayed over it."""
+    index, seq, _ = _load_index(directory)
+    for _, entry in _journal_lines(_read_journal(directory)[1]):
+        if entry is not None and entry.get("seq", seq + 1) > seq:
+            _replay(index, entry)
     return index
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # one Registry per directory per process: its own files from a past life are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Registry:
-    def __init__(self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int, read_only: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.base = base
         self.max_rank = max_rank
         self.max_adapter_bytes = max_adapter_bytes
+        self.read_only = read_only
         self._records: dict[str, AdapterRecord] = {}
         self._sorted: list[str] | None = None  # names in order, rebuilt after a change for paging
         self._parsed: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._rejected: dict[str, tuple[int, int]] = {}  # hand-dropped files that failed validation
-        self._journal_lines = 0
+        # how far this process has followed the shared files
+        self._index_id: tuple[int, int, int] | None = None
+        self._index_seq = 0
+        self._journal_ino: int | None = None
+        self._journal_offset = 0
+        self._seq = 0
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
         self.on_removed: list[Callable[[str], None]] = []  # told of every adapter removed or replaced
@@ -159,30 +246,184 @@ class Registry:
     # ---- start-up and scanning --------------------------------------------------------------
 
     def open(self) -> float:
-        """Read the index and the directory, then fold the journal into the index; returns seconds."""
+        """Read the index and the directory, then (unless read-only) fold the journal into the index."""
         start = time.perf_counter()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(TMP_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        if self.read_only:
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"the read-only registry {self.directory} does not exist")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
         with self._write_lock:
-            for entry in read_index(self.directory).values():
-                try:
-                    record = AdapterRecord(**entry)
-                except TypeError:
-                    continue
-                self._records[record.name] = record
-            self._sorted = None
-            self._scan(journal=False)
-            self._compact()
+            with self._flock(exclusive=not self.read_only):
+                self._reload()
+                if not self.read_only:
+                    self._scan(journal=False)
+                    self._compact()
+            if self.read_only:
+                self._scan(journal=False)
         return time.perf_counter() - start
 
     def scan(self) -> list[str]:
-        """Bring the records in line with the directory: new, changed and removed files."""
+        """Follow the other processes' changes, then bring the records in line with the directory."""
         with self._write_lock:
-            changed = self._scan(journal=True)
+            changed = self._follow()
+            if self._files_differ():
+                if self.read_only:
+                    changed += self._scan(journal=False)
+                else:
+                    with self._flock(exclusive=True):
+                        changed += self._sync()
+                        changed += self._scan(journal=True)
+        changed = list(dict.fromkeys(changed))
         for name in changed:
             self._notify(name)
         return changed
+
+    def refresh(self) -> list[str]:
+        """Follow the other processes' changes to the index and journal; two stats when there are none."""
+        with self._write_lock:
+            changed = self._follow()
+        for name in changed:
+            self._notify(name)
+        return changed
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove temporary files of crashed writers: dead processes of this host, or any old enough."""
+        now = time.time()
+        for path in self.directory.glob(TMP_PREFIX + "*"):
+            host, _, pid = path.name[len(TMP_PREFIX):].rpartition("-")[0].rpartition("-")  # HOST-PID-random
+            dead = host == HOST and pid.isdigit() and not _pid_alive(int(pid))
+            try:
+                old = now - path.stat().st_mtime > STALE_TMP_SECONDS
+            except FileNotFoundError:
+                continue
+            if dead or old:
+                path.unlink(missing_ok=True)
+
+    @contextmanager
+    def _flock(self, exclusive: bool) -> Iterator[None]:
+        """Hold .registry.lock against the other processes (shared for reading, exclusive for changes)."""
+        path = self.directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY if self.read_only else os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            fd = None  # a read-only replica of a directory no writer has opened yet
+        if fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _shared_changed(self) -> bool:
+        if _file_id(self.directory / INDEX_NAME) != self._index_id:
+            return True
+        journal = _file_id(self.directory / JOURNAL_NAME)
+        if journal is None:
+            return self._journal_offset != 0
+        return journal[0] != self._journal_ino or journal[1] != self._journal_offset
+
+    def _follow(self) -> list[str]:
+        if not self._shared_changed():
+            return []
+        with self._flock(exclusive=False):
+            return self._sync()
+
+    def _sync(self) -> list[str]:
+        """Apply what others appended to the journal since we last read it (a lock is held)."""
+        if not self._shared_changed():
+            return []
+        if _file_id(self.directory / INDEX_NAME) != self._index_id:
+            return self._reload()  # compacted (or first read)
+        try:
+            with open(self.directory / JOURNAL_NAME, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_ino != self._journal_ino and self._journal_offset:
+                    return self._reload()
+                if st.st_size < self._journal_offset:
+                    return self._reload()
+                fh.seek(self._journal_offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return self._reload()
+        changes: dict[str, dict | None] = {}
+        seq, consumed = self._seq, 0
+        for end, entry in _journal_lines(data):
+            consumed = end
+            if entry is None:
+                continue
+            number = entry.get("seq")
+            if isinstance(number, int) and number > seq + 1:
+                return self._reload()  # a gap: the journal we followed was replaced
+            if number is None or number == seq + 1:
+                if isinstance(entry.get("put"), dict) and "name" in entry["put"]:
+                    changes[entry["put"]["name"]] = entry["put"]
+                elif isinstance(entry.get("delete"), str):
+                    changes[entry["delete"]] = None
+                seq = number or seq
+        self._journal_ino, self._journal_offset, self._seq = st.st_ino, self._journal_offset + consumed, seq
+        return self._adopt(changes, whole=False)
+
+    def _reload(self) -> list[str]:
+        """Read the shared index and the whole journal afresh (a lock is held)."""
+        index, index_seq, index_id = _load_index(self.directory)
+        ino, data = _read_journal(self.directory)
+        seq, consumed = index_seq, 0
+        for end, entry in _journal_lines(data):
+            consumed = end
+            if entry is not None and entry.get("seq", seq + 1) > seq:
+                _replay(index, entry)
+                seq = entry.get("seq", seq)
+        self._index_id, self._index_seq = index_id, index_seq
+        self._journal_ino, self._journal_offset, self._seq = ino, consumed, seq
+        return self._adopt(index, whole=True)
+
+    def _adopt(self, entries: dict[str, dict | None], whole: bool) -> list[str]:
+        """Make the shared records ours (`whole`: all of them; else changes, None = deleted).
+
+        Returns the names added, replaced or removed."""
+        updates: dict[str, AdapterRecord | None] = (
+            {name: None for name in self._records if name not in entries} if whole else {}
+        )
+        for name, entry in entries.items():
+            if entry is None:
+                if name in self._records:
+                    updates[name] = None
+                continue
+            try:
+                record = AdapterRecord(**entry)
+            except TypeError:
+                continue
+            if self._records.get(name) != record:
+                updates[name] = record
+        changed = [n for n, r in updates.items()
+                   if r is None or n not in self._records or r.sha256 != self._records[n].sha256]
+        if updates:
+            self._apply(updates)
+        return changed
+
+    def _files_differ(self) -> bool:
+        """Whether the directory holds anything the records do not say (a look that reads no file)."""
+        seen = 0
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if not entry.name.endswith(SUFFIX) or entry.name.startswith(".") or not entry.is_file(
+                    follow_symlinks=False
+                ):
+                    continue
+                name = entry.name[: -len(SUFFIX)]
+                st = entry.stat(follow_symlinks=False)
+                record = self._records.get(name)
+                if record is not None:
+                    seen += 1
+                    if (record.file_size, record.file_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                        return True
+                elif self._rejected.get(name) != (st.st_size, st.st_mtime_ns):
+                    return True
+        return seen != len(self._records)
 
     def _scan(self, journal: bool) -> list[str]:
         present: dict[str, os.stat_result] = {}
@@ -254,7 +495,9 @@ class Registry:
     def cached(self, name: str) -> AdapterRef | None:
         """Pin the current version of `name` if it is parsed already (no disk, no torch); else None."""
         with self._lock:
-            record = self.get(name)
+            record = self._records.get(name)
+            if record is None:
+                return None
             key = (name, record.sha256)
             adapter = self._parsed.get(key)
             if adapter is None:
@@ -267,6 +510,8 @@ class Registry:
         ref = self.cached(name)
         if ref is not None:
             return ref
+        if name not in self._records:
+            self.refresh()  # uploaded through another replica a moment ago?
         record = self.get(name)
         try:
             data = (self.directory / (name + SUFFIX)).read_bytes()
@@ -297,12 +542,27 @@ class Registry:
                 return adapter_file.import_pyreft(root, positions, share_weights, self.base, self.max_rank)
         return adapter_file.loads(data, self.base, self.max_rank)
 
+    def parse_path(self, path: Path, positions: str | None, share_weights: bool) -> Adapter:
+        """A validated Adapter from a native file or a pyreft save directory the server can read."""
+        if path.is_dir():
+            if not positions:
+                raise AdapterError("a pyreft directory needs 'positions' (e.g. f3+l3): pyreft does not record them")
+            total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            if total > self.max_adapter_bytes:
+                raise AdapterTooLarge(f"{path} holds {total} bytes; the limit is {self.max_adapter_bytes}")
+            return adapter_file.import_pyreft(path, positions, share_weights, self.base, self.max_rank)
+        if path.stat().st_size > self.max_adapter_bytes:
+            raise AdapterTooLarge(f"{path} is {path.stat().st_size} bytes; the limit is {self.max_adapter_bytes}")
+        return adapter_file.loads(path.read_bytes(), self.base, self.max_rank)
+
     def put(self, name: str, adapter: Adapter, replace: bool) -> AdapterRecord:
         """Store `adapter` as the new current version of `name`, atomically."""
+        self._check_writable()
         adapter_file.validate_name(name)
         data = adapter_file.to_bytes(adapter)
         sha = adapter_file.sha256(data)
-        with self._write_lock:
+        with self._write_lock, self._flock(exclusive=True):
+            changed = self._sync()
             old = self._records.get(name)
             if old is not None and not replace:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
@@ -311,18 +571,28 @@ class Registry:
             self._rejected.pop(name, None)
             self._apply({name: record}, [(name, sha, adapter)])
             self._journal([{"put": asdict(record)}])
-        if old is not None:
-            self._notify(name)
+        for changed_name in dict.fromkeys([*changed, *([name] if old is not None else [])]):
+            self._notify(changed_name)
         return record
 
     def delete(self, name: str) -> None:
-        with self._write_lock:
+        self._check_writable()
+        with self._write_lock, self._flock(exclusive=True):
+            changed = self._sync()
             self.get(name)
             (self.directory / (name + SUFFIX)).unlink(missing_ok=True)
             _fsync_dir(self.directory)
             self._apply({name: None})
             self._journal([{"delete": name}])
-        self._notify(name)
+        for changed_name in dict.fromkeys([*changed, name]):
+            self._notify(changed_name)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyRegistry(
+                "this server's adapter registry is read-only (--read-only-registry); "
+                "upload, replace or delete adapters through a replica that can write to it"
+            )
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -347,27 +617,45 @@ class Registry:
             self._parsed.popitem(last=False)
 
     def _journal(self, entries: list[dict]) -> None:
-        """Append changes to the journal (fsynced); rewrite the index once the journal is long."""
+        """Append numbered changes to the journal (fsynced); fold it into the index once long.
+
+        Called with the exclusive lock held and the records in sync, so the numbers continue the
+        shared sequence and no other process appends meanwhile."""
+        lines = []
+        for entry in entries:
+            self._seq += 1
+            lines.append(json.dumps({**entry, "seq": self._seq}, separators=(",", ":")).encode() + b"\n")
+        data = b"".join(lines)
         path = self.directory / JOURNAL_NAME
         created = not path.exists()
-        with open(path, "ab") as fh:
-            fh.write(b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries))
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # end the line a crashed writer left unfinished
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         if created:
             _fsync_dir(self.directory)
-        self._journal_lines += len(entries)
-        if self._journal_lines >= COMPACT_AFTER:
+        self._journal_ino, self._journal_offset = st.st_ino, st.st_size
+        if self._seq - self._index_seq >= COMPACT_AFTER:
             self._compact()
 
     def _compact(self) -> None:
-        """Write every record to the index, then drop the journal it now contains."""
+        """Write every record to the index, then drop the journal it now contains (exclusive lock held)."""
         with self._lock:
             index = {name: asdict(r) for name, r in self._records.items()}
-        atomic_write(self.directory / INDEX_NAME, json.dumps(index, separators=(",", ":")).encode())
+        body = {"format": INDEX_FORMAT, "seq": self._seq, "adapters": index}
+        st = atomic_write(self.directory / INDEX_NAME, json.dumps(body, separators=(",", ":")).encode())
         (self.directory / JOURNAL_NAME).unlink(missing_ok=True)
         _fsync_dir(self.directory)
-        self._journal_lines = 0
+        self._index_id, self._index_seq = (st.st_ino, st.st_size, st.st_mtime_ns), self._seq
+        self._journal_ino, self._journal_offset = None, 0
 
     def _notify(self, name: str) -> None:
         for callback in self.on_removed:

@@ -15,6 +15,8 @@ import os
 import pickle
 import secrets
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -34,9 +36,12 @@ from server.interventions import Intervention
 from server.model import ModelShape
 from server.positions import Positions
 from server.registry import (
+    HOST,
     INDEX_NAME,
     JOURNAL_NAME,
+    LOCK_NAME,
     MAX_ARCHIVE_MEMBERS,
+    STALE_TMP_SECONDS,
     AdapterExists,
     AdapterTooLarge,
     Registry,
@@ -248,8 +253,10 @@ def test_put_get_list_delete_replace(tmp_path):
         with pytest.raises(AdapterError):
             reg.put(bad, base, replace=False)
     assert reg.put("x" * 64, base, replace=False).version == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [INDEX_NAME, JOURNAL_NAME, "a.safetensors", "c.safetensors", "d.safetensors", "x" * 64 + ".safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        INDEX_NAME, JOURNAL_NAME, LOCK_NAME, "a.safetensors", "c.safetensors", "d.safetensors",
+        "x" * 64 + ".safetensors",
+    ])
 
 
 def test_index_survives_reopen(tmp_path):
@@ -299,7 +306,7 @@ def test_writes_append_to_the_journal_and_reopen_folds_it_in(tmp_path):
 
     again = open_registry(tmp_path)
     assert not (tmp_path / JOURNAL_NAME).exists()
-    assert set(json.loads((tmp_path / INDEX_NAME).read_text())) == {"one"}
+    assert set(json.loads((tmp_path / INDEX_NAME).read_text())["adapters"]) == {"one"}
     assert again.get("one") == reg.get("one") and "two" not in again
 
 
@@ -333,7 +340,7 @@ def test_journal_is_folded_into_the_index_when_long(tmp_path, monkeypatch):
     for i in range(3):
         reg.put(f"a{i}", emoji(), replace=False)
     assert not (tmp_path / JOURNAL_NAME).exists()
-    assert set(json.loads((tmp_path / INDEX_NAME).read_text())) == {"a0", "a1", "a2"}
+    assert set(json.loads((tmp_path / INDEX_NAME).read_text())["adapters"]) == {"a0", "a1", "a2"}
     reg.put("a3", emoji(), replace=False)
     assert len((tmp_path / JOURNAL_NAME).read_text().splitlines()) == 1
     assert set(index_of(tmp_path)) == {"a0", "a1", "a2", "a3"}
@@ -405,14 +412,23 @@ def test_scan_picks_up_dropped_files_with_validation(tmp_path):
 
 
 def test_stale_tmp_files_removed_on_open(tmp_path):
+    """Only crash leftovers go: a dead process's file on this host, or any file older than the limit."""
     reg = open_registry(tmp_path)
     reg.put("keep", emoji(), replace=False)
-    (tmp_path / ".tmp-abc123").write_bytes(b"half a file")
-    (tmp_path / ".tmp-zz.safetensors").write_bytes(emoji_bytes()[:100])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - STALE_TMP_SECONDS - 60
+    (tmp_path / f".tmp-{HOST}-{dead.pid}-abc123").write_bytes(b"half a file")  # its writer died
+    for name in (".tmp-abc123", ".tmp-zz.safetensors", ".tmp-otherhost-1-x1y2"):
+        (tmp_path / name).write_bytes(emoji_bytes()[:100])
+        os.utime(tmp_path / name, (old, old))  # old enough, whoever wrote it
+    live = [f".tmp-{HOST}-{os.getppid()}-inflight", ".tmp-otherhost-1-inflight"]  # uploads in flight
+    for name in live:
+        (tmp_path / name).write_bytes(b"being written")
     (tmp_path / "unrelated.bin").write_bytes(b"x")
     again = open_registry(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [INDEX_NAME, "keep.safetensors", "unrelated.bin"]
+    assert names == sorted([INDEX_NAME, LOCK_NAME, "keep.safetensors", "unrelated.bin", *live])
     assert [r.name for r in again.list()] == ["keep"]
 
 

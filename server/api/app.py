@@ -16,12 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.adapter_file import AdapterError
-from server.api import routes_adapters, routes_generate, routes_health, routes_openai
+from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai
 from server.api.serving import Serving, ServingError
 from server.bootstrap import Engine, build_engine
 from server.config import Settings
 from server.metrics import Metrics
-from server.registry import AdapterExists, AdapterTooLarge, UnknownAdapter
+from server.registry import AdapterExists, AdapterTooLarge, ReadOnlyRegistry, UnknownAdapter
 from server.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class AppState:
         view.waiting_adapters = engine.scheduler.waiting_adapters
         view.resident_adapters = lambda: len(engine.adapter_cache)
         view.registered_adapters = lambda: len(engine.registry)
-        view.max_lora = engine.scheduler.max_batch_size
+        view.max_lora = engine.scheduler.max_batch_size  # any mix of adapters shares a batch
         view.adapter_cache_hits = lambda: engine.adapter_cache.hits
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
         view.decode_steps = lambda: engine.scheduler.steps
@@ -209,6 +209,10 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     async def adapter_too_large(request: Request, exc: AdapterTooLarge) -> JSONResponse:
         return error_response(413, str(exc))
 
+    @app.exception_handler(ReadOnlyRegistry)
+    async def read_only_registry(request: Request, exc: ReadOnlyRegistry) -> JSONResponse:
+        return error_response(403, str(exc), "permission_error")
+
     @app.exception_handler(UnknownAdapter)
     async def unknown_adapter(request: Request, exc: UnknownAdapter) -> JSONResponse:
         return error_response(404, f"adapter {exc.args[0]!r} does not exist")
@@ -222,6 +226,7 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     app.include_router(routes_openai.router)
     app.include_router(routes_generate.router)
     app.include_router(routes_adapters.router)
+    app.include_router(routes_lora.router)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AccessLog)
     return app
