@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from server.api.serving import build_engine
+from server.bootstrap import build_engine
 from server.config import Settings
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -17,7 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.adapter_file import AdapterError
-from server.api.serving import Engine, Serving, ServingError, build_engine
+from server.api import routes_adapters, routes_generate, routes_health, routes_openai
+from server.api.serving import Serving, ServingError
+from server.bootstrap import Engine, build_engine
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import AdapterExists, AdapterTooLarge, UnknownAdapter
@@ -86,45 +87,6 @@ class AppState:
         self._stop.set()
         if self.engine is not None:
             self.engine.scheduler.stop()
-
-
-def require_serving(request: Request) -> Serving:
-    state: AppState = request.app.state.reft
-    if state.serving is None:
-        message = f"start-up failed: {state.load_error}" if state.load_error else "the model is still loading"
-        raise ServingError(503, message, "unavailable", {"Retry-After": "5"})
-    return state.serving
-
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _matches(token: str | None, *keys: object) -> bool:
-    """Constant-time comparison against every configured key (each compared, none short-circuited)."""
-    if token is None:
-        return False
-    given = token.encode()
-    results = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in keys if k is not None]
-    return any(results)
-
-
-def require_api_key(request: Request) -> None:
-    settings: Settings = request.app.state.reft.settings
-    if settings.api_key is not None and not _matches(_bearer(request), settings.api_key, settings.admin_key):
-        raise ServingError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
-
-
-def require_admin_key(request: Request) -> None:
-    settings: Settings = request.app.state.reft.settings
-    if settings.admin_key is not None:
-        if not _matches(_bearer(request), settings.admin_key):
-            raise ServingError(401, "this call needs the admin key: 'Authorization: Bearer <admin key>'",
-                               "authentication_error")
-    else:
-        require_api_key(request)
 
 
 class BodyLimit:
@@ -202,8 +164,6 @@ class AccessLog:
 
 
 def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
-    from server.api import routes_adapters, routes_generate, routes_health, routes_openai
-
     state = AppState(settings)
 
     @asynccontextmanager

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
 from server.adapter_file import validate_name
-from server.api.app import require_admin_key, require_api_key, require_serving
+from server.api.dependencies import require_admin_key, require_api_key, require_serving
 from server.api.protocol import AdapterDescription, AdapterList, ErrorResponse
 from server.api.serving import Serving, ServingError
 from server.registry import AdapterRecord

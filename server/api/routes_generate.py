@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.app import require_api_key, require_serving
+from server.api.dependencies import require_api_key, require_serving
 from server.api.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GenerateUsage
 from server.api.serving import Serving, ServingError, Submission
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.app import require_api_key, require_serving
+from server.api.dependencies import require_api_key, require_serving
 from server.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
