@@ -36,4 +36,5 @@ class Settings(BaseSettings):
     scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    metrics_key: SecretStr | None = Field(None, description="if set, /metrics needs it as a bearer key")
     log_level: str = "info"

@@ -4,6 +4,9 @@ so replicas can sit in an InferencePool with adapter affinity and no custom code
 
 Adapter labels are bounded: the first `max_adapter_labels` adapters seen keep their name, any
 later one is counted as "other", so a registry of 10,000 adapters cannot blow up cardinality.
+`vllm:lora_requests_info` lists at most that many running and as many waiting adapter names (the
+endpoint picker needs names there, in vLLM's comma-separated form); deployments that want the
+names private set REFT_METRICS_KEY.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class EngineView:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, view: EngineView) -> None:
+    def __init__(self, view: EngineView, max_listed: int) -> None:
         self.view = view
+        self.max_listed = max_listed
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
@@ -70,7 +74,9 @@ class _EngineCollector(Collector):
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
         info.add_metric(
-            [",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora)], time.time()
+            [",".join(v.running_adapters()[: self.max_listed]), ",".join(v.waiting_adapters()[: self.max_listed]),
+             str(v.max_lora)],
+            time.time(),
         )
         yield info
 
@@ -79,7 +85,7 @@ class Metrics:
     def __init__(self, max_adapter_labels: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.view = EngineView()
-        self.registry.register(_EngineCollector(self.view))
+        self.registry.register(_EngineCollector(self.view, max_adapter_labels))
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels
         self._lock = threading.Lock()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api.dependencies import require_metrics_key
 from server.api.protocol import ErrorResponse, Health
 
 router = APIRouter(tags=["health"])
@@ -29,6 +30,8 @@ def live() -> Health:
     return Health(status="alive")
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={401: {"model": ErrorResponse}},
+            dependencies=[Depends(require_metrics_key)])
 def metrics(request: Request) -> Response:
+    """Prometheus text format; needs `Authorization: Bearer <metrics key>` once REFT_METRICS_KEY is set."""
     return Response(generate_latest(request.app.state.reft.metrics.registry), media_type=CONTENT_TYPE_LATEST)
