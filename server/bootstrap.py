@@ -36,7 +36,8 @@ def build_engine(settings: Settings) -> Engine:
     if base.device.type == "cpu":
         keep_freed_memory()
     registry = Registry(
-        Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes
+        Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes,
+        host_cache_bytes=settings.host_adapter_cache_bytes,
     )
     registry.open()
     cache = DeviceAdapterCache(base.device, base.dtype, settings.adapter_cache_bytes, set(settings.pinned_adapters))

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload accepted")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
     adapter_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="device memory for resident adapters")
+    host_adapter_cache_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0, description="host memory for parsed adapters (LRU beyond; re-read from disk)"
+    )
     pinned_adapters: list[str] = Field(default_factory=list, description="adapters never evicted from the device")
     scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
     api_key: SecretStr | None = None
