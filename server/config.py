@@ -36,6 +36,7 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, ge=0, description="host memory for parsed adapters (LRU beyond; re-read from disk)"
     )
     pinned_adapters: list[str] = Field(default_factory=list, description="adapters never evicted from the device")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None

@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
+UNKNOWN_LABEL = "unknown"  # refused before the request named its adapter
 
 
 class EngineView:

@@ -38,6 +38,7 @@ class AppState:
         self.engine: Engine | None = None
         self.serving: Serving | None = None
         self.load_error: str | None = None
+        self.draining = False
         self._stop = threading.Event()
 
     def load(self, factory: Callable[[Settings], Engine]) -> None:
@@ -63,6 +64,7 @@ class AppState:
         view.intervened_positions = lambda: engine.scheduler.intervened_positions
         self.engine = engine
         self.serving = Serving(engine, self.metrics)
+        self.serving.draining = self.draining
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),
                  engine.load_seconds)
         interval = self.settings.scan_interval
@@ -72,8 +74,16 @@ class AppState:
             except OSError:
                 log.exception("registry scan failed")
 
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new requests with 503 (readiness too); running ones go on."""
+        self.draining = True
+        if self.serving is not None:
+            self.serving.draining = True
+
     def close(self) -> None:
         self._stop.set()
+        if self.serving is not None:
+            self.serving.close()
         if self.engine is not None:
             self.engine.scheduler.stop()
 

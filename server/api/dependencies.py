@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import hmac
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute
 from server.api.serving import Serving, ServingError
 from server.config import Settings
 
+ENDPOINT_LABELS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/generate": "generate"}
 ADMIN_DISABLED = (
     "adapter changes are disabled on a server reachable from the network without an admin key: "
     "start it with --admin-key (REFT_ADMIN_KEY) and send 'Authorization: Bearer <admin key>', "
@@ -113,16 +114,48 @@ def require_serving(request: Request) -> Serving:
     return state.serving
 
 
+def require_capacity(request: Request) -> Serving:
+    """Serving, once it has room for another request: 429/503 before tokenising or resolving anything."""
+    serving = require_serving(request)
+    serving.check_capacity(endpoint_label(request.url.path))
+    return serving
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of a generation path in the metrics."""
+    return ENDPOINT_LABELS.get(path.rstrip("/"), "other")
+
+
+def disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that returns once the client has disconnected (the body is read by then)."""
+
+    async def until_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return until_disconnect
+
+
 DECLARED: dict[Callable, Access] = {require_api_key: Access.API, require_admin: Access.ADMIN,
                                     require_metrics_key: Access.METRICS}
 
 
-def route_access(route: BaseRoute) -> Access:
-    """The strictest access a route declares through its dependencies (OPEN for docs and the like)."""
-    found = Access.OPEN
+def _calls(route: BaseRoute) -> set[Callable]:
+    """Every dependency a route runs, nested ones included."""
+    calls: set[Callable] = set()
     stack: list[Dependant] = [route.dependant] if hasattr(route, "dependant") else []
     while stack:
         dependant = stack.pop()
-        found = max(found, DECLARED.get(dependant.call, Access.OPEN))
+        calls.add(dependant.call)
         stack.extend(dependant.dependencies)
-    return found
+    return calls
+
+
+def route_access(route: BaseRoute) -> Access:
+    """The strictest access a route declares through its dependencies (OPEN for docs and the like)."""
+    return max((DECLARED.get(call, Access.OPEN) for call in _calls(route)), default=Access.OPEN)
+
+
+def route_generates(route: BaseRoute) -> bool:
+    """Whether the route submits to the engine (and so is refused with 429/503 when it has no room)."""
+    return require_capacity in _calls(route)

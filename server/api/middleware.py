@@ -1,5 +1,8 @@
 """ASGI middleware: what must be decided before FastAPI reads a body, and the access log.
 
+Overload too: a generation request that meets a full queue is answered 429 from the headers,
+so a burst past the queue costs the server almost nothing per refused request.
+
 FastAPI reads (and for multipart, spools to a temporary file) the whole body before any
 dependency runs. `RequestGate` therefore finds the route from the path and method, checks the
 key it declares and the Content-Length against the limit, and answers 401/403/413 without
@@ -19,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.dependencies import Access, check_access, route_access
+from server.api.dependencies import Access, check_access, endpoint_label, route_access, route_generates
 from server.api.errors import error_response
 from server.api.serving import ServingError
 from server.config import Settings
@@ -39,25 +42,32 @@ class RequestGate:
 
     def __init__(self, app: ASGIApp, settings: Settings, routes: Sequence[BaseRoute]) -> None:
         self.app, self.settings = app, settings
-        self.routes = [(route, route_access(route)) for route in routes]
+        self.routes = [(route, route_access(route), route_generates(route)) for route in routes]
 
-    def _route_access(self, scope: Scope) -> Access:
+    def _route(self, scope: Scope) -> tuple[Access, bool]:
+        """(access needed, whether it generates) for the route that will answer."""
         partial = Access.OPEN
-        for route, access in self.routes:
+        for route, access, generates in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                return access
+                return access, generates
             if match is Match.PARTIAL:  # path matched, method did not: a 405 follows, never a body read
                 partial = max(partial, access)
-        return partial
+        return partial, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
+        access, generates = self._route(scope)
+        state = scope["app"].state.reft
         try:
-            check_access(self._route_access(scope), self.settings, authorization)
+            check_access(access, self.settings, authorization)
+            if access >= Access.API and state.draining:
+                raise ServingError(503, "the server is shutting down", "unavailable", {"Connection": "close"})
+            if generates and state.serving is not None:  # a full queue answers 429 before the body is read
+                state.serving.check_capacity(endpoint_label(scope["path"]))
         except ServingError as exc:
             return await error_response(exc.status, exc.message, exc.kind, exc.headers)(scope, receive, send)
         upload = scope["path"].rstrip("/") == UPLOAD_PATH and scope["method"] == "POST"

@@ -125,6 +125,11 @@ class Scheduler:
     # ---- called from other threads -------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        """True while the engine thread runs: readiness turns 503 once it has died or stopped."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
