@@ -15,10 +15,18 @@ from server.torch_threads import in_own_thread
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
+# OpenAPI links: what a client (and schemathesis' stateful tests) can do next with an uploaded adapter.
+_NAME = {"name": "$response.body#/name"}
+UPLOAD_LINKS = {
+    "GetAdapter": {"operationId": "get_adapter_v1_adapters__name__get", "parameters": _NAME},
+    "DeleteAdapter": {"operationId": "delete_adapter_v1_adapters__name__delete", "parameters": _NAME},
+    "CompleteWithAdapter": {"operationId": "completions_v1_completions_post",
+                            "requestBody": {"model": "$response.body#/name", "prompt": "Hello", "max_tokens": 1}},
+}
 
 
 @router.post(
-    "", status_code=201, response_model=AdapterDescription, responses=ERRORS,
+    "", status_code=201, response_model=AdapterDescription, responses={**ERRORS, 201: {"links": UPLOAD_LINKS}},
     dependencies=[Depends(require_admin)],
 )
 async def upload_adapter(

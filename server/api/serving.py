@@ -113,7 +113,7 @@ class Serving:
             if bad:
                 raise ServingError(400, f"token ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
             return list(prompt)
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(_checked_text(prompt), add_special_tokens=True)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the text carried its own BOS already
             ids = ids[1:]
@@ -126,7 +126,7 @@ class Serving:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(_checked_text(text), add_special_tokens=False)["input_ids"]
 
     def params(
         self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
@@ -175,6 +175,15 @@ class Serving:
         if result.finish_reason is None:
             raise ServingError(499, "the client went away", "cancelled")
         return result
+
+
+def _checked_text(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer accepts: refuse them as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ServingError(400, f"the prompt is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    return text
 
 
 class Submission:
