@@ -311,3 +311,18 @@ def test_authorised_upload_does_spool_to_the_watched_directory(keyed):
                        headers={"Content-Type": "multipart/form-data; boundary=xyz", **bearer(ADMIN)})
     assert "invalid adapter" in error_of(r, 400)
     assert watcher.seen
+
+
+def test_draining_refuses_new_requests_before_the_body():
+    app = create_app(Settings(), engine_factory=never_loaded)
+    app.state.reft.drain()
+    headers = {"content-type": "application/json", "content-length": "100"}
+    assert run(call_without_body(app, "POST", "/v1/completions", headers)) == (503, False)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            r = await c.get("/v1/adapters")
+            assert "shutting down" in error_of(r, 503) and r.headers["connection"] == "close"
+            assert (await c.get("/live")).status_code == 200
+
+    run(go())
