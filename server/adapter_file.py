@@ -41,7 +41,7 @@ METADATA_KEY = "reft_adapter"
 COMPONENT = "block_output"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ORTHONORMAL_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a leading "." would hide the file
 _PYREFT_CLASSES = {
     "LoreftIntervention": "loreft",
     "NoreftIntervention": "noreft",
@@ -97,9 +97,10 @@ class Adapter:
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AdapterError(
-            f"adapter name {name!r} is invalid: use 1 to 64 letters, digits, '-', '_' or '.'"
+            f"adapter name {name!r} is invalid: a letter or digit, then letters, digits, '-', '_' or '.'; "
+            "at most 64 characters"
         )
     return name
 

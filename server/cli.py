@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import typer
 
@@ -31,10 +34,10 @@ def serve(
         False, "--read-only-registry", envvar=ENV + "READ_ONLY_REGISTRY",
         help="serve and scan a shared registry; refuse writes with 403",
     ),
+    drain_seconds: float = typer.Option(30.0, envvar=ENV + "DRAIN_SECONDS",
+                                        help="on SIGTERM, how long in-flight requests may finish"),
 ) -> None:
     """Start the HTTP server. Every other setting is read from its REFT_* environment variable."""
-    import uvicorn
-
     from server.api.app import create_app
 
     try:
@@ -42,13 +45,34 @@ def serve(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
             read_only_registry=read_only_registry,
+            drain_seconds=drain_seconds,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format="%(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+    app = create_app(settings)
+    _run(app, settings, app.state.reft.drain)
+
+
+def _run(app: object, settings: Settings, drain: Callable[[], None]) -> None:
+    """Run uvicorn; on SIGTERM/SIGINT, refuse new requests, let in-flight ones finish for up to
+    `drain_seconds`, then exit 0 (uvicorn alone would re-raise SIGTERM and die by the signal)."""
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.disable_automatic_graceful_drain()  # streams drain like other requests, within drain_seconds
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            drain()
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=settings.drain_seconds)
+    DrainingServer(config).run()
 
 
 @app.command("import-pyreft")

@@ -39,7 +39,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload accepted")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
     adapter_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="device memory for resident adapters")
+    host_adapter_cache_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0, description="host memory for parsed adapters (LRU beyond; re-read from disk)"
+    )
     pinned_adapters: list[str] = Field(default_factory=list, description="adapters never evicted from the device")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     scan_interval: float = Field(2.0, ge=0, description="seconds between registry directory scans; 0 = off")
     read_only_registry: bool = Field(False, description="serve and scan the registry, refuse writes with 403")
     allow_runtime_adapter_updates: bool = Field(
@@ -50,4 +54,5 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    metrics_key: SecretStr | None = Field(None, description="if set, /metrics needs it as a bearer key")
     log_level: str = "info"

@@ -4,6 +4,9 @@ so replicas can sit in an InferencePool with adapter affinity and no custom code
 
 Adapter labels are bounded: the first `max_adapter_labels` adapters seen keep their name, any
 later one is counted as "other", so a registry of 10,000 adapters cannot blow up cardinality.
+`vllm:lora_requests_info` lists at most that many running and as many waiting adapter names (the
+endpoint picker needs names there, in vLLM's comma-separated form); deployments that want the
+names private set REFT_METRICS_KEY.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
+UNKNOWN_LABEL = "unknown"  # refused before the request named its adapter
 
 
 class EngineView:
@@ -43,8 +47,9 @@ class EngineView:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, view: EngineView) -> None:
+    def __init__(self, view: EngineView, max_listed: int) -> None:
         self.view = view
+        self.max_listed = max_listed
         self._lora_lock = threading.Lock()
         self._lora_labels: tuple[str, str, str] | None = None
         self._lora_since = 0.0
@@ -56,7 +61,8 @@ class _EngineCollector(Collector):
         with its creation time. A change is stamped when a scrape first sees it, so at most one
         scrape interval late."""
         v = self.view
-        labels = (",".join(v.running_adapters()), ",".join(v.waiting_adapters()), str(v.max_lora))
+        labels = (",".join(v.running_adapters()[: self.max_listed]), ",".join(v.waiting_adapters()[: self.max_listed]),
+                  str(v.max_lora))
         with self._lora_lock:
             if labels != self._lora_labels:
                 self._lora_labels, self._lora_since = labels, time.time()
@@ -99,7 +105,7 @@ class Metrics:
     def __init__(self, max_adapter_labels: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.view = EngineView()
-        self.registry.register(_EngineCollector(self.view))
+        self.registry.register(_EngineCollector(self.view, max_adapter_labels))
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels
         self._lock = threading.Lock()

@@ -27,8 +27,8 @@ and process that writes it; start-up removes only those of dead processes on thi
 older than STALE_TMP_SECONDS (another host's process cannot be asked). A read-only replica
 (`read_only=True`) takes no exclusive lock and writes nothing: it follows the others and the files.
 
-Adapters are parsed from disk on first use and kept in a bounded host-memory LRU keyed by
-(name, sha256); a request holds the parsed Adapter it resolved, so replacing or deleting an
+Adapters are parsed from disk on first use and kept in a host-memory LRU keyed by (name, sha256),
+bounded in bytes (`host_cache_bytes`); a request holds the parsed Adapter it resolved, so replacing or deleting an
 adapter never disturbs requests already running with it.
 
 Locking: `_write_lock` serialises, within this process, everything that reads or changes the
@@ -73,7 +73,7 @@ STALE_TMP_SECONDS = 15 * 60  # a temporary file this old is a crash's leftover, 
 HOST = socket.gethostname().replace("/", "_") or "localhost"
 SUFFIX = ".safetensors"
 MAX_ARCHIVE_MEMBERS = 256
-HOST_CACHE_SIZE = 1024
+REJECTED_LIMIT = 4096  # remembered invalid files; one forgotten is only re-validated at the next scan
 
 
 class UnknownAdapter(KeyError):
@@ -222,7 +222,8 @@ def _pid_alive(pid: int) -> bool:
 
 class Registry:
     def __init__(
-        self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int, read_only: bool = False
+        self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int, read_only: bool = False,
+        host_cache_bytes: int = 1 << 30,
     ) -> None:
         self.directory = Path(directory)
         self.base = base
@@ -231,7 +232,9 @@ class Registry:
         self.read_only = read_only
         self._records: dict[str, AdapterRecord] = {}
         self._sorted: list[str] | None = None  # names in order, rebuilt after a change for paging
+        self.host_cache_bytes = host_cache_bytes
         self._parsed: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._parsed_bytes = 0
         self._rejected: dict[str, tuple[int, int]] = {}  # hand-dropped files that failed validation
         # how far this process has followed the shared files
         self._index_id: tuple[int, int, int] | None = None
@@ -434,6 +437,8 @@ class Registry:
                 ):
                     present[entry.name[: -len(SUFFIX)]] = entry.stat(follow_symlinks=False)
         records = self._records  # only this thread changes it while the write lock is held
+        for name in [n for n in self._rejected if n not in present]:  # removed since: forget it
+            del self._rejected[name]
         updates: dict[str, AdapterRecord | None] = {name: None for name in records if name not in present}
         parsed: list[tuple[str, str, Adapter]] = []
         for name, st in present.items():
@@ -450,7 +455,7 @@ class Registry:
                 adapter = adapter_file.loads(data, self.base, self.max_rank)
             except (AdapterError, OSError) as exc:
                 log.error("ignoring %s%s in %s: %s", name, SUFFIX, self.directory, exc)
-                self._rejected[name] = (st.st_size, st.st_mtime_ns)
+                self._reject(name, st)
                 if record:
                     updates[name] = None
                 continue
@@ -602,6 +607,9 @@ class Registry:
         """Set (or, for None, remove) records and keep what was parsed: the one place records change."""
         with self._lock:
             for name, record in updates.items():
+                old = self._records.get(name)
+                if old is not None and (record is None or record.sha256 != old.sha256):
+                    self._forget(name, old.sha256)
                 if record is None:
                     self._records.pop(name, None)
                 else:
@@ -611,10 +619,24 @@ class Registry:
                 self._remember(name, sha, adapter)
 
     def _remember(self, name: str, sha: str, adapter: Adapter) -> None:
+        """Keep a parsed adapter, evicting the least recently used while over the byte budget."""
+        self._forget(name, sha)
         self._parsed[(name, sha)] = adapter
-        self._parsed.move_to_end((name, sha))
-        while len(self._parsed) > HOST_CACHE_SIZE:
-            self._parsed.popitem(last=False)
+        self._parsed_bytes += host_nbytes(adapter)
+        while self._parsed_bytes > self.host_cache_bytes and self._parsed:
+            self._parsed_bytes -= host_nbytes(self._parsed.popitem(last=False)[1])
+
+    def _forget(self, name: str, sha: str) -> None:
+        adapter = self._parsed.pop((name, sha), None)
+        if adapter is not None:
+            self._parsed_bytes -= host_nbytes(adapter)
+
+    def _reject(self, name: str, st: os.stat_result) -> None:
+        """Remember an invalid file so scans do not re-read it until it changes; the oldest go past the limit."""
+        self._rejected.pop(name, None)
+        self._rejected[name] = (st.st_size, st.st_mtime_ns)
+        while len(self._rejected) > REJECTED_LIMIT:
+            del self._rejected[next(iter(self._rejected))]
 
     def _journal(self, entries: list[dict]) -> None:
         """Append numbered changes to the journal (fsynced); fold it into the index once long.
@@ -660,6 +682,11 @@ class Registry:
     def _notify(self, name: str) -> None:
         for callback in self.on_removed:
             callback(name)
+
+
+def host_nbytes(adapter: Adapter) -> int:
+    """Bytes of an adapter's tensors in host memory."""
+    return sum(t.nbytes for iv in adapter.interventions for t in iv.tensors.values())
 
 
 def _record(name: str, version: int, sha: str, adapter: Adapter, size: int, st: os.stat_result) -> AdapterRecord:

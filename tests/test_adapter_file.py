@@ -882,15 +882,17 @@ def test_import_refuses_unshared_odd_count(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["emoji", "a", "v1.2-final_B", "x" * 64, "..a", "a..b"])
+@pytest.mark.parametrize("name", ["emoji", "a", "Z", "0", "9-_.", "v1.2-final_B", "x" * 64, "a..b", "a.", "a-", "a_",
+                                  "a.safetensors"])
 def test_validate_name_accepts(name):
     assert validate_name(name) == name
 
 
 @pytest.mark.parametrize(
     "name",
-    ["a/b", "/etc", "..", ".", "../x", "has space", " lead", "trail ", "x" * 65, "", "tab\t", "new\nline",
-     "back\\slash", "é", "a:b", None, 5],
+    ["a/b", "/etc", "..", ".", "../x", "..a", ".hidden", "-flag", "_under", "has space", " lead", "trail ", "x" * 65,
+     "a" + "x" * 64, "", "tab\t", "new\nline", "trailing\n", "back\\slash", "é", "aé", "\u0661", "a\u200b", "ａ",
+     "a:b", "a/", None, 5],
 )
 def test_validate_name_refuses(name):
     with pytest.raises(AdapterError, match="adapter name .* is invalid") as info:

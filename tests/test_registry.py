@@ -669,7 +669,8 @@ def test_http_upload_refuses_hostile_files(server, client, case):
 
 @pytest.mark.parametrize("name,statuses", [
     ("a/b", (400,)), ("..", (400,)), (".", (400,)), ("../etc", (400,)), ("has space", (400,)),
-    ("x" * 65, (400,)), ("", (400, 422)), ("tab\tname", (400,)), ("ünïcode", (400,)),
+    ("x" * 65, (400,)), ("", (400, 422)), ("tab\tname", (400,)), ("ünïcode", (400,)), (".hidden", (400,)),
+    ("-flag", (400,)), ("_under", (400,)), ("..a", (400,)), ("trailing\n", (400,)),
 ])
 def test_http_upload_refuses_bad_names(server, client, name, statuses):
     before = snapshot(server.registry)

@@ -1,11 +1,9 @@
-"""The FastAPI app: lifespan (background model load), auth, limits, errors, access log, routers."""
+"""The FastAPI app: lifespan (background model load), error handlers, middleware, routers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -13,10 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.adapter_file import AdapterError
 from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai
+from server.api.errors import error_response
+from server.api.middleware import AccessLog, RequestGate
 from server.api.serving import Serving, ServingError
 from server.bootstrap import Engine, build_engine
 from server.config import Settings
@@ -25,19 +24,10 @@ from server.registry import AdapterExists, AdapterTooLarge, ReadOnlyRegistry, Un
 from server.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("reft.access")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
-               415: "invalid_request_error", 422: "invalid_request_error", 429: "overloaded",
-               499: "cancelled", 500: "server_error", 503: "unavailable"}
-UPLOAD_PATH = "/v1/adapters"
-MULTIPART_OVERHEAD = 64 * 1024
-
-
-def error_response(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind or ERROR_TYPES.get(status, "error"), "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+# Every router of the API: RequestGate checks each call against these routes' declared access.
+ROUTERS = (routes_health.router, routes_openai.router, routes_generate.router, routes_adapters.router,
+           routes_lora.router)
 
 
 class AppState:
@@ -49,6 +39,7 @@ class AppState:
         self.engine: Engine | None = None
         self.serving: Serving | None = None
         self.load_error: str | None = None
+        self.draining = False
         self._stop = threading.Event()
 
     def load(self, factory: Callable[[Settings], Engine]) -> None:
@@ -76,6 +67,7 @@ class AppState:
         view.kv_cache_usage = engine.scheduler.kv_usage
         self.engine = engine
         self.serving = Serving(engine, self.metrics)
+        self.serving.draining = self.draining
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),
                  engine.load_seconds)
         interval = self.settings.scan_interval
@@ -85,84 +77,18 @@ class AppState:
             except OSError:
                 log.exception("registry scan failed")
 
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new requests with 503 (readiness too); running ones go on."""
+        self.draining = True
+        if self.serving is not None:
+            self.serving.draining = True
+
     def close(self) -> None:
         self._stop.set()
+        if self.serving is not None:
+            self.serving.close()
         if self.engine is not None:
             self.engine.scheduler.stop()
-
-
-class BodyLimit:
-    """Refuse bodies over the limit with 413, by Content-Length or while they stream in."""
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings = app, settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        upload = scope["path"].rstrip("/") == UPLOAD_PATH and scope["method"] == "POST"
-        limit = self.settings.max_adapter_bytes + MULTIPART_OVERHEAD if upload else self.settings.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        too_large = error_response(413, f"request body is over the limit of {limit} bytes")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await too_large(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """An HTTPException: FastAPI re-raises those from body parsing (any other exception becomes a 400)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is over the limit of {limit} bytes")
-
-
-class AccessLog:
-    """One JSON line per request: method, path, status, latency, adapter and tokens (never keys)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            info = scope.get("state", {}).get("access", {})
-            access_log.info(json.dumps({
-                "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "status": status,
-                "latency_ms": round((time.perf_counter() - start) * 1000, 2), **info,
-            }))
 
 
 def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
@@ -222,11 +148,8 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "internal server error")
 
-    app.include_router(routes_health.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_adapters.router)
-    app.include_router(routes_lora.router)
-    app.add_middleware(BodyLimit, settings=settings)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestGate, settings=settings, routes=[r for router in ROUTERS for r in router.routes])
     app.add_middleware(AccessLog)
     return app

@@ -7,23 +7,31 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
 from server.adapter_file import validate_name
-from server.api.dependencies import require_admin_key, require_api_key, require_serving
+from server.api.dependencies import require_admin, require_api_key, require_serving
 from server.api.protocol import AdapterDescription, AdapterList, ErrorResponse
 from server.api.serving import Serving, ServingError
 from server.registry import AdapterRecord
 from server.torch_threads import in_own_thread
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
+# OpenAPI links: what a client (and schemathesis' stateful tests) can do next with an uploaded adapter.
+_NAME = {"name": "$response.body#/name"}
+UPLOAD_LINKS = {
+    "GetAdapter": {"operationId": "get_adapter_v1_adapters__name__get", "parameters": _NAME},
+    "DeleteAdapter": {"operationId": "delete_adapter_v1_adapters__name__delete", "parameters": _NAME},
+    "CompleteWithAdapter": {"operationId": "completions_v1_completions_post",
+                            "requestBody": {"model": "$response.body#/name", "prompt": "Hello", "max_tokens": 1}},
+}
 
 
 @router.post(
-    "", status_code=201, response_model=AdapterDescription, responses=ERRORS,
-    dependencies=[Depends(require_admin_key)],
+    "", status_code=201, response_model=AdapterDescription, responses={**ERRORS, 201: {"links": UPLOAD_LINKS}},
+    dependencies=[Depends(require_admin)],
 )
 async def upload_adapter(
     request: Request,
-    name: str = Form(..., description="letters, digits, '-', '_', '.'; at most 64"),
+    name: str = Form(..., description="a letter or digit, then letters, digits, '-', '_', '.'; at most 64"),
     file: UploadFile = File(..., description="native .safetensors, or a .zip / .tar.gz of a pyreft save directory"),
     positions: str | None = Form(None, description="pyreft archives only: e.g. f3+l3"),
     share_weights: bool = Form(False, description="pyreft archives only"),
@@ -64,7 +72,7 @@ def get_adapter(name: str, serving: Serving = Depends(require_serving)) -> Adapt
     return AdapterDescription(**serving.engine.registry.get(name).describe())
 
 
-@router.delete("/{name}", status_code=204, responses=ERRORS, dependencies=[Depends(require_admin_key)])
+@router.delete("/{name}", status_code=204, responses=ERRORS, dependencies=[Depends(require_admin)])
 async def delete_adapter(name: str, serving: Serving = Depends(require_serving)) -> Response:
     await asyncio.to_thread(serving.engine.registry.delete, name)
     return Response(status_code=204)

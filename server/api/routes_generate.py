@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.dependencies import require_api_key, require_serving
+from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity
 from server.api.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GenerateUsage
 from server.api.serving import Serving, ServingError, Submission
 
@@ -17,26 +17,30 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
-async def generate(req: GenerateRequest, request: Request, serving: Serving = Depends(require_serving)):
+async def generate(
+    req: GenerateRequest, request: Request, serving: Serving = Depends(require_capacity),
+    until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
+):
     """Generate with one adapter (or none). With `stream: true`, SSE events of text deltas, then `[DONE]`."""
     if isinstance(req.prompt, list) and not req.prompt:
         raise ServingError(400, "the prompt is empty")
     request.state.access = {"adapter": req.adapter}
     ref = await serving.resolve(req.adapter)
-    ids = serving.encode(req.prompt)
+    ids = await serving.encode(req.prompt)
     params = serving.params(
         len(ids), req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
     )
     request.state.access = {"adapter": req.adapter, "prompt_tokens": len(ids)}
     if not req.stream:
-        result = await serving.complete(ids, params, ref, "generate", request.is_disconnected)
+        result = await serving.complete(ids, params, ref, "generate", until_disconnect)
         request.state.access["completion_tokens"] = result.completion_tokens
         return GenerateResponse(
             text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason, adapter=req.adapter,
             usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
-    return EventSourceResponse(_events(serving.submit(ids, params, ref, "generate"), req.adapter), ping=15)
+    submission = serving.submit(ids, params, ref, "generate", until_disconnect)
+    return EventSourceResponse(_events(submission, req.adapter), ping=15)
 
 
 async def _events(submission: Submission, adapter: str | None) -> AsyncIterator[dict]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api.dependencies import require_metrics_key
 from server.api.protocol import ErrorResponse, Health
 
 router = APIRouter(tags=["health"])
@@ -13,13 +14,17 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
 def health(request: Request) -> JSONResponse:
-    """Readiness: 200 once the model is loaded and serving, 503 before (or if start-up failed)."""
+    """Readiness: 200 while serving; 503 before (or if start-up failed), while draining, or once the engine died."""
     state = request.app.state.reft
     if state.serving is None:
         reason = f"start-up failed: {state.load_error}" if state.load_error else "loading"
         body = {"status": "loading" if not state.load_error else "failed",
                 "error": {"message": reason, "type": "unavailable", "code": 503}}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    if state.serving.draining or not state.serving.engine.scheduler.alive:
+        reason = "the server is shutting down" if state.serving.draining else "the engine thread has stopped"
+        body = {"status": "unavailable", "error": {"message": reason, "type": "unavailable", "code": 503}}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -29,6 +34,8 @@ def live() -> Health:
     return Health(status="alive")
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={401: {"model": ErrorResponse}},
+            dependencies=[Depends(require_metrics_key)])
 def metrics(request: Request) -> Response:
+    """Prometheus text format; needs `Authorization: Bearer <metrics key>` once REFT_METRICS_KEY is set."""
     return Response(generate_latest(request.app.state.reft.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.adapter_file import validate_name
-from server.api.app import require_admin_key, require_serving
+from server.api.dependencies import require_admin, require_serving
 from server.api.protocol import ErrorResponse
 from server.api.serving import Serving, ServingError
 from server.config import Settings
@@ -70,7 +70,7 @@ def allowed_path(settings: Settings, lora_path: str) -> Path:
 
 @router.post(
     "/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
-    dependencies=[Depends(require_runtime_updates), Depends(require_admin_key)],
+    dependencies=[Depends(require_runtime_updates), Depends(require_admin)],
 )
 async def load_lora_adapter(
     body: LoadLoraAdapterRequest, request: Request, serving: Serving = Depends(require_serving)
@@ -98,7 +98,7 @@ async def load_lora_adapter(
 
 @router.post(
     "/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
-    dependencies=[Depends(require_runtime_updates), Depends(require_admin_key)],
+    dependencies=[Depends(require_runtime_updates), Depends(require_admin)],
 )
 async def unload_lora_adapter(
     body: UnloadLoraAdapterRequest, request: Request, serving: Serving = Depends(require_serving)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.dependencies import require_api_key, require_serving
+from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity, require_serving
 from server.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -77,7 +77,10 @@ def list_models(serving: Serving = Depends(require_serving)) -> ModelList:
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-async def completions(req: CompletionRequest, request: Request, serving: Serving = Depends(require_serving)):
+async def completions(
+    req: CompletionRequest, request: Request, serving: Serving = Depends(require_capacity),
+    until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
+):
     _refuse_unsupported(req)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -89,20 +92,20 @@ async def completions(req: CompletionRequest, request: Request, serving: Serving
     name = serving.adapter_name(req.model)
     _track(request, name, None)
     ref = await serving.resolve(name)
-    ids = serving.encode(prompt)
+    ids = await serving.encode(prompt)
     params = serving.params(
         len(ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
     )
     _track(request, name, len(ids))
     if not req.stream:
-        result = await serving.complete(ids, params, ref, "completions", request.is_disconnected)
+        result = await serving.complete(ids, params, ref, "completions", until_disconnect)
         request.state.access["completion_tokens"] = result.completion_tokens
         return CompletionResponse(
             model=req.model, choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
-    submission = serving.submit(ids, params, ref, "completions")
+    submission = serving.submit(ids, params, ref, "completions", until_disconnect)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _sse(_completion_chunks(submission, req.model, include_usage))
 
@@ -121,7 +124,10 @@ async def _completion_chunks(submission: Submission, model: str, include_usage: 
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-async def chat_completions(req: ChatCompletionRequest, request: Request, serving: Serving = Depends(require_serving)):
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, serving: Serving = Depends(require_capacity),
+    until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
+):
     _refuse_unsupported(req)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
@@ -130,21 +136,21 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, serving
     for m in messages:
         if isinstance(m.get("content"), list):
             m["content"] = "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
-    ids = serving.chat_ids(messages)
+    ids = await serving.chat_ids(messages)
     params = serving.params(
         len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
     )
     _track(request, name, len(ids))
     if not req.stream:
-        result = await serving.complete(ids, params, ref, "chat", request.is_disconnected)
+        result = await serving.complete(ids, params, ref, "chat", until_disconnect)
         request.state.access["completion_tokens"] = result.completion_tokens
         return ChatCompletionResponse(
             model=req.model,
             choices=[ChatChoice(message=ChatMessageOut(content=result.text), finish_reason=result.finish_reason)],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
-    submission = serving.submit(ids, params, ref, "chat")
+    submission = serving.submit(ids, params, ref, "chat", until_disconnect)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _sse(_chat_chunks(submission, req.model, include_usage))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from server.adapter_file import AdapterError
 from server.engine.adapter_cache import AdapterRef
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineError, Event, GenerationRequest
-from server.metrics import Metrics
+from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import UnknownAdapter
 from server.torch_threads import in_own_thread
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:  # the composition root builds the Engine and hands it down; s
 
 BASE_ALIASES = ("base",)
 MAX_STOP_STRINGS = 16
-DISCONNECT_POLL_SECONDS = 0.25
+TOKENIZER_THREADS = 2  # fast tokenizers release the GIL: tokenising never stalls the event loop
+ENGINE_CHECK_SECONDS = 1.0  # how often a waiting request checks that the engine thread still runs
 
 
 class ServingError(Exception):
@@ -50,6 +52,8 @@ class Serving:
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
+        self.draining = False
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reft-tokenize")
 
     # ---- names and prompts ------------------------------------------------------------------
 
@@ -72,7 +76,36 @@ class Serving:
         except (AdapterError, FileNotFoundError) as exc:
             raise ServingError(404, f"adapter {name!r} is not available: {exc}", "not_found_error") from None
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def check_capacity(self, endpoint: str) -> None:
+        """Refuse with 503/429 before any work is spent on a request that the engine would refuse anyway.
+
+        Refusals are counted under the adapter label "unknown": they may come before the body is read.
+        """
+        scheduler = self.engine.scheduler
+        if self.draining or not scheduler.alive:
+            reason = "the server is shutting down" if self.draining else "the engine stopped"
+            error = ServingError(503, reason, "unavailable", {"Retry-After": "5"})
+        elif scheduler.num_waiting >= scheduler.max_queue + max(scheduler.max_batch_size - scheduler.num_running, 0):
+            error = ServingError(429, f"the queue is full ({scheduler.max_queue} requests waiting); retry shortly",
+                                 "overloaded", {"Retry-After": "1"})
+        else:
+            return
+        self.metrics.requests.labels(endpoint, UNKNOWN_LABEL, str(error.status)).inc()
+        raise error
+
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; text is tokenised on the tokenizer threads, off the event loop."""
+        if isinstance(prompt, str) and prompt:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode, prompt)
+        return self._encode(prompt)
+
+    async def chat_ids(self, messages: list[dict]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._chat_ids, messages)
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
         if not prompt:
             raise ServingError(400, "the prompt is empty")
         if isinstance(prompt, list):
@@ -80,20 +113,20 @@ class Serving:
             if bad:
                 raise ServingError(400, f"token ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
             return list(prompt)
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(_checked_text(prompt), add_special_tokens=True)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the text carried its own BOS already
             ids = ids[1:]
         return ids
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServingError(400, f"the base model {self.model_id!r} has no chat template; use /v1/completions")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(_checked_text(text), add_special_tokens=False)["input_ids"]
 
     def params(
         self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
@@ -118,17 +151,23 @@ class Serving:
     # ---- running ----------------------------------------------------------------------------
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str
+        self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> Submission:
-        """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts."""
-        return Submission(self, prompt_ids, params, ref, endpoint)
+        """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts.
+
+        `until_disconnect` returns once the client has gone; the request is then cancelled at once,
+        whether or not anyone is reading its events yet (its slot is free before the next step).
+        """
+        self.check_capacity(endpoint)
+        return Submission(self, prompt_ids, params, ref, endpoint, until_disconnect)
 
     async def complete(
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
         result = Result(prompt_tokens=len(prompt_ids))
-        async for event in self.submit(prompt_ids, params, ref, endpoint).events(is_disconnected):
+        async for event in self.submit(prompt_ids, params, ref, endpoint, until_disconnect).events():
             result.text += event.text
             result.token_ids.extend(event.token_ids)
             result.finish_reason = event.finish_reason
@@ -138,15 +177,26 @@ class Serving:
         return result
 
 
+def _checked_text(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer accepts: refuse them as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ServingError(400, f"the prompt is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    return text
+
+
 class Submission:
     """One submitted request: its events arrive from the engine thread through an asyncio queue."""
 
     def __init__(
-        self, serving: Serving, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str
+        self, serving: Serving, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.metrics = serving.metrics
+        self.scheduler = serving.engine.scheduler
         self.endpoint = endpoint
         self.label = serving.metrics.adapter_label(ref.name if ref else None)
         self.request = GenerationRequest(
@@ -159,18 +209,27 @@ class Submission:
             headers = {"Retry-After": "1"} if exc.status == 429 else {}
             raise ServingError(exc.status, str(exc), exc.kind, headers) from None
         self.start = time.monotonic()
+        self.watcher: asyncio.Task | None = None
+        if until_disconnect is not None:
+            self.watcher = loop.create_task(until_disconnect())
+            self.watcher.add_done_callback(self._client_gone)
 
-    async def events(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Event]:
+    def _client_gone(self, watcher: asyncio.Task) -> None:
+        if not watcher.cancelled():
+            self.request.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
         """Yield the request's events until it finishes; cancel it if the consumer goes away."""
         first = True
         status = "499"
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
+                    event = await asyncio.wait_for(self.queue.get(), ENGINE_CHECK_SECONDS)
                 except TimeoutError:
-                    if is_disconnected is not None and await is_disconnected():
-                        return
+                    if not self.scheduler.alive:
+                        status = "503"
+                        raise ServingError(503, "the engine stopped", "unavailable") from None
                     continue
                 if first and event.token_ids:
                     self.metrics.ttft.labels(self.label).observe(time.monotonic() - self.start)
@@ -189,4 +248,6 @@ class Submission:
                     return
         finally:
             self.request.cancel()
+            if self.watcher is not None:
+                self.watcher.cancel()
             self.metrics.requests.labels(self.endpoint, self.label, status).inc()
