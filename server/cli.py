@@ -98,7 +98,7 @@ def train(
     lr: float = typer.Option(4e-3, help="AdamW learning rate, decayed linearly to 0"),
     batch_size: int = typer.Option(10, help="examples per optimisation step"),
     seed: int = typer.Option(0, help="same seed, data and machine: the same file"),
-    device: str = typer.Option("cpu", envvar=ENV + "DEVICE", help="auto|cpu|cuda"),
+    device: str = typer.Option("auto", envvar=ENV + "DEVICE", help="auto|cpu|cuda (training runs in float32)"),
 ) -> None:
     """Train an adapter on the frozen base model (loss on the completions only) and write it atomically."""
     import time
