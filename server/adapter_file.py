@@ -96,6 +96,51 @@ class Adapter:
         }
 
 
+MAX_COMPOSED = 8
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Several adapters applied in one forward, in the order named.
+
+    It offers what the engine's batch plan reads from an Adapter: the interventions in order and,
+    per intervention, its positions. Each part keeps its own positions rule, and on a layer that
+    several parts act on, their interventions apply one after another, each reading what the
+    previous wrote, exactly as several interventions of one adapter do.
+    """
+
+    parts: tuple[Adapter, ...]
+
+    @property
+    def interventions(self) -> tuple[Intervention, ...]:
+        return tuple(iv for part in self.parts for iv in part.interventions)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for part in self.parts for layer in part.layers})
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({kind for part in self.parts for kind in part.types})
+
+    @property
+    def max_rank(self) -> int:
+        return max(part.max_rank for part in self.parts)
+
+    def locations(self, prompt_length: int) -> list[list[int]]:
+        return [locs for part in self.parts for locs in part.locations(prompt_length)]
+
+
+def composition(name: str | list[str]) -> list[str]:
+    """The adapter names in a composed request ("a+b" or ["a", "b"]), at most MAX_COMPOSED."""
+    names = name.split("+") if isinstance(name, str) else list(name)
+    if len(names) > MAX_COMPOSED:
+        raise AdapterError(f"at most {MAX_COMPOSED} adapters can be composed in one request, got {len(names)}")
+    if not names or any(not n for n in names):
+        raise AdapterError(f"adapter composition {name!r} has an empty name; write it as 'a+b' or [\"a\", \"b\"]")
+    return names
+
+
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AdapterError(

@@ -102,5 +102,66 @@ def import_pyreft(
                f"rank {adapter.max_rank}, positions {adapter.positions}, share_weights={adapter.share_weights}")
 
 
+def _layer_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated layer numbers such as 4,10, got {text!r}") from None
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help='JSONL: {"prompt", "completion"} or {"messages": [...]} per line'),
+    out: Path = typer.Argument(..., help="the native adapter file to write (NAME.safetensors)"),
+    model: str | None = typer.Option(None, envvar=ENV + "MODEL", help="HF dir, .gguf or hub id (default: SmolLM2)"),
+    type_: str = typer.Option("loreft", "--type", help="loreft|noreft|consreft|lobireft|direft|nodireft"),
+    layers: str | None = typer.Option(None, help="decoder layers to intervene after, e.g. 4,10 (default: two in "
+                                                  "the lower third)"),
+    positions: str = typer.Option("f2+l2", help="prompt positions: fN, lN or fN+lN"),
+    share_weights: bool = typer.Option(False, "--share-weights/--no-share-weights",
+                                       help="with fN+lN, one intervention per layer for both ends"),
+    rank: int = typer.Option(4, help="intervention rank"),
+    epochs: int = typer.Option(60),
+    lr: float = typer.Option(4e-3, help="AdamW learning rate, decayed linearly to 0"),
+    batch_size: int = typer.Option(10, help="examples per optimisation step"),
+    seed: int = typer.Option(0, help="same seed, data and machine: the same file"),
+    device: str = typer.Option("auto", envvar=ENV + "DEVICE", help="auto|cpu|cuda (training runs in float32)"),
+) -> None:
+    """Train an adapter on the frozen base model (loss on the completions only) and write it atomically."""
+    import time
+
+    from tqdm import tqdm
+
+    from server import adapter_file
+    from server.model import ModelError, load_base_model
+    from server.registry import atomic_write
+    from server.train import DataError, TrainConfig, Trainer, load_examples, read_records
+
+    config = TrainConfig(kind=type_, layers=_layer_list(layers), positions=positions, share_weights=share_weights,
+                         rank=rank, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    try:
+        read_records(data)  # bad data fails before the model loads
+        base = load_base_model(model, device=device, dtype="float32")
+        trainer = Trainer(base, load_examples(data, base), config)
+    except (DataError, ModelError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    start, loss = time.monotonic(), float("nan")
+    with tqdm(total=trainer.total_steps, desc=f"training {type_}", unit="step") as bar:
+        while not trainer.done:
+            loss = trainer.step()
+            bar.set_postfix(epoch=trainer.epoch, loss=f"{loss:.4f}")
+            bar.update()
+    adapter = trainer.adapter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, adapter_file.to_bytes(adapter))
+    layer_text = ", ".join(str(iv.layer) for iv in adapter.interventions)
+    typer.echo(f"wrote {out}: {len(adapter.interventions)} x {type_} on layers {layer_text}, rank {rank}, "
+               f"positions {adapter.positions}, share_weights={share_weights}; {len(trainer.examples)} examples, "
+               f"{epochs} epochs, final loss {loss:.4f}, {time.monotonic() - start:.0f} s")
+
+
 if __name__ == "__main__":
     app()

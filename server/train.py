@@ -7,6 +7,9 @@ the server computes. Interventions act, through forward hooks, on a decoder laye
 (pyvene's `block_output`) at the adapter's prompt positions. The loss is cross-entropy on the
 completion tokens (plus an appended EOS) only; AdamW with linear decay to 0, float32, gradient
 norm clipped at 1.0 (the transformers Trainer defaults pyreft trains with).
+
+`Trainer.step()` runs one optimisation step and returns its loss, so a caller decides what runs
+between steps: the CLI's progress bar, or a serving engine interleaving its own steps.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from server.adapter_file import Adapter, build, make_intervention
 from server.interventions import INTERVENTION_TYPES, ORTHONORMAL_TYPES, Intervention, reference_apply
@@ -27,6 +30,10 @@ from server.model import BaseModel
 from server.positions import Positions
 
 IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and line."""
 
 
 class LowRankRotateLayer(nn.Module):
@@ -119,32 +126,91 @@ def locations_index(
     ]
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """Read (prompt, completion) pairs from lines of {"prompt": ..., "completion": ...}."""
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+# ---- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """One JSONL line: a text prompt, or chat messages to render with the base model's template."""
+
+    line: int
+    completion: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example; `completion_ids` ends with EOS and is what the loss scores."""
+
+    line: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def _record(row: object, where: str, line: int) -> Record:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise DataError(f"{where}: 'messages' must be a list of at least two messages (the last the answer)")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message is the completion and must have role 'assistant', "
+                            f"not {messages[-1]['role']!r}")
+        if not messages[-1]["content"]:
+            raise DataError(f"{where}: the last (assistant) message is empty")
+        return Record(line, messages[-1]["content"], messages=messages[:-1])
+    missing = [k for k in ("prompt", "completion") if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} "
+                        "(each line is {\"prompt\", \"completion\"} or {\"messages\": [...]})")
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise DataError(f"{where}: 'prompt' and 'completion' must be strings")
+    if not prompt or not completion:
+        raise DataError(f"{where}: 'prompt' and 'completion' must not be empty")
+    return Record(line, completion, prompt=prompt)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Parse a JSONL file of {"prompt", "completion"} or {"messages": [...]} lines; blank lines are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read: {exc}") from exc
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-            row.get("completion"), str
-        ):
-            raise ValueError(f"{path}:{n}: each line must be an object with string 'prompt' and 'completion'")
-        out.append((row["prompt"], row["completion"]))
-    return out
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
+        records.append(_record(row, f"{path}:{n}", n))
+    if not records:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return records
 
 
-def chat_prompt(base: BaseModel, question: str) -> str:
-    """The base tokenizer's chat template around one user turn, ready for the assistant's answer."""
-    return base.tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+def prompt_ids(tokenizer: object, text: str) -> list[int]:
+    """Text prompt to ids the way the server's completion endpoints do: the tokenizer's special
+    tokens added, but a BOS the text already carries not doubled."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids
 
 
-def encode_prompt(base: BaseModel, prompt: str) -> list[int]:
-    """Prompt text to ids. No special tokens are added: chat-formatted text carries its own, and
-    pyreft's fixture ids show no extra BOS (this GGUF tokenizer would prepend a second <|im_start|>)."""
-    return base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def chat_ids(tokenizer: object, messages: list[dict]) -> list[int]:
+    """Chat messages to prompt ids the way the server's chat endpoint does."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def eos_id(base: BaseModel) -> int:
@@ -155,115 +221,170 @@ def eos_id(base: BaseModel) -> int:
     return int(eos)
 
 
-def _encode(base: BaseModel, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + EOS) per example; the completion is what the loss scores."""
-    eos = eos_id(base)
-    return [
-        (encode_prompt(base, p), base.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]) for p, c in pairs
-    ]
+def encode(records: Sequence[Record], base: BaseModel, source: str = "data") -> list[Example]:
+    """Tokenize records; refuse (with the line number) any example that does not fit the context."""
+    tok, eos = base.tokenizer, eos_id(base)
+    out = []
+    for r in records:
+        where = f"{source}:{r.line}"
+        if r.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise DataError(f"{where}: the base model has no chat template; use 'prompt' and 'completion'")
+            try:
+                prompt = chat_ids(tok, r.messages)
+            except Exception as exc:  # noqa: BLE001 - a template error is the data's fault
+                raise DataError(f"{where}: the chat template rejected these messages: {exc}") from exc
+        else:
+            prompt = prompt_ids(tok, r.prompt)
+        completion = tok(r.completion, add_special_tokens=False)["input_ids"] + [eos]
+        if len(prompt) + len(completion) > base.max_context:
+            raise DataError(f"{where}: {len(prompt)} prompt + {len(completion)} completion tokens exceed the "
+                            f"model's context of {base.max_context}")
+        out.append(Example(r.line, prompt, completion))
+    return out
 
 
-def _collate(seqs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device) -> tuple[Tensor, ...]:
+def load_examples(path: str | Path, base: BaseModel) -> list[Example]:
+    return encode(read_records(path), base, str(path))
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Two layers in the lower third (4 and 10 of SmolLM2's 30, as the shipped adapters use)."""
+    return sorted({max(0, num_layers * 2 // 15), num_layers // 3})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how; the defaults are pyreft's emoji recipe (one step per epoch on 10 examples)."""
+
+    kind: str = "loreft"
+    layers: tuple[int, ...] | None = None  # None: default_layers(the base model's layer count)
+    positions: str = "f2+l2"
+    share_weights: bool = False
+    rank: int = 4
+    epochs: int = 60
+    lr: float = 4e-3
+    batch_size: int = 10
+    seed: int = 0
+
+
+def _collate(batch: Sequence[Example], pad: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded input ids, attention mask, and labels with prompt and padding masked out."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[row, :n] = torch.tensor(p + c)
+    width = max(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.prompt_ids) + len(e.completion_ids)
+        ids[row, :n] = torch.tensor(e.prompt_ids + e.completion_ids)
         mask[row, :n] = 1
-        labels[row, len(p) : n] = torch.tensor(c)
+        labels[row, len(e.prompt_ids) : n] = torch.tensor(e.completion_ids)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _completion_loss(base: BaseModel, ids: Tensor, mask: Tensor, labels: Tensor, shortest_prompt: int) -> Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (what transformers computes from
-    `labels`), but with logits only from the last prompt token on: the vocabulary projection
-    over prompt tokens is a large, useless share of a CPU step."""
-    keep = torch.arange(shortest_prompt - 1, ids.shape[1] - 1, device=ids.device)
-    logits = base.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-    target = labels[:, shortest_prompt:]
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+class Trainer:
+    """pyreft's training loop, one optimisation step per `step()` call.
 
-
-def train_adapter(
-    base: BaseModel,
-    examples: list[tuple[str, str]],
-    *,
-    layers: list[int],
-    rank: int,
-    positions: str,
-    share_weights: bool = True,
-    kind: str = "loreft",
-    epochs: int = 60,
-    lr: float = 4e-3,
-    seed: int = 0,
-    progress: bool = True,
-    chat: bool = True,
-    batch_size: int | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> Adapter:
-    """Train one adapter on (prompt, completion) pairs and return it validated, ready to save.
-
-    With `chat`, prompts are user questions wrapped in the base chat template. pyreft's layout:
-    one intervention per layer, or with fN+lN and unshared weights the layers twice (the first
-    half takes the prefix positions, the second the suffix). `batch_size` None = all examples
-    per step (one step per epoch). `on_epoch(epoch, mean_loss)` is called after each epoch.
+    The base model is never changed: its parameters stay frozen and the intervention hooks are on
+    its layers only while a step runs. The frozen layers below the lowest intervened one hold
+    nothing that needs a gradient, so autograd records no graph there.
     """
-    if not examples:
-        raise ValueError("no training examples")
-    if kind not in INTERVENTION_TYPES:
-        raise ValueError(f"unknown intervention type {kind!r} (known: {', '.join(INTERVENTION_TYPES)})")
-    if not layers or any(not 0 <= layer < base.shape.num_layers for layer in layers):
-        raise ValueError(f"layers {layers} must be a non-empty list within 0..{base.shape.num_layers - 1}")
-    if not 1 <= rank <= base.shape.hidden_size:
-        raise ValueError(f"rank {rank} is outside 1..{base.shape.hidden_size}")
-    if epochs < 1 or (batch_size is not None and batch_size < 1):
-        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be at least 1")
-    pos = Positions.parse(positions)
-    all_layers = list(layers) if share_weights or not (pos.first and pos.last) else list(layers) * 2
-    seqs = _encode(base, [(chat_prompt(base, q) if chat else q, a) for q, a in examples])
 
-    torch.manual_seed(seed)
-    modules = nn.ModuleList(TrainableIntervention(kind, L, base.shape.hidden_size, rank) for L in all_layers)
-    modules.to(base.device)
-    params = [p for p in modules.parameters() if p.requires_grad]
-    size = batch_size or len(seqs)
-    steps_per_epoch = math.ceil(len(seqs) / size)
-    total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
-    order_gen = torch.Generator().manual_seed(seed)
+    def __init__(self, base: BaseModel, examples: Sequence[Example], config: TrainConfig) -> None:
+        c = config
+        n_layers = base.shape.num_layers
+        layers = list(c.layers) if c.layers is not None else default_layers(n_layers)
+        if not examples:
+            raise ValueError("no training examples")
+        if c.kind not in INTERVENTION_TYPES:
+            raise ValueError(f"unknown intervention type {c.kind!r} (known: {', '.join(INTERVENTION_TYPES)})")
+        if not layers or any(not 0 <= layer < n_layers for layer in layers):
+            raise ValueError(f"layers {layers} must be a non-empty list within 0..{n_layers - 1}")
+        if not 1 <= c.rank <= base.shape.hidden_size:
+            raise ValueError(f"rank {c.rank} is outside 1..{base.shape.hidden_size}")
+        if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0:
+            raise ValueError(f"epochs ({c.epochs}) and batch size ({c.batch_size}) must be at least 1, lr positive")
+        self.base, self.config, self.examples = base, c, list(examples)
+        self.positions = Positions.parse(c.positions)
+        if not c.share_weights and self.positions.first and self.positions.last:
+            layers = layers * 2  # pyreft: the first half takes the prefix positions, the second the suffix
+        self.share_weights = c.share_weights
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+            torch.manual_seed(c.seed)
+            self.modules = nn.ModuleList(
+                TrainableIntervention(c.kind, layer, base.shape.hidden_size, c.rank) for layer in layers
+            ).to(base.device)
+        self.params = [p for p in self.modules.parameters() if p.requires_grad]
+        self.batch_size = min(c.batch_size, len(self.examples))
+        self.steps_per_epoch = math.ceil(len(self.examples) / self.batch_size)
+        self.total_steps = c.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=0.0)
+        total = self.total_steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, (total - s) / total))
+        self._order = torch.Generator().manual_seed(c.seed)
+        self._batches: list[list[Example]] = []
+        self.steps_done = 0
+        self.pad = eos_id(base)
 
-    bar = tqdm(range(epochs), desc=f"training {kind}", disable=not progress)
-    for epoch in bar:
-        order = torch.randperm(len(seqs), generator=order_gen).tolist() if steps_per_epoch > 1 else None
-        losses = []
-        for start in range(0, len(seqs), size):
-            chunk = [seqs[i] for i in order[start : start + size]] if order else seqs
-            ids, mask, labels = _collate(chunk, eos_id(base), base.device)
-            where = locations_index([len(p) for p, _ in chunk], pos, len(modules), share_weights, base.device)
-            with hooked(base.layers, [m.current() for m in modules], where):
-                loss = _completion_loss(base, ids, mask, labels, min(len(p) for p, _ in chunk))
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        mean = sum(losses) / len(losses)
-        bar.set_postfix(loss=f"{mean:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, mean)
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far."""
+        return self.steps_done // self.steps_per_epoch
 
-    with torch.no_grad():
-        interventions = [
-            make_intervention(
-                i, m.kind, m.layer, m.rank,
-                {k: v.detach().float().cpu().clone() for k, v in m.current().tensors.items()},
-                base.shape, rank, "float32",
-            )
-            for i, m in enumerate(modules)
-        ]
-    return build(interventions, pos, share_weights, base.shape, "float32")
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+    def _next_batch(self) -> list[Example]:
+        if not self._batches:
+            if self.steps_per_epoch == 1:
+                self._batches = [self.examples]
+            else:
+                order = torch.randperm(len(self.examples), generator=self._order).tolist()
+                self._batches = [[self.examples[i] for i in order[s : s + self.batch_size]]
+                                 for s in range(0, len(order), self.batch_size)]
+        return self._batches.pop(0)
+
+    def _loss(self, batch: Sequence[Example]) -> Tensor:
+        """Mean next-token cross-entropy over the completion tokens (what transformers computes from
+        `labels`), with logits only from the shortest prompt's last token on: the vocabulary
+        projection over prompt tokens would be a large, useless share of a step."""
+        ids, mask, labels = _collate(batch, self.pad, self.base.device)
+        where = locations_index([len(e.prompt_ids) for e in batch], self.positions, len(self.modules),
+                                self.share_weights, self.base.device)
+        start = min(len(e.prompt_ids) for e in batch)
+        keep = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device)
+        with hooked(self.base.layers, [m.current() for m in self.modules], where):
+            logits = self.base.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+        target = labels[:, start:]
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+
+    def step(self) -> float:
+        """One optimisation step on the next batch; returns its loss."""
+        if self.done:
+            raise RuntimeError(f"training is finished ({self.total_steps} steps)")
+        loss = self._loss(self._next_batch())
+        self.optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.steps_done += 1
+        return loss.item()
+
+    def adapter(self) -> Adapter:
+        """The interventions as they are now, validated and ready to save (float32)."""
+        shape = self.base.shape
+        with torch.no_grad():
+            interventions = [
+                make_intervention(
+                    i, m.kind, m.layer, m.rank,
+                    {k: v.detach().float().cpu().clone() for k, v in m.current().tensors.items()},
+                    shape, m.rank, "float32",
+                )
+                for i, m in enumerate(self.modules)
+            ]
+        return build(interventions, self.positions, self.share_weights, shape, "float32")

@@ -1,21 +1,44 @@
-"""server/train.py: loss goes down, the result is a valid native adapter, R stays orthonormal."""
+"""server/train.py and `reft-serve train`: data checks with line numbers, the step-wise Trainer,
+seeded reproducibility, valid native output, every intervention type trainable."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from server import adapter_file
+from server.cli import app
 from server.model import load_base_model
-from server.train import TrainableIntervention, read_jsonl, train_adapter
+from server.registry import atomic_write
+from server.train import (
+    DataError,
+    TrainableIntervention,
+    TrainConfig,
+    Trainer,
+    chat_ids,
+    default_layers,
+    encode,
+    load_examples,
+    read_records,
+)
 
-EXAMPLES = [
+PAIRS = [
     ("What is the capital of France?", "Arr, Paris, matey!"),
     ("How are you today?", "Shipshape, me hearty!"),
     ("What is 2 plus 2?", "Arr, four, matey!"),
 ]
+
+
+def _write_jsonl(path, rows) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+
+
+def _chat_rows():
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
 
 
 @pytest.fixture(scope="module")
@@ -23,39 +46,118 @@ def base():
     return load_base_model(device="cpu", dtype="float32")
 
 
-def _train(base, kind: str, epochs: int = 6):
-    losses: list[float] = []
-    adapter = train_adapter(
-        base, EXAMPLES, layers=[4, 10], rank=2, positions="f1+l1", kind=kind, epochs=epochs, lr=1e-2,
-        progress=False, on_epoch=lambda _e, loss: losses.append(loss),
-    )
-    return adapter, losses
+@pytest.fixture(scope="module")
+def examples(base, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    _write_jsonl(path, _chat_rows())
+    return load_examples(path, base)
 
 
-def _orthonormal_error(R: torch.Tensor) -> float:
-    return (R.T @ R - torch.eye(R.shape[1])).abs().max().item()
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(**{"layers": (4, 10), "rank": 2, "positions": "f1+l1", "share_weights": True, "epochs": 6,
+                          "lr": 1e-2, "batch_size": 3, **kw})
 
 
-def test_loreft_trains_round_trips_and_stays_orthonormal(base, tmp_path):
-    adapter, losses = _train(base, "loreft")
-    assert len(losses) == 6 and losses[-1] < losses[0]
+# ---- data -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ([], "no examples"),
+    (["", "   "], "no examples"),
+    ([{"prompt": "q", "completion": "a"}, "{not json"], ":2: not JSON"),
+    ([{"prompt": "q", "completion": "a"}, "", {"prompt": "x"}], ":3: missing field 'completion'"),
+    ([{"completion": "a"}], ":1: missing field 'prompt'"),
+    ([{"prompt": "q", "completion": 3}], ":1: 'prompt' and 'completion' must be strings"),
+    ([{"prompt": "q", "completion": ""}], ":1: 'prompt' and 'completion' must not be empty"),
+    ([[1, 2]], ":1: expected a JSON object, got list"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], ":1: 'messages' must be a list of at least two"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}], "role 'assistant'"),
+    ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}], ":1: messages[0] must be an object"),
+])
+def test_bad_data_is_refused_with_its_line_number(tmp_path, lines, message):
+    path = tmp_path / "d.jsonl"
+    _write_jsonl(path, lines)
+    with pytest.raises(DataError, match=rf"^{path}.*{re.escape(message)}"):
+        read_records(path)
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot be read"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_example_longer_than_the_context_is_refused_with_its_line_number(base, tmp_path):
+    path = tmp_path / "d.jsonl"
+    _write_jsonl(path, [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "word " * base.max_context}])
+    with pytest.raises(DataError, match=rf"{path}:2: .* exceed the model's context of {base.max_context}"):
+        load_examples(path, base)
+
+
+def test_prompts_are_tokenized_as_the_server_tokenizes_them(base, tmp_path):
+    path = tmp_path / "d.jsonl"
+    _write_jsonl(path, [{"prompt": "<|im_start|>user\nhi<|im_end|>\n", "completion": "yo"},
+                        {"prompt": "plain text", "completion": "yo"}, *_chat_rows()[:1]])
+    templated, plain, chat = encode(read_records(path), base)
+    tok = base.tokenizer
+    assert templated.prompt_ids == tok("<|im_start|>user\nhi<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert plain.prompt_ids == tok("plain text", add_special_tokens=True)["input_ids"]  # as /v1/completions does
+    text = tok.apply_chat_template(_chat_rows()[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
+    assert chat.prompt_ids == chat_ids(tok, _chat_rows()[0]["messages"][:1])
+    assert chat.prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert chat.completion_ids == tok(PAIRS[0][1], add_special_tokens=False)["input_ids"] + [2]  # + EOS
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+
+def test_steps_lower_the_loss_and_the_result_round_trips(base, examples, tmp_path):
+    trainer = Trainer(base, examples, _config())
+    assert (trainer.total_steps, trainer.steps_per_epoch) == (6, 1)
+    losses = []
+    while not trainer.done:
+        losses.append(trainer.step())
+    assert trainer.epoch == 6 and losses[-1] < losses[0]
+    with pytest.raises(RuntimeError, match="finished"):
+        trainer.step()
+    adapter = trainer.adapter()
     assert [iv.layer for iv in adapter.interventions] == [4, 10]
     for iv in adapter.interventions:
-        assert _orthonormal_error(iv.tensors["rotate_layer"]) < 1e-4
+        R = iv.tensors["rotate_layer"]
+        assert (R.T @ R - torch.eye(2)).abs().max().item() < 1e-4
     path = tmp_path / "a.safetensors"
-    adapter_file.save(adapter, path)
+    atomic_write(path, adapter_file.to_bytes(adapter))
     again = adapter_file.load(path, base.shape, max_rank=8)
     assert again.metadata() == adapter.metadata()
     for a, b in zip(adapter.interventions, again.interventions, strict=True):
-        assert a.tensors.keys() == b.tensors.keys()
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
-def test_second_type_direft(base):
-    adapter, losses = _train(base, "direft", epochs=4)
-    assert losses[-1] < losses[0]
-    assert adapter.types == ["direft"]
-    assert _orthonormal_error(adapter.interventions[0].tensors["rotate_layer"]) < 1e-4
+def test_same_seed_same_bytes_other_seed_other_bytes(base, examples):
+    def run(seed: int) -> bytes:
+        trainer = Trainer(base, examples, _config(epochs=2, batch_size=2, seed=seed))
+        while not trainer.done:
+            trainer.step()
+        return adapter_file.to_bytes(trainer.adapter())
+
+    state = torch.random.get_rng_state()
+    assert run(3) == run(3) != run(4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_minibatches_shuffle_and_count_epochs(base, examples):
+    trainer = Trainer(base, examples, _config(epochs=2, batch_size=2))
+    assert (trainer.steps_per_epoch, trainer.total_steps) == (2, 4)
+    trainer.step()
+    assert trainer.epoch == 0
+    trainer.step()
+    assert trainer.epoch == 1
+
+
+@pytest.mark.parametrize("kind", ["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"])
+def test_every_type_trains_one_step_into_a_valid_adapter(base, examples, kind):
+    trainer = Trainer(base, examples, _config(kind=kind, epochs=1, layers=(3,)))
+    assert torch.isfinite(torch.tensor(trainer.step()))
+    assert trainer.adapter().types == [kind]
 
 
 @pytest.mark.parametrize("kind", ["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"])
@@ -63,27 +165,65 @@ def test_every_type_builds_tensors_the_format_accepts(base, kind):
     torch.manual_seed(0)
     module = TrainableIntervention(kind, layer=3, d=base.shape.hidden_size, r=4)
     tensors = {k: v.detach().clone() for k, v in module.current().tensors.items()}
-    iv = adapter_file.make_intervention(0, kind, 3, 4, tensors, base.shape, 4, "float32")
-    assert iv.type == kind
+    assert adapter_file.make_intervention(0, kind, 3, 4, tensors, base.shape, 4, "float32").type == kind
 
 
-def test_unshared_prefix_suffix_doubles_the_layers(base):
-    adapter = train_adapter(base, EXAMPLES[:1], layers=[2], rank=1, positions="f1+l1", share_weights=False,
-                            epochs=1, progress=False)
-    assert [iv.layer for iv in adapter.interventions] == [2, 2]
+def test_unshared_prefix_suffix_doubles_the_layers(base, examples):
+    trainer = Trainer(base, examples[:1], _config(layers=(2,), rank=1, share_weights=False, epochs=1))
+    trainer.step()
+    assert [iv.layer for iv in trainer.adapter().interventions] == [2, 2]
 
 
-def test_read_jsonl(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match=":3:"):
-        read_jsonl(path)
-    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
-    assert read_jsonl(path) == [("q", "a")]
+def test_default_layers():
+    assert default_layers(30) == [4, 10]
+    assert default_layers(2) == [0]
 
 
-def test_bad_arguments_are_refused(base):
-    with pytest.raises(ValueError, match="unknown intervention type"):
-        train_adapter(base, EXAMPLES, layers=[1], rank=2, positions="f1", kind="nope", progress=False)
-    with pytest.raises(ValueError, match="layers"):
-        train_adapter(base, EXAMPLES, layers=[99], rank=2, positions="f1", progress=False)
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"kind": "nope"}, "unknown intervention type"),
+    ({"layers": (99,)}, "layers"),
+    ({"rank": 0}, "rank 0"),
+    ({"epochs": 0}, "epochs"),
+    ({"positions": "x3"}, "positions"),
+])
+def test_bad_settings_are_refused(base, examples, kw, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(base, examples, _config(**kw))
+
+
+def test_no_examples_is_refused(base):
+    with pytest.raises(ValueError, match="no training examples"):
+        Trainer(base, [], _config())
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_writes_a_loadable_adapter(base, tmp_path):
+    data, out = tmp_path / "d.jsonl", tmp_path / "sub" / "a.safetensors"
+    _write_jsonl(data, _chat_rows()[:2])
+    result = CliRunner().invoke(app, ["train", str(data), str(out), "--type", "direft", "--layers", "3",
+                                      "--positions", "l1", "--rank", "2", "--epochs", "1", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 1 x direft on layers 3, rank 2, positions l1" in result.output
+    adapter = adapter_file.load(out, base.shape, max_rank=8)
+    assert adapter.types == ["direft"] and str(adapter.positions) == "l1"
+    assert not [p for p in out.parent.iterdir() if p != out]  # the temporary file is gone
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ([], "no examples"),
+    ([{"prompt": "q", "completion": "a"}, "nope"], "d.jsonl:2: not JSON"),
+])
+def test_cli_refuses_bad_data_and_writes_nothing(tmp_path, lines, message):
+    data, out = tmp_path / "d.jsonl", tmp_path / "a.safetensors"
+    _write_jsonl(data, lines)
+    result = CliRunner().invoke(app, ["train", str(data), str(out)])
+    assert result.exit_code == 1 and message in result.output and not out.exists()
+
+
+def test_cli_refuses_bad_layers(tmp_path):
+    data = tmp_path / "d.jsonl"
+    _write_jsonl(data, _chat_rows())
+    result = CliRunner().invoke(app, ["train", str(data), str(tmp_path / "a.safetensors"), "--layers", "4,x"])
+    assert result.exit_code == 2 and "comma-separated layer numbers" in result.output

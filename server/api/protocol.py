@@ -147,7 +147,8 @@ class ModelList(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str | None = Field(None, description="adapter name; null = base model")
+    adapter: str | list[str] | None = Field(
+        None, description="adapter name; a list (or 'a+b') applies several in that order; null = base model")
     prompt: str | list[int] = Field(..., description="text, or token ids")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
@@ -169,7 +170,7 @@ class GenerateResponse(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
-    adapter: str | None
+    adapter: str | list[str] | None
     usage: GenerateUsage
 
 

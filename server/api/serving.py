@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.adapter_file import AdapterError
+from server.adapter_file import AdapterError, Composite, composition
 from server.engine.adapter_cache import AdapterRef
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineError, Event, GenerationRequest
@@ -63,9 +63,21 @@ class Serving:
             return None
         return model
 
-    async def resolve(self, name: str | None) -> AdapterRef | None:
+    async def resolve(self, name: str | list[str] | None) -> AdapterRef | None:
+        """An adapter name, or several composed ("a+b", ["a", "b"]) → the versions the request pins."""
         if name is None:
             return None
+        try:
+            names = composition(name)
+        except AdapterError as exc:
+            raise ServingError(400, str(exc)) from None
+        if len(names) == 1:
+            return await self._resolve_one(names[0])
+        refs = [await self._resolve_one(n) for n in names]
+        return AdapterRef("+".join(names), max(r.version for r in refs), Composite(tuple(r.adapter for r in refs)),
+                          "+".join(r.sha256 for r in refs))
+
+    async def _resolve_one(self, name: str) -> AdapterRef:
         registry = self.engine.registry
         try:
             return registry.cached(name) or await in_own_thread(registry.resolve, name)
