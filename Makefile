@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install serve test lint bench load clean
+.PHONY: install serve test lint bench load docker-test clean
 
 install: $(STAMP)
 
@@ -30,8 +30,13 @@ test: install
 bench: install
 	$(PY) bench/run.py
 
+# Long load test with correctness checks and the RSS soak (load_tests/run.py --help for the knobs).
 load: install
-	$(PY) load_tests/run.py
+	$(PY) load_tests/run.py $(LOAD_ARGS)
+
+# Builds the image and runs it for real (needs root on a machine without Docker; minutes, not in `make test`).
+docker-test:
+	scripts/docker-test.sh
 
 clean:
 	rm -rf .venv

@@ -1,57 +1,512 @@
-"""`make load`: start a server on the example adapters, run the locust users headless, stop.
+"""`make load`: many users over many adapters while adapters are replaced, then check every answer.
 
-Bounded: REFT_LOAD_USERS (default 16) users for REFT_LOAD_SECONDS (default 60) against 127.0.0.1 only.
-Exits non-zero if any request failed (429 back-pressure is not a failure).
+1. Writes N random LoReFT adapters for the base model's shape (and a pool of further versions) into a fresh
+   registry and starts a server on it (127.0.0.1, with an admin key); or, with --url, uploads them to yours.
+2. Runs load_tests/locustfile.py headless, bounded in users and time: inference users (Zipf over the
+   adapters; prompts and outputs of random lengths; completions, chat and /generate; streaming or not;
+   greedy or seeded sampling) and admin users replacing served adapters and uploading/deleting scratch ones.
+   The server's RSS is sampled throughout.
+3. Checks: every adapter write that was acknowledged is in the registry with its sha256 (deleted ones gone);
+   each answer (all, or as many as --verify-seconds allow) equals the same request run alone against the
+   idle server with the adapter version that was current when it was sent (each version is uploaded again
+   under its own name for this). A request's version is known from the times of the replacements: a
+   version is a candidate if it may have been current between sending and the first token (streaming) or
+   the answer (not streaming); almost always there is one. Answers whose adapter was replaced while they
+   were still running must equal their starting version.
+Prints requests/s, tokens/s, latency and time-to-first-token percentiles, errors by status, RSS; writes the
+full result to --out. Exit status 1 if any target is missed: a 5xx or broken connection, a wrong answer,
+a lost adapter, or (runs of at least --soak-min-seconds) RSS growth of 5% or more after warm-up.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import math
 import os
-import socket
+import random
+import re
+import secrets
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-ROOT = Path(__file__).resolve().parent.parent
+import httpx  # noqa: E402
+
+from load_tests.workload import PATHS, Plan, parse_stream, parse_whole, read_records, with_adapter  # noqa: E402
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+RSS_LIMIT = 0.05
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---- set-up ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """The adapters a run serves, the files of every version it may upload, and where it writes."""
+
+    workdir: Path
+    registry: Path
+    adapters: list[str]
+    initial: dict[str, Path]  # name -> the bytes it starts with (kept outside the registry)
+    pool: list[Path] = field(default_factory=list)
+
+
+def prepare(workdir: Path, n_adapters: int = 50, n_pool: int = 100, seed: int = 0, model: str | None = None) -> Setup:
+    """Random LoReFT adapters a00.. in workdir/registry, copies of them and a pool of other versions beside it."""
+    from bench.common import base_shape, random_loreft
+    from server import adapter_file
+
+    shape = base_shape(model)
+    registry, versions = workdir / "registry", workdir / "versions"
+    registry.mkdir(parents=True, exist_ok=True)
+    versions.mkdir(parents=True, exist_ok=True)
+    names = [f"a{i:02d}" for i in range(n_adapters)]
+    initial = {}
+    for i, name in enumerate(names):
+        data = adapter_file.to_bytes(random_loreft(shape, seed * 100_000 + i))
+        (registry / f"{name}.safetensors").write_bytes(data)
+        initial[name] = versions / f"{name}-initial.safetensors"
+        initial[name].write_bytes(data)
+    pool = []
+    for j in range(n_pool):
+        path = versions / f"pool-{j:04d}.safetensors"
+        path.write_bytes(adapter_file.to_bytes(random_loreft(shape, seed * 100_000 + 50_000 + j)))
+        pool.append(path)
+    return Setup(workdir, registry, names, initial, pool)
+
+
+def auth(key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def upload(client: httpx.Client, name: str, path: Path, admin_key: str | None, replace: bool = True) -> dict:
+    r = client.post("/v1/adapters", data={"name": name, "replace": "true" if replace else "false"},
+                    files={"file": (path.name, path.read_bytes(), "application/octet-stream")}, headers=auth(admin_key))
+    if r.status_code != 201:
+        raise RuntimeError(f"upload of {name} failed: {r.status_code} {r.text[:300]}")
+    return r.json()
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """The server's resident set size (from /proc) once a second: (seconds since start, bytes)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.samples, self.t0 = pid, [], time.monotonic()
+        self._stop_event = threading.Event()
+
+    def read(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def run(self) -> None:
+        while True:
+            rss = self.read()
+            if rss is not None:
+                self.samples.append((round(time.monotonic() - self.t0, 2), rss))
+            if self._stop_event.wait(1.0):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def run_locust(url: str, plan: Plan, users: int, admin_users: int, seconds: int, stop_timeout: int,
+               workdir: Path) -> None:
+    """Locust headless in its own process (it patches the standard library with gevent)."""
+    plan_path = workdir / "plan.json"
+    plan.dump(plan_path)
+    exe = Path(sys.executable).with_name("locust")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "locust"]
+    total = users + admin_users
+    cmd += ["-f", str(LOCUSTFILE), "--host", url, "--headless", "-u", str(total), "-r", str(max(1, total // 2)),
+            "-t", f"{seconds}s", "--stop-timeout", str(stop_timeout), "--only-summary", "--exit-code-on-error", "0",
+            "--loglevel", "WARNING"]
+    env = {**os.environ, "REFT_LOAD_PLAN": str(plan_path), "REFT_LOAD_ADMIN_USERS": str(admin_users)}
+    with open(workdir / "locust.log", "ab") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + stop_timeout + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"locust exited with {proc.returncode}; see {workdir / 'locust.log'}")
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+
+def version_timeline(setup: Setup, admin: list[dict]) -> dict[str, list[dict]]:
+    """Per served adapter, its versions in order: file, and the window in which it became current.
+
+    Version k may have become current from t_start (its upload began) and surely was at t_ack (201).
+    A replacement that got no answer may or may not have happened: its t_ack is infinite.
+    """
+    timeline = {name: [{"k": 0, "file": str(path), "t_start": -math.inf, "t_ack": -math.inf}]
+                for name, path in setup.initial.items()}
+    for rec in sorted((a for a in admin if a["op"] == "replace"), key=lambda a: a["t_start"]):
+        if rec["status"] == 201 or rec["status"] == 0 or rec["status"] >= 500:
+            versions = timeline[rec["name"]]
+            t_ack = rec["t_ack"] if rec["status"] == 201 else math.inf
+            versions.append({"k": len(versions), "file": rec["file"], "t_start": rec["t_start"], "t_ack": t_ack})
+    return timeline
+
+
+def candidates(versions: list[dict], rec: dict) -> list[dict]:
+    """The versions that may have been pinned by this request (current at some moment it could be pinned)."""
+    bound = rec["t_first"] if rec["stream"] and rec.get("t_first") else rec["t_end"]
+    out = []
+    for i, v in enumerate(versions):
+        superseded = versions[i + 1]["t_ack"] if i + 1 < len(versions) else math.inf
+        if v["t_start"] <= bound and superseded >= rec["t_send"]:
+            out.append(v)
+    return out
+
+
+def replaced_mid_flight(versions: list[dict], version: dict, rec: dict) -> bool:
+    """A newer version was acknowledged before this request's answer ended."""
+    later = [v for v in versions if v["k"] > version["k"]]
+    return bool(later) and later[0]["t_ack"] <= rec["t_end"]
+
+
+def check_registry(client: httpx.Client, setup: Setup, admin: list[dict], timeline: dict[str, list[dict]]) -> dict:
+    """Every acknowledged write is there with its bytes; every acknowledged delete is gone."""
+    listed, after = {}, None
+    while True:
+        r = client.get("/v1/adapters", params={"limit": 100, **({"after": after} if after else {})})
+        r.raise_for_status()
+        page = r.json()
+        listed.update({d["name"]: d for d in page["data"]})
+        if not page.get("has_more"):
+            break
+        after = page["next_after"]
+    sha = {}
+
+    def file_sha(path: str) -> str:
+        if path not in sha:
+            sha[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha[path]
+
+    lost, wrong_bytes, resurrected = [], [], []
+    for name, versions in timeline.items():
+        acked = [v for v in versions if v["t_ack"] < math.inf]
+        allowed = {file_sha(v["file"]) for v in versions[versions.index(acked[-1]):]}
+        if name not in listed:
+            lost.append(name)
+        elif listed[name]["sha256"] not in allowed:
+            wrong_bytes.append(name)
+    scratch: dict[str, str] = {}
+    for rec in sorted((a for a in admin if a["op"] in ("upload", "delete")), key=lambda a: a["t_ack"]):
+        if rec["op"] == "upload" and rec["status"] == 201:
+            scratch[rec["name"]] = file_sha(rec["file"])
+        elif rec["op"] == "delete" and rec["status"] == 204:
+            scratch[rec["name"]] = ""
+        elif rec["op"] == "delete":
+            scratch.pop(rec["name"], None)  # no answer: either state is right
+    for name, digest in scratch.items():
+        if digest and name not in listed:
+            lost.append(name)
+        elif digest and listed[name]["sha256"] != digest:
+            wrong_bytes.append(name)
+        elif not digest and name in listed:
+            resurrected.append(name)
+    return {"listed": len(listed), "checked": len(timeline) + len(scratch), "lost": lost,
+            "wrong_bytes": wrong_bytes, "resurrected": resurrected}
+
+
+def wait_idle(client: httpx.Client, timeout: float = 300.0) -> None:
+    """Until the server reports nothing running or waiting (requests locust abandoned at its stop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/metrics")
+        if r.status_code != 200:
+            time.sleep(10)
+            return
+        values = dict(re.findall(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})? (\S+)$", r.text, re.M))
+        if values and all(float(v) == 0 for v in values.values()):
+            return
+        time.sleep(0.5)
+
+
+def run_alone(client: httpx.Client, rec: dict, adapter: str) -> dict:
+    endpoint = rec["endpoint"]
+    body = with_adapter(endpoint, rec["body"], adapter)
+    out: dict = {"t_first": None}
+    if rec["stream"]:
+        with client.stream("POST", PATHS[endpoint], json=body) as r:
+            out["status"] = r.status_code
+            if r.status_code == 200:
+                parse_stream(r.iter_lines(), endpoint, out)
+            else:
+                r.read()
+                out["error"] = r.text[:300]
+    else:
+        r = client.post(PATHS[endpoint], json=body)
+        out["status"] = r.status_code
+        if r.status_code == 200:
+            parse_whole(r.json(), endpoint, out)
+        else:
+            out["error"] = r.text[:300]
+    return out
+
+
+def same_answer(a: dict, b: dict) -> bool:
+    return a.get("text") == b.get("text") and a.get("token_ids") == b.get("token_ids")
+
+
+def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, list[dict]], admin_key: str | None,
+                   budget_s: float, seed: int = 0) -> dict:
+    """Replay answered requests alone (the server otherwise idle) and compare, within a time budget.
+
+    Requests whose adapter was replaced while they ran, or whose version is ambiguous, go first.
+    """
+    ok = [g for g in gens if g["status"] == 200 and g.get("done", True) and "stream_error" not in g]
+    jobs = []
+    for rec in ok:
+        versions = timeline[rec["adapter"]]
+        cands = candidates(versions, rec)
+        mid = len(cands) == 1 and replaced_mid_flight(versions, cands[0], rec)
+        jobs.append((0 if mid or len(cands) > 1 else 1, rec, cands, mid))
+    random.Random(seed).shuffle(jobs)
+    jobs.sort(key=lambda j: j[0])
+    uploaded: set[str] = set()
+    result = {"answered": len(ok), "verified": 0, "matched": 0, "wrong": [], "ambiguous_version": 0,
+              "replaced_mid_flight": 0, "replaced_mid_flight_ok": 0, "replay_errors": 0}
+    deadline = time.monotonic() + budget_s
+    wait_idle(client)
+    for _, rec, cands, mid in jobs:
+        if time.monotonic() > deadline:
+            break
+        matched, alone = None, {}
+        for v in cands:
+            ref = f"ref-{rec['adapter']}-{v['k']}"
+            if ref not in uploaded:
+                upload(client, ref, Path(v["file"]), admin_key)
+                uploaded.add(ref)
+            alone = run_alone(client, rec, ref)
+            if alone["status"] != 200:
+                result["replay_errors"] += 1
+                continue
+            if same_answer(rec, alone):
+                matched = v
+                break
+        result["verified"] += 1
+        result["ambiguous_version"] += len(cands) > 1
+        result["replaced_mid_flight"] += mid
+        if matched is None:
+            result["wrong"].append({"id": rec["id"], "endpoint": rec["endpoint"], "stream": rec["stream"],
+                                    "adapter": rec["adapter"], "candidates": [v["k"] for v in cands],
+                                    "same_prefix_chars": len(os.path.commonprefix([rec.get("text", ""),
+                                                                                    alone.get("text", "")])),
+                                    "got": rec.get("text", "")[:200], "alone": alone.get("text", "")[:200]})
+        else:
+            result["matched"] += 1
+            result["replaced_mid_flight_ok"] += mid
+    return result
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+
+
+def summarize(gens: list[dict], admin: list[dict], rss: list[tuple[float, int]], warmup_s: float) -> dict:
+    ok = [g for g in gens if g["status"] == 200 and g.get("done", True) and "stream_error" not in g]
+    span = (max(g["t_end"] for g in gens) - min(g["t_send"] for g in gens)) if gens else 0.0
+    latency = [g["t_end"] - g["t_send"] for g in ok]
+    ttft = [g["t_first"] - g["t_send"] for g in ok if g["stream"] and g.get("t_first")]
+    out_tokens = sum((g.get("usage") or {}).get("completion_tokens", 0) for g in ok)
+    in_tokens = sum((g.get("usage") or {}).get("prompt_tokens", 0) for g in ok)
+    statuses = Counter(str(g["status"]) for g in gens if g["status"] != 200)
+    statuses.update("stream error" for g in gens if g["status"] == 200 and "stream_error" in g)
+    by_endpoint = Counter(f"{g['endpoint']}{' stream' if g['stream'] else ''}" for g in ok)
+    admin_ops = Counter(f"{a['op']} {a['status']}" for a in admin)
+    fig = {
+        "seconds": round(span, 1), "requests": len(gens), "answered": len(ok),
+        "requests_per_s": round(len(ok) / span, 3) if span else None,
+        "output_tokens_per_s": round(out_tokens / span, 1) if span else None,
+        "prompt_tokens_per_s": round(in_tokens / span, 1) if span else None,
+        "output_tokens": out_tokens, "prompt_tokens": in_tokens,
+        "latency_s": {f"p{q}": _r(percentile(latency, q)) for q in (50, 95, 99)},
+        "ttft_s": {f"p{q}": _r(percentile(ttft, q)) for q in (50, 95, 99)},
+        "errors_by_status": dict(statuses), "answered_by_endpoint": dict(by_endpoint),
+        "server_errors": sum(n for s, n in statuses.items() if s == "0" or s.startswith("5") or s == "stream error"),
+        "adapter_writes": dict(admin_ops),
+        "admin_errors": sum(1 for a in admin if a["status"] == 0 or a["status"] >= 500),
+    }
+    if rss:
+        start = rss[0][1]
+        warm = next((b for t, b in rss if t >= warmup_s), rss[-1][1])
+        end = rss[-1][1]
+        fig["rss_mib"] = {"start": _mib(start), "after_warmup": _mib(warm), "end": _mib(end),
+                          "peak": _mib(max(b for _, b in rss)), "warmup_s": warmup_s,
+                          "growth_after_warmup": round((end - warm) / warm, 4)}
+    return fig
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def _mib(b: int) -> float:
+    return round(b / 2**20, 1)
+
+
+def report(result: dict) -> str:
+    f, v, reg = result["figures"], result["verification"], result["registry"]
+    lines = [
+        f"load: {result['config']['users']} users + {result['config']['admin_users']} admin users, "
+        f"{result['config']['adapters']} adapters (Zipf s={result['config']['zipf_s']}), prompts "
+        f"{result['config']['prompt_tokens']} tokens, outputs {result['config']['output_tokens']} tokens, "
+        f"{f['seconds']} s",
+        f"  answered {f['answered']} of {f['requests']} requests: {f['requests_per_s']} req/s, "
+        f"{f['output_tokens_per_s']} output tok/s, {f['prompt_tokens_per_s']} prompt tok/s",
+        f"  by endpoint: {f['answered_by_endpoint']}",
+        f"  latency p50/p95/p99: {f['latency_s']['p50']} / {f['latency_s']['p95']} / {f['latency_s']['p99']} s; "
+        f"TTFT (streaming) p50/p95/p99: {f['ttft_s']['p50']} / {f['ttft_s']['p95']} / {f['ttft_s']['p99']} s",
+        f"  errors by status: {f['errors_by_status'] or 'none'}; adapter writes: {f['adapter_writes']}",
+        f"  answers verified alone: {v['verified']} of {v['answered']}, matched {v['matched']}, "
+        f"wrong {len(v['wrong'])}, ambiguous version {v['ambiguous_version']}, replaced mid-flight "
+        f"{v['replaced_mid_flight']} (all with their starting version: "
+        f"{v['replaced_mid_flight_ok'] == v['replaced_mid_flight']})",
+        f"  registry: {reg['checked']} adapters checked, lost {len(reg['lost'])}, wrong bytes "
+        f"{len(reg['wrong_bytes'])}, deleted but present {len(reg['resurrected'])}",
+    ]
+    if "rss_mib" in f:
+        m = f["rss_mib"]
+        lines.append(f"  server RSS MiB: start {m['start']}, after {m['warmup_s']:.0f} s warm-up {m['after_warmup']}, "
+                     f"end {m['end']}, peak {m['peak']}; growth after warm-up {100 * m['growth_after_warmup']:.1f}%")
+    lines.append("  targets: " + ("all met" if not result["failures"] else "MISSED: " + "; ".join(result["failures"])))
+    return "\n".join(lines)
+
+
+def failures(result: dict, soak_min_s: float) -> list[str]:
+    f, v, reg = result["figures"], result["verification"], result["registry"]
+    out = []
+    if f["server_errors"] or f["admin_errors"]:
+        out.append(f"{f['server_errors'] + f['admin_errors']} 5xx or broken requests")
+    if v["wrong"]:
+        out.append(f"{len(v['wrong'])} wrong answers")
+    if v["replay_errors"]:
+        out.append(f"{v['replay_errors']} replays failed")
+    if reg["lost"] or reg["wrong_bytes"] or reg["resurrected"]:
+        out.append(f"registry: lost {reg['lost']}, wrong bytes {reg['wrong_bytes']}, deleted {reg['resurrected']}")
+    if not f["answered"]:
+        out.append("no request was answered")
+    m = f.get("rss_mib")
+    if m and f["seconds"] >= soak_min_s and m["growth_after_warmup"] >= RSS_LIMIT:
+        out.append(f"RSS grew {100 * m['growth_after_warmup']:.1f}% after warm-up")
+    return out
+
+
+# ---- entry points ----------------------------------------------------------------------------------
+
+
+def run(url: str, setup: Setup, *, users: int, admin_users: int, seconds: int, prompt_tokens: tuple[int, int],
+        output_tokens: tuple[int, int], admin_key: str | None = None, server_pid: int | None = None,
+        verify_seconds: float = 600.0, warmup_s: float | None = None, stop_timeout: int = 60, zipf_s: float = 1.0,
+        admin_wait: tuple[float, float] = (0.5, 2.0), soak_min_s: float = 300.0, seed: int = 0) -> dict:
+    """One load run against the server at `url` serving `setup`'s adapters; returns figures and verdicts."""
+    records = setup.workdir / "records.jsonl"
+    records.unlink(missing_ok=True)
+    plan = Plan(adapters=setup.adapters, records=str(records), pool=[str(p) for p in setup.pool], zipf_s=zipf_s,
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens, admin_key=admin_key,
+                admin_wait=admin_wait, seed=seed)
+    sampler = RssSampler(server_pid) if server_pid else None
+    if sampler:
+        sampler.start()
+    try:
+        run_locust(url, plan, users, admin_users, seconds, stop_timeout, setup.workdir)
+    finally:
+        if sampler:
+            sampler.stop()
+    gens, admin = read_records(records)
+    timeline = version_timeline(setup, admin)
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(600.0, connect=30.0)) as client:
+        registry = check_registry(client, setup, admin, timeline)
+        verification = verify_answers(client, gens, timeline, admin_key, verify_seconds, seed)
+    warm = warmup_s if warmup_s is not None else max(30.0, 0.2 * seconds)
+    result = {
+        "config": {"users": users, "admin_users": admin_users, "adapters": len(setup.adapters), "zipf_s": zipf_s,
+                   "prompt_tokens": list(prompt_tokens), "output_tokens": list(output_tokens), "seconds": seconds},
+        "figures": summarize(gens, admin, sampler.samples if sampler else [], warm),
+        "verification": verification, "registry": registry,
+        "rss_samples": sampler.samples if sampler else [],
+    }
+    result["failures"] = failures(result, soak_min_s)
+    return result
 
 
 def main() -> int:
-    port = free_port()
-    host = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/reft-serve"), "serve", "--adapters", str(ROOT / "adapters"), "--port", str(port)],
-        cwd=ROOT, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{host}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            print("server did not become ready", file=sys.stderr)
-            return 1
-        users = os.environ.get("REFT_LOAD_USERS", "16")
-        seconds = os.environ.get("REFT_LOAD_SECONDS", "60")
-        return subprocess.call([
-            str(ROOT / ".venv/bin/locust"), "-f", str(ROOT / "load_tests/locustfile.py"), "--host", host,
-            "--headless", "-u", users, "-r", "4", "-t", f"{seconds}s", "--stop-timeout", "30", "--only-summary",
-        ])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--users", type=int, default=64, help="concurrent inference users (default 64)")
+    p.add_argument("--admin-users", type=int, default=2, help="users replacing/uploading/deleting adapters")
+    p.add_argument("--adapters", type=int, default=50)
+    p.add_argument("--seconds", type=int, default=600, help="load duration (default 600)")
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--output-tokens", type=int, nargs=2, default=(1, 256), metavar=("MIN", "MAX"))
+    p.add_argument("--verify-seconds", type=float, default=900.0, help="time budget for replaying answers alone")
+    p.add_argument("--warmup-seconds", type=float, default=None, help="RSS growth is measured after this")
+    p.add_argument("--soak-min-seconds", type=float, default=300.0, help="shorter runs do not judge RSS growth")
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--url", help="use this running server (the adapters are uploaded to it) instead of starting one")
+    p.add_argument("--admin-key", default=os.environ.get("REFT_ADMIN_KEY"), help="for --url servers that need one")
+    p.add_argument("--server-pid", type=int, help="with --url: the server's pid, for RSS")
+    p.add_argument("--workdir", type=Path, help="keep adapters, records and logs here (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=REPO / "load_tests" / "results" / "latest.json")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="reft-load-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    n_pool = max(20, args.seconds // 2)
+    setup = prepare(workdir, args.adapters, n_pool, args.seed)
+    common = dict(users=args.users, admin_users=args.admin_users, seconds=args.seconds,
+                  prompt_tokens=tuple(args.prompt_tokens), output_tokens=tuple(args.output_tokens),
+                  verify_seconds=args.verify_seconds, warmup_s=args.warmup_seconds, zipf_s=args.zipf,
+                  soak_min_s=args.soak_min_seconds, seed=args.seed)
+    print(f"work directory: {workdir}", flush=True)
+    if args.url:
+        with httpx.Client(base_url=args.url, timeout=60) as client:
+            for name, path in setup.initial.items():
+                upload(client, name, path, args.admin_key)
+        result = run(args.url, setup, admin_key=args.admin_key, server_pid=args.server_pid, **common)
+    else:
+        from bench.common import ServerProcess
+
+        admin_key = secrets.token_hex(16)
+        server = ServerProcess(setup.registry, workdir / "server.log", env={"REFT_ADMIN_KEY": admin_key})
+        print(f"server ready in {server.start():.1f} s; load for {args.seconds} s ...", flush=True)
+        try:
+            result = run(server.url, setup, admin_key=admin_key, server_pid=server.proc.pid, **common)
+        finally:
+            server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(report(result))
+    print(f"full result: {args.out}")
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""The short version of the load test (`make load` runs the long one): a real server under locust.
+
+50 random LoReFT adapters with Zipf popularity, completions, chat and /generate, streaming or not, while two
+admin users replace served adapters and upload and delete others. Much smaller than `make load` so it fits
+about a minute on an idle 2-core CPU: 8 inference users (not 64), prompts of 16-64 tokens and outputs of 1-16
+(not 1,024 and 256), 30 s of load; requests in flight at the end are waited for, not abandoned, so a slow
+(shared) machine makes the test longer rather than empty. Every answer is then replayed alone against the idle
+server with the adapter version it was sent to, and every acknowledged adapter write is checked in the registry.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from load_tests import run as load
+
+
+@pytest.mark.timeout(1200)
+def test_load_short(tmp_path, reft_server_factory):
+    setup = load.prepare(tmp_path, n_adapters=50, n_pool=40, seed=1)
+    server = reft_server_factory(setup.registry, tmp_path / "server.log")
+    result = load.run(server.url, setup, users=8, admin_users=2, seconds=30, prompt_tokens=(16, 64),
+                      output_tokens=(1, 16), server_pid=server.proc.pid, verify_seconds=600, stop_timeout=300,
+                      admin_wait=(1.0, 3.0), seed=1)
+    print(load.report(result))
+    figures, verification, registry = result["figures"], result["verification"], result["registry"]
+    assert figures["answered"] >= 5, figures
+    assert figures["server_errors"] == 0 and figures["admin_errors"] == 0, figures["errors_by_status"]
+    assert sum(n for op, n in figures["adapter_writes"].items() if op.startswith("replace 201")) >= 3, figures
+    assert verification["verified"] == verification["answered"], "every answer must be replayed alone"
+    assert verification["wrong"] == [], verification["wrong"]
+    assert verification["replay_errors"] == 0
+    assert verification["replaced_mid_flight_ok"] == verification["replaced_mid_flight"]
+    assert not (registry["lost"] or registry["wrong_bytes"] or registry["resurrected"]), registry
+    assert result["failures"] == []
