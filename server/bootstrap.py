@@ -19,6 +19,7 @@ from server.engine.scheduler import Scheduler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
 from server.registry import Registry
+from server.training_jobs import TrainingJobs
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Engine:
     registry: Registry
     scheduler: Scheduler
     adapter_cache: DeviceAdapterCache
+    training: TrainingJobs
     max_new_tokens: int
     load_seconds: float = 0.0
 
@@ -85,4 +87,5 @@ def build_engine(settings: Settings) -> Engine:
     # walking it again: a full collection over it paused the event loop for about 190 ms.
     gc.collect()
     gc.freeze()
-    return Engine(base, registry, scheduler, cache, settings.max_new_tokens, time.perf_counter() - start)
+    return Engine(base, registry, scheduler, cache, TrainingJobs(base, registry, scheduler), settings.max_new_tokens,
+                  time.perf_counter() - start)

@@ -197,6 +197,13 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def records_from_rows(rows: Sequence[object], source: str = "data") -> list[Record]:
+    """The examples of a JSON list (the HTTP training job's `data`), checked as the JSONL lines are."""
+    if not rows:
+        raise DataError(f"{source}: no examples")
+    return [_record(row, f"{source}[{i}]", i) for i, row in enumerate(rows)]
+
+
 def prompt_ids(tokenizer: object, text: str) -> list[int]:
     """Text prompt to ids the way the server's completion endpoints do: the tokenizer's special
     tokens added, but a BOS the text already carries not doubled."""

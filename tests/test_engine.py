@@ -964,3 +964,38 @@ def test_a_dead_engine_thread_fails_everyone_at_once_and_says_so(engine):
         assert "EngineKilled" in streaming.events[-1].error
         with pytest.raises(EngineStopped, match="EngineKilled"):
             sch.submit(GenerationRequest(engine.chat_prompts[0], params, None, Result()))
+
+
+class CountingTask:
+    """A background task of `steps` steps; `raise_at` makes that step raise."""
+
+    def __init__(self, steps: int, raise_at: int | None = None) -> None:
+        self.steps, self.raise_at, self.done, self.failed = steps, raise_at, 0, None
+
+    def step(self) -> bool:
+        if self.done == self.raise_at:
+            raise RuntimeError("task broke")
+        self.done += 1
+        return self.done >= self.steps
+
+    def fail(self, message: str) -> None:
+        self.failed = message
+
+
+def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engine):
+    engine.assert_idle()
+    prompt = engine.chat_prompts[0]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = engine.run(prompt, params).tokens
+    finishing, breaking = CountingTask(3), CountingTask(50, raise_at=2)
+    steps_before = engine.sch.steps
+    engine.sch.add_task(finishing)
+    engine.sch.add_task(breaking)
+    result = engine.submit(prompt, params)[1].wait()
+    deadline = time.monotonic() + 30
+    while (finishing.done < 3 or breaking.failed is None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert result.tokens == alone  # serving went on, with the same tokens
+    assert finishing.done == 3 and finishing.failed is None
+    assert breaking.done == 2 and "task broke" in breaking.failed
+    assert engine.sch.steps - steps_before >= 2  # the tasks took turns with decode steps

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapter_file import AdapterError
-from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai
+from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai, routes_train
 from server.api.errors import error_response
 from server.api.middleware import AccessLog, RequestGate
 from server.api.serving import Serving, ServingError
@@ -26,8 +26,8 @@ from server.torch_threads import run_in_own_thread
 log = logging.getLogger(__name__)
 
 # Every router of the API: RequestGate checks each call against these routes' declared access.
-ROUTERS = (routes_health.router, routes_openai.router, routes_generate.router, routes_adapters.router,
-           routes_lora.router)
+ROUTERS = (routes_health.router, routes_openai.router, routes_generate.router, routes_train.router,
+           routes_adapters.router, routes_lora.router)
 
 
 class AppState:

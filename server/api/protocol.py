@@ -196,3 +196,38 @@ class AdapterList(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class TrainRequest(BaseModel):
+    """A training job: the same options as `reft-serve train`, the examples inline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="the adapter to register when training ends")
+    data: list[dict] = Field(..., min_length=1, max_length=10_000,
+                             description='examples: {"prompt", "completion"} or {"messages": [...]}')
+    type: Literal["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"] = "loreft"
+    layers: list[int] | None = Field(None, min_length=1, max_length=64, description="default: two in the lower third")
+    positions: str = "f2+l2"
+    share_weights: bool = False
+    rank: int = Field(4, ge=1, le=256)
+    epochs: int = Field(60, ge=1, le=10_000)
+    lr: float = Field(4e-3, gt=0, le=1.0)
+    batch_size: int = Field(10, ge=1, le=1024)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    replace: bool = Field(False, description="replace an adapter of that name when done")
+
+
+class TrainJob(BaseModel):
+    id: str
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float | None = None
+    error: str | None = None
+    adapter: AdapterDescription | None = None
+    created: float
+    finished: float | None = None

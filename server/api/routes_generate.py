@@ -43,7 +43,7 @@ async def generate(
     return EventSourceResponse(_events(submission, req.adapter), ping=15)
 
 
-async def _events(submission: Submission, adapter: str | None) -> AsyncIterator[dict]:
+async def _events(submission: Submission, adapter: str | list[str] | None) -> AsyncIterator[dict]:
     try:
         async for event in submission.events():
             body = {"text": event.text, "token_ids": list(event.token_ids), "finish_reason": event.finish_reason}

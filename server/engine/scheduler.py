@@ -9,7 +9,9 @@ for more than one chunk; an idle engine prefills a burst up to `max_prefill_toke
 Each row also holds a row of the batched `Sampler`'s tables. Finished and cancelled rows give
 their slots back before the next step. A step that fails is
 retried row by row, so an error fails only the request it belongs to. Callers submit from any
-thread and receive `Event`s through the callback they pass.
+thread and receive `Event`s through the callback they pass. Background tasks (training jobs) run
+one bounded step per iteration, after the decode step, so they never hold serving up for longer
+than one of their steps.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -82,6 +84,16 @@ class GenerationRequest:
         self.cancelled = True
 
 
+class BackgroundTask(Protocol):
+    """Work that shares the engine thread with serving, one bounded step at a time."""
+
+    def step(self) -> bool:
+        """Run one step; True once the task is finished."""
+
+    def fail(self, message: str) -> None:
+        """The task cannot go on (its step raised, or the engine stopped)."""
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -133,6 +145,7 @@ class Scheduler:
         self._running: list[_Sequence] = []  # decoding
         self.sampler = Sampler(max_batch_size, int(runner.model.config.vocab_size), runner.device)
         self._free_rows = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
+        self._tasks: deque[BackgroundTask] = deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._died: str | None = None
@@ -210,6 +223,13 @@ class Scheduler:
             self._waiting.append(request)
             self._cv.notify()
 
+    def add_task(self, task: BackgroundTask) -> None:
+        with self._cv:
+            if self._stopping or self._died is not None:
+                raise EngineStopped("the engine is not running")
+            self._tasks.append(task)
+            self._cv.notify()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
         self._thread.start()
@@ -236,13 +256,16 @@ class Scheduler:
                 self._release(seq)
             for request in self._waiting:
                 self._notify(request, Event("", (), "error", error=message))
+            for task in self._tasks:
+                task.fail(message)
             self._running, self._prefilling = [], []
             self._waiting.clear()
+            self._tasks.clear()
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._prefilling or self._running or self._stopping):
+                while not (self._waiting or self._prefilling or self._running or self._tasks or self._stopping):
                     self._cv.wait()
                 if not self._running and not self._prefilling:
                     self._gather_burst()
@@ -256,6 +279,22 @@ class Scheduler:
                 self._prefill()
             if self._running:
                 self._decode()
+            if self._tasks:
+                self._background_step()
+
+    def _background_step(self) -> None:
+        """One step of the first background task; tasks take turns."""
+        task = self._tasks[0]
+        try:
+            finished = task.step()
+        except Exception as exc:  # noqa: BLE001 - the task's failure is its own
+            log.exception("a background task failed")
+            task.fail(f"{type(exc).__name__}: {exc}")
+            finished = True
+        with self._cv:
+            self._tasks.popleft()
+            if not finished:
+                self._tasks.append(task)
 
     def _gather_burst(self) -> None:
         """Let a burst finish arriving at an idle engine, so that it is prefilled as one batch.

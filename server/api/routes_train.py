@@ -1,0 +1,61 @@
+"""Training jobs: start one, follow it, cancel it (HTTP only; the work is in server/training_jobs.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from server.adapter_file import validate_name
+from server.api.dependencies import require_admin, require_serving
+from server.api.protocol import ErrorResponse, TrainJob, TrainRequest
+from server.api.serving import Serving, ServingError
+from server.positions import Positions
+from server.torch_threads import in_own_thread
+from server.train import TrainConfig
+from server.training_jobs import JobError
+
+router = APIRouter(prefix="/v1/adapters/train", tags=["training"], dependencies=[Depends(require_admin)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)}
+
+
+@router.post("", status_code=202, response_model=TrainJob, responses=ERRORS)
+async def start_training(req: TrainRequest, serving: Serving = Depends(require_serving)) -> TrainJob:
+    """Train an adapter on the served base model in the background; it is registered when done."""
+    validate_name(req.name)
+    registry = serving.engine.registry
+    if registry.read_only:
+        raise ServingError(403, "this replica's registry is read-only; train through a writable replica",
+                           "permission_error")
+    if req.name in registry and not req.replace:
+        raise ServingError(409, f"adapter {req.name!r} exists; pass replace=true to replace it", "conflict_error")
+    try:
+        Positions.parse(req.positions)
+    except ValueError as exc:
+        raise ServingError(400, f"positions: {exc}") from None
+    config = TrainConfig(kind=req.type, layers=tuple(req.layers) if req.layers else None, positions=req.positions,
+                         share_weights=req.share_weights, rank=req.rank, epochs=req.epochs, lr=req.lr,
+                         batch_size=req.batch_size, seed=req.seed)
+    try:
+        job = await in_own_thread(serving.engine.training.start, req.name, req.data, config, req.replace)
+    except JobError as exc:
+        raise ServingError(400, str(exc)) from None
+    return TrainJob(**job.describe())
+
+
+@router.get("/{job_id}", response_model=TrainJob, responses=ERRORS)
+def get_training(job_id: str, serving: Serving = Depends(require_serving)) -> TrainJob:
+    return TrainJob(**_job(serving, job_id).describe())
+
+
+@router.delete("/{job_id}", response_model=TrainJob, responses=ERRORS)
+def cancel_training(job_id: str, serving: Serving = Depends(require_serving)) -> TrainJob:
+    """Cancel a job: it stops before its next step and registers nothing (a finished job is left as it is)."""
+    _job(serving, job_id)
+    return TrainJob(**serving.engine.training.cancel(job_id).describe())
+
+
+def _job(serving: Serving, job_id: str):  # noqa: ANN202 - a TrainingJob
+    job = serving.engine.training.get(job_id)
+    if job is None:
+        raise ServingError(404, f"training job {job_id!r} does not exist (jobs do not survive a restart)",
+                           "not_found_error")
+    return job
