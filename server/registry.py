@@ -409,8 +409,9 @@ class Registry:
         return changed
 
     def _files_differ(self) -> bool:
-        """Whether the directory holds anything the records do not say (a look that reads no file)."""
-        seen = 0
+        """Whether the directory holds anything the records (and the rejected files) do not say: a look
+        that reads no file."""
+        seen = rejected = 0
         with os.scandir(self.directory) as it:
             for entry in it:
                 if not entry.name.endswith(SUFFIX) or entry.name.startswith(".") or not entry.is_file(
@@ -426,7 +427,9 @@ class Registry:
                         return True
                 elif self._rejected.get(name) != (st.st_size, st.st_mtime_ns):
                     return True
-        return seen != len(self._records)
+                else:
+                    rejected += 1
+        return seen != len(self._records) or rejected != len(self._rejected)
 
     def _scan(self, journal: bool) -> list[str]:
         present: dict[str, os.stat_result] = {}

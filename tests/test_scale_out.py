@@ -92,7 +92,8 @@ def test_metrics_as_the_router_reads_them(ro_server):
     blocker = completion("a", 256, ignore_eos=True, stream=True)
     with httpx.Client(base_url=url, timeout=120) as own, ThreadPoolExecutor(3) as pool:
         with own.stream("POST", "/v1/completions", json=blocker) as stream:
-            next(line for line in stream.iter_lines() if line.startswith("data:"))  # "a" holds the one row
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the stream, which cancels "a"
+            next(line for line in lines if line.startswith("data:"))  # "a" holds the one row
             queued = [pool.submit(httpx.post, url + "/v1/completions", json=completion(n), timeout=120)
                       for n in ("b", "c", "b")]
             deadline = time.monotonic() + 30
@@ -219,8 +220,9 @@ def test_make_serve_passes_no_flag_that_overrides_an_environment_twin():
 
 
 def test_cli_defaults_are_the_settings_defaults_and_env_reaches_settings(monkeypatch):
+    from types import SimpleNamespace
+
     import typer.main
-    import uvicorn
 
     from server import cli
 
@@ -229,8 +231,9 @@ def test_cli_defaults_are_the_settings_defaults_and_env_reaches_settings(monkeyp
         assert param.default == Settings.model_fields[param.name].default, param.name
         assert param.envvar == "REFT_" + param.name.upper(), param.name
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
-    monkeypatch.setattr("server.api.app.create_app", lambda settings: seen.setdefault("settings", settings))
+    app = SimpleNamespace(state=SimpleNamespace(reft=SimpleNamespace(drain=lambda: None)))
+    monkeypatch.setattr(cli, "_run", lambda app, settings, drain: seen.update(port=settings.port, host=settings.host))
+    monkeypatch.setattr("server.api.app.create_app", lambda settings: seen.setdefault("settings", settings) and app)
     env = {"REFT_PORT": "9123", "REFT_HOST": "127.0.0.2", "REFT_READ_ONLY_REGISTRY": "1", "REFT_SCAN_INTERVAL": "7",
            "REFT_ALLOW_RUNTIME_ADAPTER_UPDATES": "true", "REFT_MAX_BATCH_SIZE": "3"}
     for key, value in env.items():

@@ -208,7 +208,8 @@ def test_three_servers_share_one_registry(tmp_path, reft_server_factory):
     with httpx.Client(base_url=urls[1], timeout=120) as own, ThreadPoolExecutor(2) as pool:
         assert complete(urls[1], "race", max_tokens=1).status_code == 200  # replica 1 has parsed v1
         with own.stream("POST", "/v1/completions", json=blocker) as stream:
-            next(line for line in stream.iter_lines() if line.startswith("data:"))  # the one row is busy
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the stream, which cancels it
+            next(line for line in lines if line.startswith("data:"))  # the one row is busy
             old = pool.submit(complete, urls[1], "race")  # queued on replica 1 with v1 pinned
             wait_for(lambda: "vllm:num_requests_waiting 1.0" in httpx.get(urls[1] + "/metrics").text, 30)
             r = upload(urls[0], "race", v2, replace=True)

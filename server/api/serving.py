@@ -247,7 +247,9 @@ class Submission:
                     self.metrics.ttft.labels(self.label).observe(time.monotonic() - self.start)
                     first = False
                 if event.finish_reason == "error":
-                    status = "500"
+                    status = str(event.error_status)
+                    if event.error_status == 503:
+                        raise ServingError(503, event.error or "the engine stopped", "unavailable")
                     raise ServingError(500, f"generation failed: {event.error}", "server_error")
                 if event.finish_reason == "cancelled":
                     return

@@ -67,6 +67,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # 503 when the engine stopped under the request, 500 when its own step failed
 
 
 @dataclass
@@ -249,13 +250,15 @@ class Scheduler:
             message = "the engine stopped"
         except BaseException as exc:  # noqa: BLE001 - the thread is dying: nobody may be left waiting
             log.exception("the engine thread died")
-            self._died = message = f"{type(exc).__name__}: {exc}"
+            self._died = f"{type(exc).__name__}: {exc}"
+            message = f"the engine stopped: {self._died}"
+        stopped = Event("", (), "error", error=message, error_status=503)
         with self._cv:
             for seq in self._running + self._prefilling:
-                self._emit(seq, Event("", (), "error", error=message))
+                self._emit(seq, stopped)
                 self._release(seq)
             for request in self._waiting:
-                self._notify(request, Event("", (), "error", error=message))
+                self._notify(request, stopped)
             for task in self._tasks:
                 task.fail(message)
             self._running, self._prefilling = [], []
