@@ -132,3 +132,14 @@ def error_of(r: httpx.Response, *statuses: int) -> str:
     assert isinstance(e["type"], str) and e["type"], body
     assert isinstance(e["code"], (int, str)) and not isinstance(e["code"], bool), body
     return e["message"]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll `predicate` until it returns something true (returned), or `timeout` seconds pass (then its last value)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import adapter_file
 from server.model import ModelShape
-from tests.conftest import error_of
+from tests.conftest import error_of, wait_for
 
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((EMOJI_DIR / "expected.json").read_text())["emoji"]
@@ -90,16 +90,6 @@ def access_lines(log: str) -> list[dict]:
         if line.startswith("{") and '"path"' in line:
             out.append(json.loads(line))
     return out
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 # ---- servers ------------------------------------------------------------------------------------

@@ -9,27 +9,17 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import adapter_file
 from server import registry as registry_module
 from server.adapter_file import Adapter
-from server.interventions import Intervention
 from server.metrics import Metrics
-from server.model import ModelShape
 from server.registry import Registry, host_nbytes
-
-SHAPE = ModelShape("llama", 576, 30)
-EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
+from tests.test_registry import SHAPE, variant
+from tests.test_registry import emoji as emoji_adapter
 
 
 @pytest.fixture(scope="module")
 def emoji() -> Adapter:
-    return adapter_file.import_pyreft(EMOJI_DIR, "f2+l2", True, SHAPE, 64)
-
-
-def variant(adapter: Adapter, shift: float) -> Adapter:
-    ivs = [Intervention(iv.type, iv.layer, iv.rank, {**iv.tensors, "bias": iv.tensors["bias"] + shift})
-           for iv in adapter.interventions]
-    return adapter_file.build(ivs, adapter.positions, adapter.share_weights, adapter.base, adapter.dtype)
+    return emoji_adapter()
 
 
 def open_registry(path: Path, host_cache_bytes: int) -> Registry:

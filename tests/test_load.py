@@ -2,8 +2,8 @@
 
 50 random LoReFT adapters with Zipf popularity, completions, chat and /generate, streaming or not, while two
 admin users replace served adapters and upload and delete others. Much smaller than `make load` so it fits
-about a minute on an idle 2-core CPU: 8 inference users (not 64), prompts of 16-64 tokens and outputs of 1-16
-(not 1,024 and 256), 30 s of load; requests in flight at the end are waited for, not abandoned, so a slow
+a few minutes on an idle 2-core CPU: 16 inference users (not 64), prompts of 16-128 tokens and outputs of 1-32
+(not 1,024 and 256), 60 s of load; requests in flight at the end are waited for, not abandoned, so a slow
 (shared) machine makes the test longer rather than empty. Every answer is then replayed alone against the idle
 server with the adapter version it was sent to, and every acknowledged adapter write is checked in the registry.
 """
@@ -19,8 +19,8 @@ from load_tests import run as load
 def test_load_short(tmp_path, reft_server_factory):
     setup = load.prepare(tmp_path, n_adapters=50, n_pool=40, seed=1)
     server = reft_server_factory(setup.registry, tmp_path / "server.log")
-    result = load.run(server.url, setup, users=8, admin_users=2, seconds=30, prompt_tokens=(16, 64),
-                      output_tokens=(1, 16), server_pid=server.proc.pid, verify_seconds=600, stop_timeout=300,
+    result = load.run(server.url, setup, users=16, admin_users=2, seconds=60, prompt_tokens=(16, 128),
+                      output_tokens=(1, 32), server_pid=server.proc.pid, verify_seconds=600, stop_timeout=300,
                       admin_wait=(1.0, 3.0), seed=1)
     print(load.report(result))
     figures, verification, registry = result["figures"], result["verification"], result["registry"]

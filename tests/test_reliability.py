@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, error_of
+from tests.conftest import REPO, error_of, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 LONG_TEXT = "The quick brown fox jumps over the lazy dog, again and again, " * 60  # ~900 tokens to tokenise
@@ -28,16 +28,6 @@ def metrics(client: httpx.Client) -> dict[str, float]:
             if not sample.labels:
                 out[sample.name] = sample.value
     return out
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
