@@ -15,7 +15,9 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from locust import HttpUser, between, task
 from workload import PATHS, Plan, make_request, parse_stream, parse_whole, with_adapter, zipf_weights
@@ -89,17 +91,22 @@ class AdminUser(HttpUser):
         rec = {"kind": "admin", "op": op, "name": name, "file": path, "t_start": time.time(), "status": 0}
         data = {"name": name, "replace": "true" if replace else "false"}
         files = {"file": (Path(path).name, Path(path).read_bytes(), "application/octet-stream")}
+        return self.admin_call(rec, 201, lambda: self.client.post(
+            "/v1/adapters", data=data, files=files, headers=admin_headers(), name=f"/v1/adapters [{op}]",
+            catch_response=True))
+
+    def admin_call(self, rec: dict, expected: int, send: Callable[[], Any]) -> dict:
+        """Send one admin call; record its status (and the new version on 201), any error, and when it was answered."""
         try:
-            with self.client.post("/v1/adapters", data=data, files=files, headers=admin_headers(),
-                                  name=f"/v1/adapters [{op}]", catch_response=True) as r:
+            with send() as r:
                 rec["status"] = r.status_code
-                if r.status_code == 201:
-                    desc = r.json()
-                    rec["version"], rec["sha256"] = desc["version"], desc["sha256"]
-                else:
+                if r.status_code != expected:
                     rec["error"] = r.text[:300]
                     r.failure(f"{r.status_code}: {r.text[:200]}")
-        except Exception as exc:  # noqa: BLE001
+                elif expected == 201:
+                    desc = r.json()
+                    rec["version"], rec["sha256"] = desc["version"], desc["sha256"]
+        except Exception as exc:  # noqa: BLE001 - recorded and reported by the run, never raised into locust
             rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rec["t_ack"] = time.time()
         record(rec)
@@ -131,14 +138,5 @@ class AdminUser(HttpUser):
             return
         name = self.scratch.pop(self.rng.randrange(len(self.scratch)))
         rec = {"kind": "admin", "op": "delete", "name": name, "t_start": time.time(), "status": 0}
-        try:
-            with self.client.delete(f"/v1/adapters/{name}", headers=admin_headers(), name="/v1/adapters/{name}",
-                                    catch_response=True) as r:
-                rec["status"] = r.status_code
-                if r.status_code != 204:
-                    rec["error"] = r.text[:300]
-                    r.failure(f"{r.status_code}: {r.text[:200]}")
-        except Exception as exc:  # noqa: BLE001
-            rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        rec["t_ack"] = time.time()
-        record(rec)
+        self.admin_call(rec, 204, lambda: self.client.delete(
+            f"/v1/adapters/{name}", headers=admin_headers(), name="/v1/adapters/{name}", catch_response=True))
