@@ -84,11 +84,12 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> PrefillResult:
         """Compute the chunks' prompt tokens with their interventions; logits for rows whose prompt ends here."""
-        ids, positions, spans, plan_rows, keep = [], [], [], [], []
+        ids, positions, columns, spans, plan_rows, keep = [], [], [], [], [], []
         for chunk in chunks:
             offset, n = len(ids), len(chunk.tokens)
             ids.extend(chunk.tokens)
             positions.extend(range(chunk.start, chunk.start + n))
+            columns.extend(range(chunk.slot.start + chunk.start, chunk.slot.start + chunk.start + n))
             spans.append((offset, n, chunk.slot.start, chunk.start))
             if chunk.adapter is not None:
                 plan_rows.append(PlanRow(chunk.adapter.adapter, chunk.adapter.forms, chunk.prompt_length, offset,
@@ -96,8 +97,6 @@ class ModelRunner:
             if chunk.completes_prompt:
                 keep.append(offset + n - 1)
         plan = build_plan(plan_rows, self.device)
-        columns = [span[2] + p for span, chunk in zip(spans, chunks, strict=True)
-                   for p in range(chunk.start, chunk.start + len(chunk.tokens))]
         logits = self._forward(ids, positions, columns, attention.prefill_layout(spans, self.device), plan, keep)
         return PrefillResult(logits, plan.pairs if plan else 0)
 
