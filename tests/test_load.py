@@ -32,4 +32,5 @@ def test_load_short(tmp_path, reft_server_factory):
     assert verification["replay_errors"] == 0
     assert verification["replaced_mid_flight_ok"] == verification["replaced_mid_flight"]
     assert not (registry["lost"] or registry["wrong_bytes"] or registry["resurrected"]), registry
+    assert figures["rss_mib"]["kv_pool_end"] > 0, "the KV pool's mappings must be found in the server's smaps"
     assert result["failures"] == []
