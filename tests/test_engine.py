@@ -999,3 +999,85 @@ def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engi
     assert finishing.done == 3 and finishing.failed is None
     assert breaking.done == 2 and "task broke" in breaking.failed
     assert engine.sch.steps - steps_before >= 2  # the tasks took turns with decode steps
+
+
+# ---- logprobs --------------------------------------------------------------------------------
+
+
+def reference_logprobs(engine: Engine, ids: list[int], prompt_length: int, adapter: AdapterRef | None) -> torch.Tensor:
+    """log_softmax of a plain transformers forward over `ids` [L', V], the adapter's interventions applied by
+    forward hooks at its prompt positions (server/train.py's reference hooks): no cache, no packing."""
+    from server.train import hooked, locations_index
+
+    model = engine.base.model
+    ivs = adapter.adapter.interventions if adapter else ()
+    where = locations_index([prompt_length], adapter.adapter.positions, len(ivs), adapter.adapter.share_weights,
+                            engine.base.device) if adapter else []
+    with torch.inference_mode(), hooked(engine.base.layers, ivs, where):
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    return logits.log_softmax(-1)
+
+
+def check_logprobs(engine: Engine, prompt: list[int], result: Result, adapter: AdapterRef | None, top: int) -> None:
+    """Every prompt and generated token's logprob and top alternatives equal the reference forward's."""
+    first = result.events[0]
+    generated = result.tokens
+    ref = reference_logprobs(engine, prompt + generated, len(prompt), adapter)
+    echoed = first.prompt_logprobs
+    assert echoed is not None and len(echoed) == len(prompt) - 1
+    sampled = [lp for e in result.events for lp in e.logprobs]
+    assert len(sampled) == len(generated)
+    for position, (token, lp) in enumerate(zip(prompt[1:] + generated, list(echoed) + sampled, strict=True)):
+        want = ref[position]
+        assert lp.logprob == pytest.approx(float(want[token]), abs=1e-4), position
+        assert len(lp.top) == top
+        values = [v for _, v in lp.top]
+        assert values == pytest.approx(want.topk(top).values.tolist(), abs=1e-4), position
+        assert all(float(want[t]) == pytest.approx(v, abs=1e-4) for t, v in lp.top)
+    for lp in sampled:  # greedy: the chosen token is the most likely one
+        assert lp.logprob == pytest.approx(lp.top[0][1], abs=1e-6)
+
+
+@pytest.mark.parametrize("which", ["base", "emoji", "lo", "split"])
+def test_logprobs_equal_a_plain_forward_with_the_intervention_hooks(engine, which):
+    """Prompt (echo) and generated logprobs come from the serving forward, interventions included, and equal
+    a plain transformers forward's log-softmax with reference hooks within 1e-4 (fp32)."""
+    adapter = None if which == "base" else engine.emoji if which == "emoji" else engine.randoms[which]
+    prompt = engine.chat_prompts[1]
+    result = engine.run(prompt, SamplingParams(max_new_tokens=6, logprobs=3, prompt_logprobs=3), adapter)
+    check_logprobs(engine, prompt, result, adapter, 3)
+
+
+def test_logprobs_are_the_same_alone_and_in_a_mixed_chunked_batch(engine):
+    """Rows with and without echo, with different adapters, prefilled in 7-token chunks beside each other:
+    each row's logprobs equal its alone run's."""
+    cases = [(engine.chat_prompts[i % 4], adapter) for i, adapter in
+             enumerate([None, engine.emoji, engine.randoms["lo"], engine.randoms["split"], engine.emoji, None])]
+    params = SamplingParams(max_new_tokens=5, logprobs=2, prompt_logprobs=2)
+    alone = [engine.run(prompt, params, adapter) for prompt, adapter in cases]
+    with running(small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=7,
+                                 prefill_chunk_tokens=7)) as sch:
+        plain = engine.submit(engine.chat_prompts[3], SamplingParams(max_new_tokens=20), None, sch=sch)[1]
+        batched = [engine.submit(prompt, params, adapter, sch=sch)[1] for prompt, adapter in cases]
+        for want, got in zip(alone, batched, strict=True):
+            got.wait()
+            assert got.tokens == want.tokens
+            pairs = list(zip(want.events[0].prompt_logprobs, got.events[0].prompt_logprobs, strict=True))
+            pairs += list(zip([lp for e in want.events for lp in e.logprobs],
+                              [lp for e in got.events for lp in e.logprobs], strict=True))
+            for a, b in pairs:
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert [t for t, _ in a.top] == [t for t, _ in b.top] or abs(a.top[0][1] - a.top[1][1]) < NEAR_TIE
+        assert plain.wait().events[0].prompt_logprobs is None and not plain.events[0].logprobs
+
+
+def test_max_tokens_zero_returns_the_prompt_logprobs_and_generates_nothing(engine):
+    prompt = engine.chat_prompts[2]
+    result = engine.run(prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=0), engine.emoji)
+    assert len(result.events) == 1 and result.tokens == [] and result.finish == "length"
+    event = result.events[0]
+    assert event.completion_tokens == 0 and event.prompt_tokens == len(prompt)
+    ref = reference_logprobs(engine, prompt, len(prompt), engine.emoji)
+    assert [lp.logprob for lp in event.prompt_logprobs] == pytest.approx(
+        [float(ref[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-4)
+    assert all(lp.top == () for lp in event.prompt_logprobs)

@@ -37,10 +37,16 @@ class PrefillChunk:
     prompt_length: int
     slot: Slot
     adapter: ResidentAdapter | None = None
+    prompt_logits: bool = False  # also return the logits at positions whose next token is a prompt token (echo)
 
     @property
     def completes_prompt(self) -> bool:
         return self.start + len(self.tokens) == self.prompt_length
+
+    @property
+    def predicting_prompt(self) -> int:
+        """How many of the chunk's positions predict a prompt token (all but the prompt's last)."""
+        return min(len(self.tokens), self.prompt_length - 1 - self.start)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class DecodeRow:
 class PrefillResult:
     logits: Tensor  # [rows whose prompt this step completed, V], in chunk order
     intervened: int  # (row, layer-round, position) pairs changed
+    prompt_logits: list[Tensor | None]  # per chunk: [predicting_prompt, V] where it asked, else None
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -83,8 +90,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> PrefillResult:
-        """Compute the chunks' prompt tokens with their interventions; logits for rows whose prompt ends here."""
+        """Compute the chunks' prompt tokens with their interventions; logits for rows whose prompt ends here.
+
+        The LM head runs only at the positions kept: each completing row's last one, and every position
+        of a chunk that asked for prompt logits (at 49k vocabulary entries a position, the head over a
+        whole prompt costs more than the rest of a small model's forward).
+        """
         ids, positions, columns, spans, plan_rows, keep = [], [], [], [], [], []
+        last: list[int] = []  # index into the kept rows of each completing row's next-token logits
+        echoed: list[tuple[int, int] | None] = []  # per chunk: its prompt logits' (first kept row, count)
         for chunk in chunks:
             offset, n = len(ids), len(chunk.tokens)
             ids.extend(chunk.tokens)
@@ -94,11 +108,18 @@ class ModelRunner:
             if chunk.adapter is not None:
                 plan_rows.append(PlanRow(chunk.adapter.adapter, chunk.adapter.forms, chunk.prompt_length, offset,
                                          chunk.start, n))
+            echoed.append((len(keep), chunk.predicting_prompt) if chunk.prompt_logits else None)
+            if chunk.prompt_logits:
+                keep.extend(range(offset, offset + n))
             if chunk.completes_prompt:
-                keep.append(offset + n - 1)
+                if not chunk.prompt_logits:
+                    keep.append(offset + n - 1)
+                last.append(len(keep) - 1)
         plan = build_plan(plan_rows, self.device)
         logits = self._forward(ids, positions, columns, attention.prefill_layout(spans, self.device), plan, keep)
-        return PrefillResult(logits, plan.pairs if plan else 0)
+        prompt_logits = [None if e is None else logits[e[0] : e[0] + e[1]] for e in echoed]
+        completing = logits if len(last) == len(keep) else logits[last]  # no copy unless a chunk asked for more
+        return PrefillResult(completing, plan.pairs if plan else 0, prompt_logits)
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> Tensor:

@@ -40,6 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt or the output (divides positive logits)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
     logprobs: int | None = None  # top alternatives per token to report (0..20); None = no logprobs
+    prompt_logprobs: int | None = None  # the same for the prompt's own tokens (echo); None = not computed
 
     @property
     def greedy(self) -> bool:
@@ -134,8 +135,10 @@ class Sampler:
             raise ValueError(
                 f"logit_bias keys must be token ids in 0..{self.vocab_size - 1} with finite values; got {bad[:5]}"
             )
-        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must lie in 0..{MAX_LOGPROBS}; got {p.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(p, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must lie in 0..{MAX_LOGPROBS}; got {value}")
 
     @torch.inference_mode()
     def add(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
@@ -279,26 +282,40 @@ class Sampler:
 
     def _with_logprobs(self, logits: Tensor, slots: Tensor, tokens: Tensor, most: int) -> SampleOutput:
         """Pack ids, the sampled tokens' logprobs and the top alternatives into one tensor; fetch it once."""
-        logprobs = logits.log_softmax(dim=-1)
-        columns = [
-            tokens[:, None].double(),
-            self._ints.index_select(0, slots)[:, _LOGPROBS, None].double(),
-            logprobs.gather(-1, tokens[:, None]).double(),
-        ]
-        if most > 0:
-            top_values, top_ids = logprobs.topk(most, dim=-1)
-            columns += [top_ids.double(), top_values.double()]
-        rows = torch.cat(columns, dim=-1).tolist()
-        token_ids, out = [], []
-        for row in rows:
-            token_ids.append(int(row[0]))
-            asked = int(row[1])
-            if asked < 0:
-                out.append(None)
-                continue
-            top = tuple((int(i), v) for i, v in zip(row[3 : 3 + asked], row[3 + most : 3 + most + asked], strict=True))
-            out.append(TokenLogprobs(row[2], top))
-        return SampleOutput(token_ids, out)
+        return SampleOutput(*_gather_logprobs(logits, tokens, self._ints.index_select(0, slots)[:, _LOGPROBS], most))
+
+
+def prompt_logprobs(logits: Tensor, targets: Tensor, top: int) -> list[TokenLogprobs]:
+    """Logprob of each prompt token under the logits at the position before it, with `top` alternatives.
+
+    logits [n, V] are the forward's own at n consecutive prompt positions, targets [n] the tokens
+    that follow them; one host transfer.
+    """
+    _, out = _gather_logprobs(logits, targets, torch.full_like(targets, top), top)
+    return [lp for lp in out if lp is not None]
+
+
+def _gather_logprobs(
+    logits: Tensor, tokens: Tensor, asked: Tensor, most: int
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """tokens as ids, and row i's logprob of tokens[i] with its asked[i] most likely alternatives (None where
+    asked[i] < 0): all packed into one tensor, fetched from the device once."""
+    logprobs = logits.log_softmax(dim=-1)
+    columns = [tokens[:, None].double(), asked[:, None].double(), logprobs.gather(-1, tokens[:, None]).double()]
+    if most > 0:
+        top_values, top_ids = logprobs.topk(most, dim=-1)
+        columns += [top_ids.double(), top_values.double()]
+    ids: list[int] = []
+    out: list[TokenLogprobs | None] = []
+    for row in torch.cat(columns, dim=-1).tolist():
+        ids.append(int(row[0]))
+        n = int(row[1])
+        if n < 0:
+            out.append(None)
+            continue
+        top = tuple((int(i), v) for i, v in zip(row[3 : 3 + n], row[3 + most : 3 + most + n], strict=True))
+        out.append(TokenLogprobs(row[2], top))
+    return ids, out
 
 
 def _has_penalties(p: SamplingParams) -> bool:

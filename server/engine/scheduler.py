@@ -30,7 +30,14 @@ import torch
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from server.engine.sampling import Sampler, SamplingParams, TextTracker
+from server.engine.sampling import (
+    SampleOutput,
+    Sampler,
+    SamplingParams,
+    TextTracker,
+    TokenLogprobs,
+    prompt_logprobs,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +75,9 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     error_status: int = 500  # 503 when the engine stopped under the request, 500 when its own step failed
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token of token_ids, when the request asked for logprobs
+    # On a request's first event, when it asked for them (echo): prompt tokens 1.. under the positions before them
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass
@@ -105,6 +115,7 @@ class _Sequence:
     computed: int = 0  # prompt tokens already in the KV cache
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # gathered chunk by chunk (echo)
 
     @property
     def prompt(self) -> list[int]:
@@ -358,7 +369,7 @@ class Scheduler:
                 break
             n = min(budget, len(seq.prompt) - seq.computed)
             chunk = PrefillChunk(seq.prompt[seq.computed : seq.computed + n], seq.computed, len(seq.prompt), seq.slot,
-                                 seq.resident)
+                                 seq.resident, seq.request.params.prompt_logprobs is not None)
             work.append((seq, chunk))
             budget -= n
         started = time.perf_counter()
@@ -370,16 +381,38 @@ class Scheduler:
 
     def _prefill_part(self, part: list[tuple[_Sequence, PrefillChunk]]) -> None:
         result = self.runner.prefill([chunk for _, chunk in part])
+        echoed = [self._prompt_logprobs(seq, chunk, logits)
+                  for (seq, chunk), logits in zip(part, result.prompt_logits, strict=True)]
         done = [seq for seq, chunk in part if chunk.completes_prompt]
-        tokens = self._sample(result.logits, done)
+        # A row that asked for no new tokens (echo with max_tokens 0) ends with its prompt: nothing is sampled.
+        generating = [seq for seq in done if seq.request.params.max_new_tokens > 0]
+        logits = result.logits
+        if len(generating) < len(done):
+            logits = logits[[i for i, seq in enumerate(done) if seq in generating]]
+        sampled = self._sample(logits, generating)
         self.intervened_positions += result.intervened
         self.prefill_positions += sum(len(chunk.tokens) for _, chunk in part)
-        for seq, chunk in part:
+        for (seq, chunk), logprobs in zip(part, echoed, strict=True):
             seq.computed += len(chunk.tokens)
-        for seq, token in zip(done, tokens, strict=True):
+            seq.prompt_logprobs.extend(logprobs)
+        for seq in done:
             self._prefilling.remove(seq)
             self._running.append(seq)
-            self._advance(seq, token)
+            if seq not in generating:
+                seq.finish_reason = "length"
+                self._emit(seq, Event("", (), "length", len(seq.prompt), 0,
+                                      prompt_logprobs=tuple(seq.prompt_logprobs)))
+        for seq, token, logprobs in zip(generating, sampled.token_ids, sampled.logprobs, strict=True):
+            self._advance(seq, token, logprobs)
+
+    def _prompt_logprobs(self, seq: _Sequence, chunk: PrefillChunk, logits: torch.Tensor | None) -> list[TokenLogprobs]:
+        """The logprobs of the prompt tokens this chunk's positions predict (its next ones), when asked for."""
+        top = seq.request.params.prompt_logprobs
+        if logits is None or top is None or not len(logits):
+            return []
+        first = chunk.start + 1
+        targets = torch.tensor(seq.prompt[first : first + len(logits)], dtype=torch.long, device=logits.device)
+        return prompt_logprobs(logits, targets, top)
 
     def _decode(self) -> None:
         work = [(seq, DecodeRow(seq.token_ids[-1], len(seq.prompt) + len(seq.token_ids) - 1, seq.slot))
@@ -391,14 +424,15 @@ class Scheduler:
     def _decode_part(self, part: list[tuple[_Sequence, DecodeRow]]) -> None:
         logits = self.runner.decode([row for _, row in part])
         seqs = [seq for seq, _ in part]
-        for seq, token in zip(seqs, self._sample(logits, seqs), strict=True):
-            self._advance(seq, token)
+        sampled = self._sample(logits, seqs)
+        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            self._advance(seq, token, logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> SampleOutput:
         if not seqs:
-            return []
+            return SampleOutput([], [])
         rows = torch.tensor([s.row for s in seqs], dtype=torch.long, device=logits.device)
-        return self.sampler(logits, rows).token_ids
+        return self.sampler(logits, rows)
 
     def _isolated(self, work: list[tuple[_Sequence, T]], run: Callable[[list[tuple[_Sequence, T]]], None]) -> None:
         """Run `work` as one step; if that raises, run it row by row and fail only the rows that raise alone.
@@ -423,7 +457,7 @@ class Scheduler:
                 log.exception("request %s failed", item[0].request.request_id)
                 self._fail(item[0], f"{type(exc).__name__}: {exc}")
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         params = seq.request.params
         seq.token_ids.append(token)
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
@@ -439,7 +473,9 @@ class Scheduler:
             ):
                 delta += seq.tracker.add(None)[0]
                 seq.finish_reason = "length"
-        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids)))
+        echoed = tuple(seq.prompt_logprobs) if params.prompt_logprobs is not None and len(seq.token_ids) == 1 else None
+        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids),
+                              logprobs=(logprobs,) if logprobs is not None else (), prompt_logprobs=echoed))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         self._notify(seq.request, event)
