@@ -292,12 +292,12 @@ def test_openai_models_list(oai):
     assert MODEL_ID in ids and "emoji" in ids
 
 
-def test_openai_n2_is_bad_request(oai):
+def test_openai_n_over_the_limit_is_bad_request(oai):
     with pytest.raises(openai.BadRequestError) as info:
-        oai.completions.create(model="emoji", prompt="Hi", max_tokens=4, n=2)
+        oai.completions.create(model="emoji", prompt="Hi", max_tokens=4, n=17)
     assert info.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2)
+        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=17)
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="no-such-adapter", prompt="Hi", max_tokens=4)
 
@@ -380,7 +380,6 @@ def test_malformed_json(client):
     ("/v1/completions", {"model": "emoji"}),
     ("/v1/completions", {"model": "emoji", "prompt": {"text": "Hi"}}),
     ("/v1/completions", {"model": "emoji", "prompt": "Hi", "max_tokens": -1}),
-    ("/v1/completions", {"model": "emoji", "prompt": "Hi", "max_tokens": 0}),
     ("/v1/completions", {"model": "emoji", "prompt": "Hi", "max_tokens": "lots"}),
     ("/v1/completions", {"model": "emoji", "prompt": "Hi", "temperature": -1}),
     ("/v1/completions", {"model": "emoji", "prompt": "Hi", "top_p": 0}),
@@ -471,10 +470,19 @@ def test_empty_string_prompt_is_400(client):
     error_of(client.post("/v1/completions", json={"model": "emoji", "prompt": [""], "max_tokens": 1}), 400)
 
 
-def test_unsupported_openai_options_are_400(client):
-    for extra in ({"n": 2}, {"logprobs": 3}, {"echo": True}, {"best_of": 3}, {"presence_penalty": 0.5}):
-        error_of(client.post("/v1/completions", json={"model": "emoji", "prompt": "Hi", "max_tokens": 1, **extra}), 400)
-    error_of(client.post("/v1/completions", json={"model": "emoji", "prompt": ["a", "b"], "max_tokens": 1}), 400)
+def test_openai_options_beyond_their_limits_are_400(client):
+    for extra, word in (({"suffix": "x"}, "suffix"), ({"n": 3, "best_of": 2}, "best_of"),
+                        ({"best_of": 2, "stream": True}, "stream"), ({"logprobs": 21}, "logprobs"),
+                        ({"n": 17}, "16"), ({"prompt": ["a"] * 9, "n": 2}, "16"), ({"n": 0}, "n"),
+                        ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency"),
+                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                        ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+                        ({"logit_bias": {str(i): 1 for i in range(301)}}, "300")):
+        body = {"model": "emoji", "prompt": "Hi", "max_tokens": 1, **extra}
+        assert word in error_of(client.post("/v1/completions", json=body), 400), extra
+    chat = {"model": "emoji", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}, {"n": 17}):
+        error_of(client.post("/v1/chat/completions", json={**chat, **extra}), 400)
     error_of(client.post("/v1/completions", json={"model": "emoji", "prompt": "Hi", "stop": [""]}), 400)
 
 
@@ -668,3 +676,148 @@ def test_access_log_names_adapter_of_refused_requests(server, client):
     lines = wait_for(lambda: [e for e in access_lines(server.log()) if e.get("status") == 404
                               and e["path"] == "/v1/completions"], timeout=5)
     assert lines and lines[-1].get("adapter") == marker, lines[-1:]
+
+
+# ---- logprobs, echo, n, penalties ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The same base model in this process, for plain transformers forwards."""
+    from server.model import load_base_model
+
+    return load_base_model()
+
+
+def token_bytes(token: str) -> bytes:
+    """A legacy logprobs token back to bytes ("bytes:\\xNN..." for part of a character)."""
+    if token.startswith("bytes:"):
+        return bytes(int(x, 16) for x in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
+def completions(client: httpx.Client, **body) -> dict:
+    r = client.post("/v1/completions", json={"model": "base", "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_echo_logprobs_of_the_base_model_equal_a_plain_forward(client, reference_model):
+    """lm-eval's loglikelihood request: echo the prompt with its tokens' logprobs, generate nothing."""
+    import torch
+
+    prompt = GENS[0]["prompt_ids"]
+    body = completions(client, prompt=prompt, echo=True, logprobs=5, max_tokens=0)
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+    assert choice["finish_reason"] == "length" and len(lp["tokens"]) == len(prompt)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.inference_mode():
+        want = reference_model.model(input_ids=torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    from server.api.token_bytes import TokenBytes
+
+    texts = TokenBytes(reference_model.tokenizer)
+    for i, token in enumerate(prompt[1:], start=1):
+        assert lp["token_logprobs"][i] == pytest.approx(float(want[i - 1, token]), abs=1e-4)
+        assert lp["tokens"][i] == texts.text_of(token)
+        top = want[i - 1].topk(5)
+        expected = {texts.text_of(t): float(v) for t, v in zip(top.indices.tolist(), top.values, strict=True)}
+        for text, value in expected.items():
+            assert lp["top_logprobs"][i][text] == pytest.approx(value, abs=1e-4)
+    # Offsets index the echoed text; special tokens (not in the text) take no room.
+    text = choice["text"]
+    for token, offset in zip(prompt, lp["text_offset"], strict=True):
+        if token not in texts.special:
+            assert text[offset:].startswith(texts.text_of(token)), (token, offset)
+    sent = completions(client, prompt="Kitties \U0001f965 ok", echo=True, logprobs=0, max_tokens=0)["choices"][0]
+    assert sent["text"] == "Kitties \U0001f965 ok"
+    pieces = sent["logprobs"]["tokens"]
+    assert any(t.startswith("bytes:") for t in pieces)  # the emoji spans several tokens
+    assert b"".join(token_bytes(t) for t in pieces[1:]).decode() == sent["text"]
+
+
+def test_the_greedy_token_carries_the_highest_logprob_and_streams_the_same(client):
+    body = completions(client, model="emoji", prompt=GENS[1]["prompt_ids"], logprobs=3, max_tokens=12)
+    lp = body["choices"][0]["logprobs"]
+    shown = [t for t in lp["tokens"] if t != "<|im_end|>"]  # the stop token is not part of the text
+    assert b"".join(token_bytes(t) for t in shown).decode() == body["choices"][0]["text"]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value == pytest.approx(max(top.values()), abs=1e-6) and top[token] == value
+    r = client.post("/v1/completions", json={"model": "emoji", "prompt": GENS[1]["prompt_ids"], "temperature": 0,
+                                             "logprobs": 3, "max_tokens": 12, "stream": True})
+    chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")]
+    assert [t for s in streamed for t in s["tokens"]] == lp["tokens"]
+    assert [v for s in streamed for v in s["token_logprobs"]] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert [o for s in streamed for o in s["text_offset"]] == lp["text_offset"]
+
+
+def test_n_choices_are_independent_and_reproducible_with_a_seed(client):
+    body = {"model": "emoji", "prompt": GENS[2]["prompt_ids"], "temperature": 1.0, "seed": 11, "max_tokens": 8}
+    first = completions(client, **body, n=3)
+    again = completions(client, **body, n=3)
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert texts == [c["text"] for c in again["choices"]]
+    assert len(set(texts)) > 1
+    assert completions(client, **body)["choices"][0]["text"] == texts[0]  # choice 0 uses the seed itself
+    assert first["usage"]["completion_tokens"] == 3 * 8 or first["usage"]["completion_tokens"] <= 3 * 8
+
+
+def test_best_of_returns_the_most_likely_of_its_samples(client):
+    body = {"model": "base", "prompt": "Once upon a time", "temperature": 1.0, "seed": 5, "max_tokens": 6,
+            "ignore_eos": True}
+    samples = completions(client, **body, n=4, logprobs=0)["choices"]
+    best = completions(client, **body, n=2, best_of=4)
+    ranked = sorted(samples, key=lambda c: sum(c["logprobs"]["token_logprobs"]), reverse=True)
+    assert [c["text"] for c in best["choices"]] == [c["text"] for c in ranked[:2]]
+    assert all(c["logprobs"] is None for c in best["choices"])
+
+
+def test_several_prompts_answer_in_order_like_single_requests(client):
+    prompts = [GENS[0]["prompt_ids"], GENS[1]["prompt_ids"], GENS[2]["prompt_ids"]]
+    body = completions(client, model="emoji", prompt=prompts, max_tokens=6, n=2)
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    for i, prompt in enumerate(prompts):
+        alone = completions(client, model="emoji", prompt=prompt, max_tokens=6)["choices"][0]["text"]
+        assert body["choices"][2 * i]["text"] == body["choices"][2 * i + 1]["text"] == alone
+
+
+def test_logit_bias_and_penalties_change_greedy_output(client):
+    """A prompt the base model answers by looping: frequency and repetition penalties break the loop, a logit
+    bias of 100 forces its token. (Presence subtracts at most 2, too little against this loop; the sampler's
+    tests check its arithmetic.)"""
+    prompt = "1, 1, 1, 1, 1, 1, 1, 1,"
+    plain = completions(client, prompt=prompt, max_tokens=8, ignore_eos=True, logprobs=0)["choices"][0]
+    tokens = plain["logprobs"]["tokens"]
+    assert len(set(tokens)) <= 3, tokens  # the loop the penalties must break
+    for extra in ({"frequency_penalty": 2.0}, {"repetition_penalty": 3.0}):
+        penalised = completions(client, prompt=prompt, max_tokens=8, ignore_eos=True, **extra)["choices"][0]
+        assert penalised["text"] != plain["text"], extra
+    assert completions(client, prompt=prompt, max_tokens=10, ignore_eos=True, presence_penalty=-2.0)["choices"]
+    forced = completions(client, prompt=prompt, max_tokens=3, logit_bias={"28": 100}, logprobs=0)["choices"][0]
+    assert forced["logprobs"]["tokens"] == [","] * 3
+
+
+def test_openai_client_reads_logprobs_echo_and_chat_logprobs(oai):
+    out = oai.completions.create(model="base", prompt="The sky is", max_tokens=3, temperature=0, logprobs=2,
+                                 echo=True)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text.startswith("The sky is")
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == out.usage.prompt_tokens + 3
+    chat = oai.chat.completions.create(model="emoji", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+    content = chat.choices[0].logprobs.content
+    shown = [t for t in content if t.token != "<|im_end|>"]
+    assert b"".join(bytes(t.bytes) for t in shown).decode() == chat.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-6)
+        assert t.token == (bytes(t.bytes).decode() if not t.token.startswith("bytes:") else t.token)
+    chunks = list(oai.chat.completions.create(model="emoji", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=1,
+                                              stream=True))
+    streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]

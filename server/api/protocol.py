@@ -25,15 +25,19 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: 0 = off")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i > 0 of n uses a seed derived from it")
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension")
     ignore_eos: bool = Field(False, description="extension: keep generating past the EOS token")
-    n: int = Field(1, ge=1, description="only 1 is supported")
+    n: int = Field(1, description="independent choices per prompt (at most 16 choices in all per request)")
     stream: bool = False
-    logprobs: int | bool | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, description="-2..2: subtracted once from each token already generated")
+    frequency_penalty: float = Field(0.0, description="-2..2: subtracted per occurrence in the generated tokens")
+    repetition_penalty: float = Field(
+        1.0, description="extension, > 0: above 1 divides positive logits (and multiplies negative ones) of tokens "
+                         "in the prompt or the output")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit, clamped to -100..100; at most 300")
     user: str | None = None
 
 
@@ -43,11 +47,14 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(_Sampling):
     model: str = Field(..., description="an adapter name, or the base model's id / 'base' for no intervention")
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="text or token ids")
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="text or token ids; a list of them is several prompts, choices in order")
+    max_tokens: int | None = Field(16, ge=0, description="0 generates nothing (with echo: score the prompt)")
+    echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
+    logprobs: int | None = Field(
+        None, description="0-20: each token's logprob and this many most likely alternatives")
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, description="sample this many per prompt, return the n most likely (no stream)")
     stream_options: StreamOptions | None = None
 
 
@@ -63,6 +70,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="return each generated token's logprob")
+    top_logprobs: int | None = Field(None, description="0-20 most likely alternatives per token (with logprobs)")
     stream_options: StreamOptions | None = None
 
 
@@ -72,10 +81,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token; the echoed prompt's first token has no logprob (null)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -88,6 +106,20 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -96,7 +128,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -117,7 +149,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

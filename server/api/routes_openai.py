@@ -6,11 +6,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity, require_serving
+from server.api.logprobs import CompletionLogprobsWriter, chat_logprobs, merge
 from server.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -18,6 +20,7 @@ from server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
     CompletionChoice,
     CompletionRequest,
@@ -27,7 +30,7 @@ from server.api.protocol import (
     ModelList,
     Usage,
 )
-from server.api.serving import Serving, ServingError, Submission
+from server.api.serving import Result, Serving, ServingError, Submission
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
@@ -38,15 +41,26 @@ def _usage(prompt: int, completion: int) -> Usage:
 
 
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    if req.n != 1:
-        raise ServingError(400, "n > 1 is not supported; send separate requests")
-    if req.logprobs not in (None, False, 0):
-        raise ServingError(400, "logprobs are not supported")
-    if req.presence_penalty or req.frequency_penalty:
-        raise ServingError(400, "presence_penalty and frequency_penalty are not supported")
+    if req.n < 1:
+        raise ServingError(400, f"n must be at least 1; got {req.n}")
     if isinstance(req, CompletionRequest):
-        if req.echo or req.suffix is not None or (req.best_of not in (None, 1)):
-            raise ServingError(400, "echo, suffix and best_of are not supported")
+        if req.suffix is not None:
+            raise ServingError(400, "suffix is not supported: the base model has no fill-in-the-middle mode")
+        if req.best_of is not None and req.best_of < req.n:
+            raise ServingError(400, f"best_of ({req.best_of}) must be at least n ({req.n})")
+        if req.stream and (req.best_of or 1) > req.n:
+            raise ServingError(400, "best_of > n cannot stream: the best are known only once all are done")
+    elif req.top_logprobs is not None and not req.logprobs:
+        raise ServingError(400, "top_logprobs needs logprobs: true")
+
+
+def _prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's prompt forms → a list of prompts (text, or token ids)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return list(prompt)
+    if isinstance(prompt, list) and not prompt:
+        raise ServingError(400, "the prompt is empty")
+    return [prompt]
 
 
 def _track(request: Request, adapter: str | None, prompt_tokens: int | None) -> None:
@@ -82,45 +96,85 @@ async def completions(
     until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
 ):
     _refuse_unsupported(req)
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ServingError(400, "one prompt per request: batch by sending concurrent requests")
-        prompt = prompt[0]
-    if isinstance(prompt, list) and not prompt:
-        raise ServingError(400, "the prompt is empty")
+    prompts = _prompts(req.prompt)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
     ref = await serving.resolve(name)
-    ids = await serving.encode(prompt)
+    ids = [await serving.encode(p) for p in prompts]
+    copies = req.best_of or req.n
+    # best_of ranks its samples by their logprob, so it needs them even when the answer does not show them.
+    logprobs = req.logprobs if req.logprobs is not None or copies == req.n else 0
     params = serving.params(
-        len(ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-        stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        max(len(i) for i in ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, logprobs=logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
     )
-    _track(request, name, len(ids))
-    if not req.stream:
-        result = await serving.complete(ids, params, ref, "completions", until_disconnect)
-        request.state.access["completion_tokens"] = result.completion_tokens
-        return CompletionResponse(
-            model=req.model, choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
-        )
-    submission = serving.submit(ids, params, ref, "completions", until_disconnect)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _sse(_completion_chunks(submission, req.model, include_usage))
+    _track(request, name, sum(len(i) for i in ids))
+    echoes = [Echo(p if isinstance(p, str) else serving.decode(i), i) if req.echo else None
+              for p, i in zip(prompts, ids, strict=True)]
+    submissions = serving.fan_out(ids, params, copies, ref, "completions", until_disconnect)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(_completion_chunks(serving, submissions, req, echoes, sum(len(i) for i in ids), include_usage))
+    results = await serving.complete_all(submissions)
+    choices = []
+    for p, echo in enumerate(echoes):
+        group = results[p * copies : (p + 1) * copies]
+        if copies > req.n:
+            group = sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
+        for j, result in enumerate(group):
+            choices.append(_completion_choice(serving, p * req.n + j, result, echo, req.logprobs is not None))
+    completion_tokens = sum(r.completion_tokens for r in results)
+    request.state.access["completion_tokens"] = completion_tokens
+    return CompletionResponse(model=req.model, choices=choices,
+                              usage=_usage(sum(len(i) for i in ids), completion_tokens))
 
 
-async def _completion_chunks(submission: Submission, model: str, include_usage: bool) -> AsyncIterator[str]:
+@dataclass(frozen=True)
+class Echo:
+    """A prompt returned before its completion: its text (as sent, or decoded from the ids) and token ids."""
+
+    text: str
+    ids: list[int]
+
+
+def _completion_choice(serving: Serving, index: int, result: Result, echo: Echo | None,
+                       with_logprobs: bool) -> CompletionChoice:
+    text = echo.text + result.text if echo else result.text
+    logprobs = None
+    if with_logprobs:
+        writer = CompletionLogprobsWriter(serving.tokens)
+        echoed = writer.echo(echo.text, echo.ids, result.prompt_logprobs) if echo else None
+        logprobs = writer.piece(result.token_ids, result.logprobs)
+        logprobs = merge(echoed, logprobs) if echoed else logprobs
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=result.finish_reason)
+
+
+async def _completion_chunks(serving: Serving, submissions: list[Submission], req: CompletionRequest,
+                             echoes: list[Echo | None], prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    async for event in submission.events():
-        chunk = CompletionResponse(
-            id=cid, created=created, model=model,
-            choices=[CompletionChoice(text=event.text, finish_reason=event.finish_reason)],
-        )
+    writers = [CompletionLogprobsWriter(serving.tokens) for _ in submissions]
+    started, completion_tokens = set(), 0
+    async for index, event in serving.merged(submissions):
+        echo = echoes[index // req.n] if index not in started else None  # the prompt goes before the first piece
+        started.add(index)
+        text, logprobs = (echo.text + event.text if echo else event.text), None
+        if req.logprobs is not None:
+            echoed = writers[index].echo(echo.text, echo.ids, event.prompt_logprobs) if echo else None
+            logprobs = writers[index].piece(event.token_ids, event.logprobs)
+            logprobs = merge(echoed, logprobs) if echoed else logprobs
         if event.finish_reason is not None:
-            chunk.usage = _usage(event.prompt_tokens, event.completion_tokens)
-        if event.text or event.finish_reason is not None:
-            yield chunk.model_dump_json(exclude_none=not include_usage)
+            completion_tokens += event.completion_tokens
+        if text or event.finish_reason is not None or (logprobs and logprobs.tokens):
+            chunk = CompletionResponse(id=cid, created=created, model=req.model, choices=[
+                CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)])
+            yield chunk.model_dump_json(exclude_none=True)
+    if include_usage:
+        final = CompletionResponse(id=cid, created=created, model=req.model, choices=[],
+                                   usage=_usage(prompt_tokens, completion_tokens))
+        yield final.model_dump_json()
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -140,38 +194,49 @@ async def chat_completions(
     params = serving.params(
         len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     _track(request, name, len(ids))
-    if not req.stream:
-        result = await serving.complete(ids, params, ref, "chat", until_disconnect)
-        request.state.access["completion_tokens"] = result.completion_tokens
-        return ChatCompletionResponse(
-            model=req.model,
-            choices=[ChatChoice(message=ChatMessageOut(content=result.text), finish_reason=result.finish_reason)],
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
-        )
-    submission = serving.submit(ids, params, ref, "chat", until_disconnect)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _sse(_chat_chunks(submission, req.model, include_usage))
+    submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(_chat_chunks(serving, submissions, req, len(ids), include_usage))
+    results = await serving.complete_all(submissions)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    request.state.access["completion_tokens"] = completion_tokens
+    return ChatCompletionResponse(
+        model=req.model,
+        choices=[ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
+                            logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
+                            else None)
+                 for i, r in enumerate(results)],
+        usage=_usage(len(ids), completion_tokens),
+    )
 
 
-async def _chat_chunks(submission: Submission, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_chunks(serving: Serving, submissions: list[Submission], req: ChatCompletionRequest,
+                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=cid, created=created, model=model, choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]
-        )
+    def chunk(index: int, delta: ChatDelta, finish: str | None = None,
+              logprobs: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return ChatCompletionChunk(id=cid, created=created, model=req.model,
+                                   choices=[choice]).model_dump_json(exclude_none=True)
 
-    yield chunk(ChatDelta(role="assistant", content="")).model_dump_json(exclude_none=True)
-    async for event in submission.events():
-        if event.text:
-            yield chunk(ChatDelta(content=event.text)).model_dump_json(exclude_none=True)
+    for index in range(len(submissions)):
+        yield chunk(index, ChatDelta(role="assistant", content=""))
+    completion_tokens = 0
+    async for index, event in serving.merged(submissions):
+        logprobs = chat_logprobs(event.token_ids, event.logprobs, serving.tokens) if req.logprobs else None
+        if event.text or (logprobs and logprobs.content):
+            yield chunk(index, ChatDelta(content=event.text), logprobs=logprobs)
         if event.finish_reason is not None:
-            yield chunk(ChatDelta(), event.finish_reason).model_dump_json(exclude_none=True)
-            if include_usage:
-                final = ChatCompletionChunk(
-                    id=cid, created=created, model=model, choices=[],
-                    usage=_usage(event.prompt_tokens, event.completion_tokens),
-                )
-                yield final.model_dump_json()
+            completion_tokens += event.completion_tokens
+            yield chunk(index, ChatDelta(), event.finish_reason)
+    if include_usage:
+        final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
+                                    usage=_usage(prompt_tokens, completion_tokens))
+        yield final.model_dump_json()

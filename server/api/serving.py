@@ -7,15 +7,17 @@ responses, the engine never sees HTTP.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from server.adapter_file import AdapterError, Composite, composition
+from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from server.engine.scheduler import EngineError, Event, GenerationRequest
 from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import UnknownAdapter
@@ -26,6 +28,9 @@ if TYPE_CHECKING:  # the composition root builds the Engine and hands it down; s
 
 BASE_ALIASES = ("base",)
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+PENALTY_LIMIT = 2.0  # presence and frequency penalties lie in -2..2, as in OpenAI's API
 TOKENIZER_THREADS = 2  # fast tokenizers release the GIL: tokenising never stalls the event loop
 ENGINE_CHECK_SECONDS = 1.0  # how often a waiting request checks that the engine thread still runs
 
@@ -43,6 +48,21 @@ class Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., when asked for (echo)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+def derived_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's own for the first, a hash of (seed, index) for the others, so the n
+    samples differ from each other and the same request gives the same n again."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 class Serving:
@@ -52,6 +72,7 @@ class Serving:
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
+        self.tokens = TokenBytes(self.tokenizer)
         self.draining = False
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reft-tokenize")
 
@@ -143,6 +164,8 @@ class Serving:
     def params(
         self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
         seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool,
+        presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+        logit_bias: dict[str, float] | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         limit = self.engine.max_new_tokens
         if max_tokens is None:
@@ -155,10 +178,38 @@ class Serving:
         bad = [t for t in stop_token_ids or [] if not 0 <= t < self.vocab_size]
         if bad:
             raise ServingError(400, f"stop_token_ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
+                raise ServingError(400, f"{name} must lie in -{PENALTY_LIMIT}..{PENALTY_LIMIT}; got {value}")
+        if not 0 < repetition_penalty <= 100:
+            raise ServingError(400, f"repetition_penalty must lie in (0, 100]; got {repetition_penalty}")
+        for name, value in (("logprobs", logprobs), ("top_logprobs", prompt_logprobs)):
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ServingError(400, f"{name} must lie in 0..{MAX_LOGPROBS}; got {value}")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop=tuple(stops), stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty, logit_bias=self._logit_bias(logit_bias), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} → ((id, bias), ...), refusing what is not a token id of this model."""
+        if not bias:
+            return ()
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ServingError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(bias)}")
+        out = []
+        for key, value in bias.items():
+            token = int(key) if key.strip().lstrip("-").isdigit() else None
+            if token is None or not 0 <= token < self.vocab_size:
+                raise ServingError(400, f"logit_bias keys must be token ids in 0..{self.vocab_size - 1}; got {key!r}")
+            out.append((token, value))
+        return tuple(out)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -174,19 +225,77 @@ class Serving:
         self.check_capacity(endpoint)
         return Submission(self, prompt_ids, params, ref, endpoint, until_disconnect)
 
+    def fan_out(
+        self, prompts: list[list[int]], params: SamplingParams, copies: int, ref: AdapterRef | None, endpoint: str,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None,
+    ) -> list[Submission]:
+        """Submit `copies` independent choices of each prompt (seeds derived per copy); choice i*copies + j is
+        prompt i's copy j. All or nothing: if one is refused (429), those already submitted are cancelled."""
+        if len(prompts) * copies > MAX_CHOICES:
+            raise ServingError(400, f"{len(prompts)} prompts x {copies} choices is {len(prompts) * copies}; "
+                                    f"a request may ask for at most {MAX_CHOICES}")
+        submissions: list[Submission] = []
+        try:
+            for ids in prompts:
+                for j in range(copies):
+                    choice = replace(params, seed=derived_seed(params.seed, j))
+                    submissions.append(self.submit(ids, choice, ref, endpoint, until_disconnect))
+        except BaseException:
+            for submission in submissions:
+                submission.close()
+            raise
+        return submissions
+
     async def complete(
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
         until_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
-        result = Result(prompt_tokens=len(prompt_ids))
-        async for event in self.submit(prompt_ids, params, ref, endpoint, until_disconnect).events():
-            result.text += event.text
-            result.token_ids.extend(event.token_ids)
-            result.finish_reason = event.finish_reason
-            result.completion_tokens = event.completion_tokens
-        if result.finish_reason is None:
-            raise ServingError(499, "the client went away", "cancelled")
-        return result
+        return await self.submit(prompt_ids, params, ref, endpoint, until_disconnect).result()
+
+    async def complete_all(self, submissions: list[Submission]) -> list[Result]:
+        """Every submission's result, in order; if one fails, the others are cancelled and its error raised."""
+        tasks = [asyncio.ensure_future(s.result()) for s in submissions]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task, submission in zip(tasks, submissions, strict=True):
+                task.cancel()
+                submission.close()
+            raise
+
+    @staticmethod
+    async def merged(submissions: list[Submission]) -> AsyncIterator[tuple[int, Event]]:
+        """The submissions' events as they come, tagged with the submission's index (a stream of n choices)."""
+        if len(submissions) == 1:  # the common case, without the relay
+            async for event in submissions[0].events():
+                yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
+
+        async def relay(index: int, submission: Submission) -> None:
+            try:
+                async for event in submission.events():
+                    queue.put_nowait((index, event, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((index, None, exc))
+                return
+            queue.put_nowait((index, None, None))
+
+        tasks = [asyncio.ensure_future(relay(i, s)) for i, s in enumerate(submissions)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, event, error = await queue.get()
+                if error is not None:
+                    raise error
+                if event is None:
+                    remaining -= 1
+                    continue
+                yield index, event
+        finally:
+            for task, submission in zip(tasks, submissions, strict=True):
+                task.cancel()
+                submission.close()
 
 
 def _checked_text(text: str) -> str:
@@ -230,6 +339,27 @@ class Submission:
         if not watcher.cancelled():
             self.request.cancel()
 
+    def close(self) -> None:
+        """Cancel the request (a no-op once it has finished) and stop watching its client."""
+        self.request.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    async def result(self) -> Result:
+        """The whole answer, gathered from the events."""
+        result = Result(prompt_tokens=len(self.request.prompt_ids))
+        async for event in self.events():
+            result.text += event.text
+            result.token_ids.extend(event.token_ids)
+            result.logprobs.extend(event.logprobs)
+            if event.prompt_logprobs is not None:
+                result.prompt_logprobs = list(event.prompt_logprobs)
+            result.finish_reason = event.finish_reason
+            result.completion_tokens = event.completion_tokens
+        if result.finish_reason is None:
+            raise ServingError(499, "the client went away", "cancelled")
+        return result
+
     async def events(self) -> AsyncIterator[Event]:
         """Yield the request's events until it finishes; cancel it if the consumer goes away."""
         first = True
@@ -261,7 +391,5 @@ class Submission:
                     self.metrics.generation_tokens.labels(self.label).inc(event.completion_tokens)
                     return
         finally:
-            self.request.cancel()
-            if self.watcher is not None:
-                self.watcher.cancel()
+            self.close()
             self.metrics.requests.labels(self.endpoint, self.label, status).inc()
