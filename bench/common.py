@@ -93,6 +93,12 @@ def rounded(x: float, digits: int = 4) -> float:
 
 def base_shape(model: str | None) -> ModelShape:
     """The base model's shape, read from its config (no weights loaded)."""
+    cfg = base_config(model)
+    return ModelShape(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers)
+
+
+def base_config(model: str | None):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The base model's transformers config (no weights loaded)."""
     from transformers import AutoConfig
 
     from server.model import converted_gguf_dir, default_gguf_path
@@ -103,8 +109,7 @@ def base_shape(model: str | None) -> ModelShape:
         source = converted_gguf_dir(Path(model))
     else:
         source = model
-    cfg = AutoConfig.from_pretrained(str(source))
-    return ModelShape(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers)
+    return AutoConfig.from_pretrained(str(source))
 
 
 def random_loreft(
@@ -214,6 +219,13 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def peak_rss(self) -> int:
+        """The server's peak resident set size so far (VmHWM), in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     BaselineWorker,
     Load,
     ServerProcess,
+    base_config,
     base_shape,
     machine_info,
     median,
@@ -44,7 +45,7 @@ from common import (  # noqa: E402
 
 from server import adapter_file  # noqa: E402
 
-SECTIONS = ("throughput", "p2", "long", "hol", "cold", "registry")
+SECTIONS = ("throughput", "p2", "long", "hol", "echo", "cold", "registry")
 P2_SHORT_GROUPS = 3  # ABBA groups at the 32-token prompt per repetition (one at 1024)
 
 
@@ -276,6 +277,44 @@ def head_of_line(args: argparse.Namespace, report: Report, load: Load) -> None:
                   ttft_s=median([r["ttft_s"] for r in rows]), max_gap_s=median([r["max_gap_s"] for r in rows]))
 
 
+def prompt_logprobs_cost(args: argparse.Namespace, report: Report, load: Load, server: ServerProcess) -> None:
+    """What echo's prompt logprobs cost at 1,024 tokens: the LM head over every prompt position.
+
+    The same prompt as a scoring request (echo, logprobs 1, max_tokens 0) and as a plain one-token request
+    (the head at the last position only), in ABBA blocks; and the server's peak RSS before and after the
+    scoring requests (VmHWM), against the analytic size of the logits [1024, V] and their log-softmax.
+    """
+    prompt = random_prompts(1, 1024, seed=31)[0]
+    score = {"model": "base", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
+
+    def plain() -> float:
+        return load.complete("base", prompt, 1).latency
+
+    def scoring() -> float:
+        t0 = time.perf_counter()
+        r = load.client.post("/v1/completions", json=score)
+        if r.status_code != 200 or len(r.json()["choices"][0]["logprobs"]["tokens"]) != len(prompt):
+            raise RuntimeError(f"scoring request failed: {r.status_code} {r.text[:300]}")
+        return time.perf_counter() - t0
+
+    plain()
+    peak_before = server.peak_rss()
+    scoring()
+    peak_after = server.peak_rss()
+    ratios, sides = [], {"plain": [], "echo": []}
+    for _ in range(args.p2_reps):
+        block = [plain(), scoring(), scoring(), plain()]
+        sides["plain"] += [block[0], block[3]]
+        sides["echo"] += [block[1], block[2]]
+        ratios.append((block[1] + block[2]) / (block[0] + block[3]))
+    vocab = base_config(args.model).vocab_size
+    report.figure("ECHO_1024_TIME", median(ratios), None, "ratio (echo + logprobs, max_tokens 0 ÷ 1-token request)",
+                  blocks=[round(r, 3) for r in ratios], plain_ms=1000 * median(sides["plain"]),
+                  echo_ms=1000 * median(sides["echo"]))
+    report.figure("ECHO_1024_PEAK_MIB", (peak_after - peak_before) / 2**20, None, "MiB (server peak RSS growth)",
+                  logits_mib=1024 * vocab * 4 / 2**20, logits_and_log_softmax_mib=2 * 1024 * vocab * 4 / 2**20)
+
+
 # ---- cold adapters ------------------------------------------------------------------------------------------
 
 
@@ -495,7 +534,7 @@ def main() -> int:
     cold_files = [f"cold-{i:02d}" for i in range(args.cold_n)]
     server = worker = load = None
     try:
-        if {"throughput", "p2", "long", "hol", "cold"} & set(args.sections):
+        if {"throughput", "p2", "long", "hol", "echo", "cold"} & set(args.sections):
             registry = tmp / "registry"
             write_adapters(registry, shape, adapters, seed0=0)
             write_adapters(registry, shape, cold_files, seed0=1000)
@@ -535,6 +574,8 @@ def main() -> int:
             head_of_line(args, report, load)
         if "p2" in args.sections:
             p2(args, report, load, adapters[0])
+        if "echo" in args.sections:
+            prompt_logprobs_cost(args, report, load, server)
         if "cold" in args.sections:
             cold(args, report, load, server, cold_files, adapters[0], shape)
         if load:
