@@ -68,7 +68,7 @@ def build_engine(settings: Settings) -> Engine:
     log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
     scheduler = Scheduler(
-        ModelRunner(base, kv),
+        ModelRunner(base, kv, compile_decode=settings.compile, max_rows=settings.max_batch_size),
         lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
         cache,
         eos_token_ids=eos_ids,

@@ -36,6 +36,10 @@ def serve(
     ),
     drain_seconds: float = typer.Option(30.0, envvar=ENV + "DRAIN_SECONDS",
                                         help="on SIGTERM, how long in-flight requests may finish"),
+    compile_decode: bool = typer.Option(
+        False, "--compile", envvar=ENV + "COMPILE",
+        help="run decode steps through torch.compile (CUDA graphs on GPU); compiles at start-up",
+    ),
 ) -> None:
     """Start the HTTP server. Every other setting is read from its REFT_* environment variable."""
     from server.api.app import create_app
@@ -45,7 +49,7 @@ def serve(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
             read_only_registry=read_only_registry,
-            drain_seconds=drain_seconds,
+            drain_seconds=drain_seconds, compile=compile_decode,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

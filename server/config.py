@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(
         None, ge=1 << 20, description="KV cache bytes at start-up; default 4 GiB on CPU, 80% of free GPU memory"
     )
+    compile: bool = Field(
+        False, description="decode steps through torch.compile (inductor; CUDA graphs on GPU), compiled at start-up"
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
     max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")

@@ -871,12 +871,17 @@ def test_rows_join_and_leave_without_touching_other_rows_kv(engine):
     try:
         engine.runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts[:2], slots[:2], strict=True)])
         a = slots[0]
-        snapshot = kv.k[:, :, a.start : a.start + 30].clone(), kv.v[:, :, a.start : a.start + 30].clone()
+
+        def columns() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.stack([k[:, a.start : a.start + 30] for k in kv.k]),
+                    torch.stack([v[:, a.start : a.start + 30] for v in kv.v]))
+
+        snapshot = columns()
         engine.runner.prefill([PrefillChunk(prompts[2], 0, 20, slots[2])])  # a row joins
         engine.runner.decode([DecodeRow(7, 50, slots[1]), DecodeRow(8, 20, slots[2])])  # others decode
         kv.free(slots.pop(1))  # a row leaves
-        assert torch.equal(kv.k[:, :, a.start : a.start + 30], snapshot[0])
-        assert torch.equal(kv.v[:, :, a.start : a.start + 30], snapshot[1])
+        assert torch.equal(columns()[0], snapshot[0])
+        assert torch.equal(columns()[1], snapshot[1])
     finally:
         for slot in slots:
             kv.free(slot)

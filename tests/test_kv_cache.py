@@ -23,8 +23,9 @@ def test_the_pool_is_allocated_once_within_the_budget():
     assert cache.bytes_per_token == 2 * 2 * 3 * 8 * 4
     assert cache.capacity <= 10_000 and cache.nbytes <= 10_000 * cache.bytes_per_token
     assert cache.capacity == cache.num_blocks * cache.block_tokens and cache.num_blocks >= 16
-    assert cache.k.shape == cache.v.shape == (2, 3, cache.capacity, 8)
-    assert not cache.k.any(), "columns never written read as zeros"
+    assert len(cache.k) == len(cache.v) == 2
+    assert all(t.shape == (3, cache.capacity, 8) for t in cache.k + cache.v)
+    assert not any(t.any() for t in cache.k + cache.v), "columns never written read as zeros"
 
 
 def test_a_budget_below_one_slot_is_refused_with_the_numbers():

@@ -10,7 +10,9 @@ the pool:
 - a prefill chunk: its queries against its own row's columns, causal (lower-right aligned when
   the chunk continues a prompt); one call per row, so attention work follows each row's length;
 - decode: one call per block of equal-size slots (`kv_cache.py`), the block's slots as a batch,
-  keys up to the longest row in that block, a boolean mask for the shorter ones.
+  keys up to the longest row in that block, a boolean mask for the shorter ones;
+- a compiled decode step (`compiled.py`): the same result from index tensors of fixed meaning
+  (`DecodeIndex`), so one captured graph serves every mix of rows.
 
 Any forward without a layout (training, reference checks) is plain SDPA, as before.
 """
@@ -56,6 +58,20 @@ class PrefillSpan:
     start: int  # the row's first column
     kv_len: int
     mask: Tensor | None  # [length, kv_len] when the chunk continues a prompt; None = plain causal
+
+
+@dataclass(frozen=True)
+class DecodeIndex:
+    """A decode step as tensors only: row b's keys are columns starts[b] + key_offsets[:lengths[b]].
+
+    Its shapes are the only thing that varies from step to step (rows, and the longest row's keys),
+    so torch.compile captures it once with both sizes symbolic, where the grouped layout above would
+    be a different Python structure at every step.
+    """
+
+    starts: Tensor  # [B] each row's first column
+    lengths: Tensor  # [B] each row's keys, this step's included
+    key_offsets: Tensor  # [L] arange(L), L >= every length
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,8 @@ def attention(
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if isinstance(layout, DecodeIndex):
+        return indexed_decode(query, key, value, layout, scaling), None
     # query [1, heads, N, dim]; key/value: this layer's pool [kv_heads, capacity, dim]
     heads, kv_heads, dim = query.shape[1], key.shape[0], key.shape[2]
     gqa = heads != kv_heads
@@ -144,3 +162,23 @@ def attention(
             o = o.index_select(0, g.slot_index)
         out.index_copy_(0, g.query_index, o)
     return out.unsqueeze(0), None
+
+
+def indexed_decode(query: Tensor, key: Tensor, value: Tensor, index: DecodeIndex, scaling: float | None) -> Tensor:
+    """Decode attention written for inductor, which fuses each gather into the reduction that reads it.
+
+    Scores and outputs are products summed over a dimension rather than matmuls of gathered keys:
+    compiled, each becomes one loop reading the pool in place through the row's columns, so nothing of
+    size rows x keys is copied. Eager, it would materialise those gathers: the eager path uses the
+    grouped SDPA above instead. query [1, heads, B, dim] -> [1, B, heads, dim].
+    """
+    kv_heads, dim = key.shape[0], key.shape[2]
+    heads, rows = query.shape[1], query.shape[2]
+    columns = index.starts[:, None] + index.key_offsets[None, :]  # [B, L]
+    valid = index.key_offsets[None, :] < index.lengths[:, None]
+    columns = torch.where(valid, columns, index.starts[:, None])  # past a row's keys: its first column, masked
+    q = query[0].reshape(kv_heads, heads // kv_heads, rows, dim)  # query head h reads key head h // group
+    scores = (q.unsqueeze(3) * key[:, columns].unsqueeze(1)).sum(-1) * (scaling or dim**-0.5)  # [kvh, g, B, L]
+    weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
+    out = (weights.unsqueeze(-1) * value[:, columns].unsqueeze(1)).sum(-2)  # [kvh, g, B, dim]
+    return out.reshape(heads, rows, dim).transpose(0, 1).unsqueeze(0)

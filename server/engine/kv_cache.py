@@ -1,6 +1,9 @@
 """The engine's KV cache: allocated once at start-up within a byte budget, written in place.
 
-Per layer, keys and values live in one pool each, `[kv_heads, capacity, head_dim]`. Every row
+Per layer, keys and values live in one pool each, `[kv_heads, capacity, head_dim]`, a tensor of
+its own (not a view of one tensor across layers: a compiled decode step writes each layer's pool
+in place, and a write through a view of a shared base makes torch.compile copy the whole base at
+every step). Every row
 owns a contiguous range of columns (its slot), reserved when it is admitted for its prompt plus
 its max_tokens, and given back when it retires. A prefill writes the row's prompt columns and a
 decode step writes one column per row (`index_copy_` at the step's write positions); nothing
@@ -83,8 +86,8 @@ class KVCache:
         self.block_tokens = min(MAX_BLOCK_TOKENS, 1 << (per_block.bit_length() - 1))
         self.num_blocks = tokens // self.block_tokens
         self.capacity = self.num_blocks * self.block_tokens
-        shape = (layers, kv_heads, self.capacity, head_dim)
-        self.k, self.v = _pool(shape, dtype, device), _pool(shape, dtype, device)
+        shape = (kv_heads, self.capacity, head_dim)
+        self.k, self.v = _pools(layers, shape, dtype, device), _pools(layers, shape, dtype, device)
         self._free_blocks = set(range(self.num_blocks))
         self._block_size: dict[int, int] = {}  # block -> slot size, for blocks cut into slots
         self._block_free: dict[int, list[int]] = {}  # block -> its free slot indices, lowest first
@@ -170,14 +173,16 @@ class KVCache:
         raise CacheFull(size)
 
 
-def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _pools(layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """One tensor per layer; on CPU all of them in one anonymous mapping (zero pages until written)."""
     if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
     numel = 1
     for n in shape:
         numel *= n
-    buffer = mmap.mmap(-1, numel * dtype.itemsize)
-    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+    buffer = mmap.mmap(-1, layers * numel * dtype.itemsize)
+    return [torch.frombuffer(buffer, dtype=dtype, count=numel, offset=i * numel * dtype.itemsize).view(shape)
+            for i in range(layers)]
 
 
 class StepCache:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
+from server.engine.compiled import CompiledDecode
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
@@ -76,7 +77,7 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
-    def __init__(self, base: BaseModel, cache: KVCache) -> None:
+    def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -87,6 +88,12 @@ class ModelRunner:
         head = base.model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
+        # --compile: decode steps, which are many and alike, run through one captured graph (compiled.py);
+        # prefill stays eager. Compiling happens here, at start-up, not on the first request.
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
+            self.compiled.warm_up()
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> PrefillResult:
@@ -124,6 +131,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> Tensor:
         """One decode step for `rows`: feed each row's last token, return next-token logits [B, V]."""
+        if self.compiled is not None:
+            return self.compiled([(r.token, r.position, r.slot) for r in rows])
         layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
                                          self.cache.block_tokens, self.device)
         return self._forward([r.token for r in rows], [r.position for r in rows],
@@ -132,12 +141,23 @@ class ModelRunner:
     def _forward(self, ids: list[int], positions: list[int], columns: list[int], layout: attention.AttentionLayout,
                  plan: BatchPlan | None, keep: list[int] | None) -> Tensor:
         device = self.device
-        column_index = torch.tensor(columns, device=device)
+        return self._model_step(
+            torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+            torch.tensor(columns, device=device), layout, plan,
+            torch.tensor(keep, dtype=torch.long, device=device) if keep is not None else 0,
+        )
+
+    def _decode_forward(self, ids: Tensor, positions: Tensor, columns: Tensor, index: attention.DecodeIndex) -> Tensor:
+        """The compiled decode step's forward: every position's logits, no plan."""
+        return self._model_step(ids, positions, columns, index, None, 0)
+
+    def _model_step(self, ids: Tensor, positions: Tensor, columns: Tensor,
+                    layout: attention.AttentionLayout | attention.DecodeIndex, plan: BatchPlan | None,
+                    keep: Tensor | int) -> Tensor:
         extra = {PLAN_KWARG: plan} if plan is not None else {}
         out = self.model(
-            input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-            cache_position=column_index, past_key_values=StepCache(self.cache, column_index), use_cache=True,
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device) if keep is not None else 0,
+            input_ids=ids, position_ids=positions, cache_position=columns,
+            past_key_values=StepCache(self.cache, columns), use_cache=True, logits_to_keep=keep,
             **{attention.LAYOUT_KWARG: layout}, **extra,
         )
         return out.logits[0].float()

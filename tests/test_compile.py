@@ -1,0 +1,114 @@
+"""`--compile` on CPU: the decode step through torch.compile (inductor), captured once at start-up.
+
+Rows join and leave while requests of different lengths, adapters and output lengths run: dynamo
+must neither break the graph nor compile again, and the tokens must be pyreft's exact greedy
+tokens, as on the eager path. Compiling takes a minute or two on two cores: one module, one runner.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from server.adapter_file import import_pyreft
+from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
+from server.engine.kv_cache import KVCache
+from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import GenerationRequest, Scheduler
+from server.model import load_base_model
+
+DATA = Path(__file__).parent / "data" / "pyreft-emoji"
+EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
+MAX_ROWS = 4
+
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch._dynamo.reset()
+    counters.clear()
+    base = load_base_model()
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 28),
+                         compile_decode=True, max_rows=MAX_ROWS)
+    emoji = AdapterRef("emoji", 1, import_pyreft(DATA, EXPECTED["positions"], EXPECTED["share_weights"],
+                                                 base.shape, 64))
+    return base, runner, emoji, dict(counters["stats"])
+
+
+def run_all(base, runner, emoji, requests: list[tuple[list[int], int, bool]]) -> list[list[int]]:
+    """Run greedy requests (prompt, max_tokens, with the emoji adapter) through a scheduler of MAX_ROWS rows:
+    more requests than rows, so rows join and leave mid-run."""
+    sch = Scheduler(runner, lambda ids: base.tokenizer.decode(ids), DeviceAdapterCache(base.device, base.dtype,
+                    1 << 26, set()), eos_token_ids=[2], max_batch_size=MAX_ROWS, max_queue=64,
+                    max_prefill_tokens=4096, max_prompt_tokens=4096, max_context=8192, prefill_chunk_tokens=64)
+    outputs: list[list[int]] = [[] for _ in requests]
+    finished = [threading.Event() for _ in requests]
+
+    def collect(i: int):
+        def on_event(event) -> None:
+            outputs[i].extend(event.token_ids)
+            if event.finish_reason is not None:
+                finished[i].set()
+        return on_event
+
+    sch.start()
+    try:
+        for i, (prompt, max_tokens, adapter) in enumerate(requests):
+            sch.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=max_tokens), emoji if adapter else None,
+                                         collect(i)))
+        for event in finished:
+            assert event.wait(600)
+    finally:
+        sch.stop()
+    return outputs
+
+
+def test_compiled_decode_matches_pyreft_and_never_recompiles(compiled):
+    base, runner, emoji, after_warm_up = compiled
+    assert after_warm_up.get("unique_graphs", 0) >= 1 and not counters["graph_break"]
+    rng = random.Random(0)
+    generations = EXPECTED["generations"]
+    requests = [(g["prompt_ids"], len(g["completion_ids"]), True) for g in generations]
+    requests += [([rng.randrange(3, 40000) for _ in range(rng.randrange(5, 300))], rng.randrange(1, 40), False)
+                 for _ in range(6)]
+    rng.shuffle(requests)
+    got = run_all(base, runner, emoji, requests)
+    for (prompt, _, adapter), tokens in zip(requests, got, strict=True):
+        match = [g for g in generations if g["prompt_ids"] == prompt]
+        if adapter:
+            assert tokens == match[0]["completion_ids"][: len(tokens)] and tokens, "pyreft's tokens, compiled"
+    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs"), "recompiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_and_eager_decode_logits_agree_as_rows_join_and_leave(compiled):
+    base, runner, _, after_warm_up = compiled
+    cache = runner.cache
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (7, 40, 130)]
+    slots = [cache.allocate(len(p) + 8) for p in prompts]
+    try:
+        runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)])
+        kept = runner.compiled
+        for live in ([0, 1, 2], [1, 2], [2], [0, 2]):  # rows leave, and one comes back
+            rows = [DecodeRow(5 + i, len(prompts[i]), slots[i]) for i in live]
+            with_compile = runner.decode(rows)
+            runner.compiled = None
+            try:
+                eager = runner.decode(rows)
+            finally:
+                runner.compiled = kept
+            assert (with_compile - eager).abs().max().item() < 1e-3
+            assert torch.equal(with_compile.argmax(-1), eager.argmax(-1))
+    finally:
+        for slot in slots:
+            cache.free(slot)
+    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs")
