@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install serve test lint bench load docker-test clean
+.PHONY: install serve test lint bench eval load docker-test clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test: install
 
 bench: install
 	$(PY) bench/run.py
+
+# lm-evaluation-harness through the server: base vs ADAPTER on bench/eval's tasks (bench/eval/run.py --help);
+# EVAL_ARGS adds flags, e.g. EVAL_ARGS="--hf --limit 20".
+ADAPTER ?= shout
+EVAL_ARGS ?=
+
+eval: install
+	$(PY) bench/eval/run.py --adapter $(ADAPTER) $(EVAL_ARGS)
 
 # Long load test with correctness checks and the RSS soak (load_tests/run.py --help for the knobs).
 load: install
