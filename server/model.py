@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,12 +151,18 @@ def load_base_model(model: str | None = None, device: str = "auto", dtype: str =
     else:
         source, model_id = Path(model) if Path(model).is_dir() else model, Path(model).name or model
     log.info("loading %s on %s as %s", source, dev, dt)
+    start = time.perf_counter()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=dt, attn_implementation="sdpa")
+        # On a GPU each tensor is read straight into device memory (device_map): no whole host copy
+        # of the weights first, which for an 8B model is 16 GB of RAM and seconds of copying.
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dt, attn_implementation="sdpa", device_map=dev if dev.type == "cuda" else None
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{model}': {exc}") from exc
     hf_model.to(dev).train(False).requires_grad_(False)  # inference mode for dropout and friends
+    log.info("loaded %s on %s as %s in %.1f s", model_id, dev, dt, time.perf_counter() - start)
     layers = find_layers(hf_model)
     cfg = hf_model.config
     shape = ModelShape(model_type=cfg.model_type, hidden_size=cfg.hidden_size, num_layers=len(layers))
