@@ -112,3 +112,24 @@ def test_compiled_and_eager_decode_logits_agree_as_rows_join_and_leave(compiled)
         for slot in slots:
             cache.free(slot)
     assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs")
+
+
+def test_the_intervention_hooks_add_nothing_to_the_compiled_step(compiled, monkeypatch):
+    """A compiled decode step applies no intervention: with the hooks' intervention function made to fail,
+    decode steps still run (the hooks saw no plan when traced, and replaying the graph runs no Python)."""
+    from server.engine import runner as runner_module
+
+    _, runner, _, after_warm_up = compiled
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an intervention ran in a decode step")
+
+    monkeypatch.setattr(runner_module, "batched_apply", must_not_run)
+    slot = runner.cache.allocate(40)
+    try:
+        for position in (3, 4, 5):
+            rows = [DecodeRow(7, position, slot), DecodeRow(9, position, runner.compiled.scratch)]
+            assert runner.decode(rows).shape[0] == 2
+    finally:
+        runner.cache.free(slot)
+    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs")
