@@ -36,7 +36,7 @@ def serve(
     ),
     drain_seconds: float = typer.Option(30.0, envvar=ENV + "DRAIN_SECONDS",
                                         help="on SIGTERM, how long in-flight requests may finish"),
-    compile_decode: bool = typer.Option(
+    compile: bool = typer.Option(  # the Settings field's name: tests/test_scale_out.py pairs them by name
         False, "--compile", envvar=ENV + "COMPILE",
         help="run decode steps through torch.compile (CUDA graphs on GPU); compiles at start-up",
     ),
@@ -49,7 +49,7 @@ def serve(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
             read_only_registry=read_only_registry,
-            drain_seconds=drain_seconds, compile=compile_decode,
+            drain_seconds=drain_seconds, compile=compile,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
