@@ -419,6 +419,10 @@ def report(result: dict) -> str:
         f"  registry: {reg['checked']} adapters checked, lost {len(reg['lost'])}, wrong bytes "
         f"{len(reg['wrong_bytes'])}, deleted but present {len(reg['resurrected'])}",
     ]
+    for w in v["wrong"]:
+        lines.append(f"  WRONG {w['id']} {w['endpoint']}{' stream' if w['stream'] else ''} {w['adapter']} versions "
+                     f"{w['candidates']}: same for {w['same_prefix_chars']} chars; got {w['got']!r}, alone "
+                     f"{w['alone']!r}")
     if "rss_mib" in f:
         m = f["rss_mib"]
         lines.append(f"  server RSS MiB: start {m['start']}, end {m['end']}, peak {m['peak']}, of it KV pool at the "
