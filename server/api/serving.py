@@ -183,9 +183,8 @@ class Serving:
                 raise ServingError(400, f"{name} must lie in -{PENALTY_LIMIT}..{PENALTY_LIMIT}; got {value}")
         if not 0 < repetition_penalty <= 100:
             raise ServingError(400, f"repetition_penalty must lie in (0, 100]; got {repetition_penalty}")
-        for name, value in (("logprobs", logprobs), ("top_logprobs", prompt_logprobs)):
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ServingError(400, f"{name} must lie in 0..{MAX_LOGPROBS}; got {value}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:  # echo asks for the same count
+            raise ServingError(400, f"logprobs (chat: top_logprobs) must lie in 0..{MAX_LOGPROBS}; got {logprobs}")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop=tuple(stops), stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,

@@ -385,10 +385,9 @@ class Scheduler:
                   for (seq, chunk), logits in zip(part, result.prompt_logits, strict=True)]
         done = [seq for seq, chunk in part if chunk.completes_prompt]
         # A row that asked for no new tokens (echo with max_tokens 0) ends with its prompt: nothing is sampled.
-        generating = [seq for seq in done if seq.request.params.max_new_tokens > 0]
-        logits = result.logits
-        if len(generating) < len(done):
-            logits = logits[[i for i, seq in enumerate(done) if seq in generating]]
+        wanted = [i for i, seq in enumerate(done) if seq.request.params.max_new_tokens > 0]
+        generating = [done[i] for i in wanted]
+        logits = result.logits if len(wanted) == len(done) else result.logits[wanted]
         sampled = self._sample(logits, generating)
         self.intervened_positions += result.intervened
         self.prefill_positions += sum(len(chunk.tokens) for _, chunk in part)
@@ -398,7 +397,7 @@ class Scheduler:
         for seq in done:
             self._prefilling.remove(seq)
             self._running.append(seq)
-            if seq not in generating:
+            if seq.request.params.max_new_tokens == 0:
                 seq.finish_reason = "length"
                 self._emit(seq, Event("", (), "length", len(seq.prompt), 0,
                                       prompt_logprobs=tuple(seq.prompt_logprobs)))
