@@ -12,7 +12,8 @@
    under its own name for this). A request's version is known from the times of the replacements: a
    version is a candidate if it may have been current between sending and the first token (streaming) or
    the answer (not streaming); almost always there is one. Answers whose adapter was replaced while they
-   were still running must equal their starting version.
+   were still running must equal their starting version. An answer no version gives alone must be
+   reproduced beside other requests (a float near-tie, `run_beside`), or it is wrong.
 Prints requests/s, tokens/s, latency and time-to-first-token percentiles, errors by status, RSS; writes the
 full result to --out. Exit status 1 if any target is missed: a 5xx or broken connection, a wrong answer,
 a lost adapter, or (runs of at least --soak-min-seconds) growth of 5% or more after warm-up in the RSS
@@ -291,6 +292,51 @@ def run_alone(client: httpx.Client, rec: dict, adapter: str) -> dict:
     return out
 
 
+BESIDE = (1, 2, 3, 4, 6, 8, 12, 16)  # other requests decoding beside a replay that did not match alone (see below)
+
+
+def run_beside(client: httpx.Client, rec: dict, adapter: str, others: int, seed: int) -> dict:
+    """The request again, started while `others` base-model requests are decoding, and outlasted by them.
+
+    Why: alone and in a batch, the same row is computed by kernels of different shapes (a matrix
+    product of one row and one of several round differently, in the last bits), so logprobs differ
+    by about 1e-5. A seeded draw whose uniform falls that close to a boundary of its cumulative
+    distribution, or a greedy step with two tokens that close, goes one way alone and the other in
+    a batch. Replaying beside other requests recreates batched shapes; an answer that the right
+    adapter version reproduces there was computed with that version. A wrong adapter's answer is
+    not reproduced by any batch.
+    """
+    rng = random.Random(seed)
+    body = rec["body"]
+    lasting = int(body.get("max_tokens") or body.get("max_new_tokens") or 16) + 32
+    fillers = [{"prompt": [rng.randrange(100, 49000) for _ in range(rng.randint(8, 64))], "max_new_tokens": lasting,
+                "ignore_eos": True, "temperature": 0.0, "stream": True} for _ in range(others)]
+    started = threading.Semaphore(0)
+
+    def other(filler: dict) -> None:
+        first = True
+        try:
+            with client.stream("POST", PATHS["generate"], json=filler) as r:
+                for _ in r.iter_lines():
+                    if first:
+                        started.release()
+                        first = False
+        finally:
+            if first:
+                started.release()
+
+    threads = [threading.Thread(target=other, args=(f,), daemon=True) for f in fillers]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        started.acquire(timeout=120)
+    try:
+        return run_alone(client, rec, adapter)
+    finally:
+        for t in threads:
+            t.join(timeout=600)
+
+
 def same_answer(a: dict, b: dict) -> bool:
     return a.get("text") == b.get("text") and a.get("token_ids") == b.get("token_ids")
 
@@ -299,7 +345,9 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
                    budget_s: float, seed: int = 0) -> dict:
     """Replay answered requests alone (the server otherwise idle) and compare, within a time budget.
 
-    Requests whose adapter was replaced while they ran, or whose version is ambiguous, go first.
+    Requests whose adapter was replaced while they ran, or whose version is ambiguous, go first. An
+    answer that no candidate version gives alone is replayed beside other requests (`run_beside`):
+    reproduced there, it is a float near-tie, counted and shown apart; otherwise it is wrong.
     """
     ok = [g for g in gens if g["status"] == 200 and g.get("done", True) and "stream_error" not in g]
     jobs = []
@@ -311,38 +359,51 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     random.Random(seed).shuffle(jobs)
     jobs.sort(key=lambda j: j[0])
     uploaded: set[str] = set()
-    result = {"answered": len(ok), "verified": 0, "matched": 0, "wrong": [], "ambiguous_version": 0,
+    result = {"answered": len(ok), "verified": 0, "matched": 0, "near_ties": [], "wrong": [], "ambiguous_version": 0,
               "replaced_mid_flight": 0, "replaced_mid_flight_ok": 0, "replay_errors": 0}
     deadline = time.monotonic() + budget_s
     wait_idle(client)
-    for _, rec, cands, mid in jobs:
-        if time.monotonic() > deadline:
-            break
-        matched, alone = None, {}
+
+    def replay(rec: dict, cands: list[dict], others: int) -> tuple[dict | None, dict]:
+        """The first candidate version whose replay (alone, or beside `others` requests) gives rec's answer."""
+        answer: dict = {}
         for v in cands:
             ref = f"ref-{rec['adapter']}-{v['k']}"
             if ref not in uploaded:
                 upload(client, ref, Path(v["file"]), admin_key)
                 uploaded.add(ref)
-            alone = run_alone(client, rec, ref)
-            if alone["status"] != 200:
+            answer = run_beside(client, rec, ref, others, seed) if others else run_alone(client, rec, ref)
+            if answer["status"] != 200:
                 result["replay_errors"] += 1
-                continue
-            if same_answer(rec, alone):
-                matched = v
+            elif same_answer(rec, answer):
+                return v, answer
+        return None, answer
+
+    for _, rec, cands, mid in jobs:
+        if time.monotonic() > deadline:
+            break
+        matched, alone = replay(rec, cands, 0)
+        beside = 0
+        for others in BESIDE if matched is None else ():
+            matched, _ = replay(rec, cands, others)
+            if matched is not None:
+                beside = others
                 break
         result["verified"] += 1
         result["ambiguous_version"] += len(cands) > 1
         result["replaced_mid_flight"] += mid
+        detail = {"id": rec["id"], "endpoint": rec["endpoint"], "stream": rec["stream"], "adapter": rec["adapter"],
+                  "sampled": rec["body"].get("temperature", 1.0) > 0, "candidates": [v["k"] for v in cands],
+                  "same_prefix_chars": len(os.path.commonprefix([rec.get("text", ""), alone.get("text", "")])),
+                  "got": rec.get("text", "")[:200], "alone": alone.get("text", "")[:200]}
         if matched is None:
-            result["wrong"].append({"id": rec["id"], "endpoint": rec["endpoint"], "stream": rec["stream"],
-                                    "adapter": rec["adapter"], "candidates": [v["k"] for v in cands],
-                                    "same_prefix_chars": len(os.path.commonprefix([rec.get("text", ""),
-                                                                                    alone.get("text", "")])),
-                                    "got": rec.get("text", "")[:200], "alone": alone.get("text", "")[:200]})
+            result["wrong"].append(detail)
+            continue
+        result["replaced_mid_flight_ok"] += mid
+        if beside:
+            result["near_ties"].append({**detail, "beside": beside})
         else:
             result["matched"] += 1
-            result["replaced_mid_flight_ok"] += mid
     return result
 
 
@@ -412,17 +473,20 @@ def report(result: dict) -> str:
         f"  latency p50/p95/p99: {f['latency_s']['p50']} / {f['latency_s']['p95']} / {f['latency_s']['p99']} s; "
         f"TTFT (streaming) p50/p95/p99: {f['ttft_s']['p50']} / {f['ttft_s']['p95']} / {f['ttft_s']['p99']} s",
         f"  errors by status: {f['errors_by_status'] or 'none'}; adapter writes: {f['adapter_writes']}",
-        f"  answers verified alone: {v['verified']} of {v['answered']}, matched {v['matched']}, "
-        f"wrong {len(v['wrong'])}, ambiguous version {v['ambiguous_version']}, replaced mid-flight "
+        f"  answers verified alone: {v['verified']} of {v['answered']}, matched {v['matched']}, float near-ties "
+        f"{len(v['near_ties'])} (reproduced only beside other requests), wrong {len(v['wrong'])}, ambiguous version "
+        f"{v['ambiguous_version']}, replaced mid-flight "
         f"{v['replaced_mid_flight']} (all with their starting version: "
         f"{v['replaced_mid_flight_ok'] == v['replaced_mid_flight']})",
         f"  registry: {reg['checked']} adapters checked, lost {len(reg['lost'])}, wrong bytes "
         f"{len(reg['wrong_bytes'])}, deleted but present {len(reg['resurrected'])}",
     ]
-    for w in v["wrong"]:
-        lines.append(f"  WRONG {w['id']} {w['endpoint']}{' stream' if w['stream'] else ''} {w['adapter']} versions "
-                     f"{w['candidates']}: same for {w['same_prefix_chars']} chars; got {w['got']!r}, alone "
-                     f"{w['alone']!r}")
+    for kind, items in (("NEAR-TIE", v["near_ties"]), ("WRONG", v["wrong"])):
+        for w in items:
+            lines.append(f"  {kind} {w['id']} {w['endpoint']}{' stream' if w['stream'] else ''} "
+                         f"{'sampled' if w['sampled'] else 'greedy'} {w['adapter']} versions {w['candidates']}"
+                         f"{' beside ' + str(w['beside']) if 'beside' in w else ''}: same for "
+                         f"{w['same_prefix_chars']} chars; got {w['got']!r}, alone {w['alone']!r}")
     if "rss_mib" in f:
         m = f["rss_mib"]
         lines.append(f"  server RSS MiB: start {m['start']}, end {m['end']}, peak {m['peak']}, of it KV pool at the "

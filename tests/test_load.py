@@ -5,11 +5,14 @@ admin users replace served adapters and upload and delete others. Much smaller t
 a few minutes on an idle 2-core CPU: 16 inference users (not 64), prompts of 16-128 tokens and outputs of 1-32
 (not 1,024 and 256), 60 s of load; requests in flight at the end are waited for, not abandoned, so a slow
 (shared) machine makes the test longer rather than empty. Every answer is then replayed alone against the idle
-server with the adapter version it was sent to, and every acknowledged adapter write is checked in the registry.
+server with the adapter version it was sent to (an answer that differs alone must be reproduced beside other
+requests: a float near-tie, see load_tests/run.py `run_beside`), and every acknowledged adapter write is checked in
+the registry.
 """
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from load_tests import run as load
@@ -34,3 +37,9 @@ def test_load_short(tmp_path, reft_server_factory):
     assert not (registry["lost"] or registry["wrong_bytes"] or registry["resurrected"]), registry
     assert figures["rss_mib"]["kv_pool_end"] > 0, "the KV pool's mappings must be found in the server's smaps"
     assert result["failures"] == []
+    # The near-tie replay itself works: the request answers while other requests decode beside it.
+    rec = {"endpoint": "completions", "stream": False, "body": {"prompt": list(range(100, 140)), "max_tokens": 8,
+                                                                "temperature": 0.0}}
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        beside = load.run_beside(client, rec, setup.adapters[0], 3, seed=0)
+    assert beside["status"] == 200 and beside["text"], beside
