@@ -6,7 +6,8 @@ Per server configuration (dtype, eager or compiled): decode tok/s at each batch 
 from streamed token arrival times), the time to first token of a lone request, and the step against the
 weight-read bound (weight bytes ÷ the memory bandwidth this script measures on the device). Then greedy
 agreement of bfloat16 with float32 on the pyreft fixture's prompts (emoji adapter) and on random LoReFT
-adapters, and |Δ logprob| of float32's greedy tokens scored under both dtypes (echo, max_tokens 0).
+adapters, and |Δ logprob| of float32's greedy tokens scored under both dtypes (echo, max_tokens 0); compiled
+against eager text, next to eager's own text batched against one request at a time (the floor in bf16).
 
 Every configuration's server stays up for the whole run, idle while another is measured; each round visits
 them in A B C D D C B A order, so a steady drift of the machine's speed cancels in every ratio, and a ratio
@@ -255,8 +256,8 @@ def workloads(args: argparse.Namespace, random_names: list[str]) -> dict[str, li
     return out
 
 
-def greedy(load: Load, requests: list[tuple[str, list[int], bool]]) -> list[list[int]]:
-    """Greedy token ids of every request, sent concurrently (they share the server's batches)."""
+def greedy(load: Load, requests: list[tuple[str, list[int], bool]], alone: bool = False) -> list[list[int]]:
+    """Greedy token ids of every request, sent concurrently (they share the server's batches) or one at a time."""
     def one(adapter: str, prompt: list[int], ignore_eos: bool) -> list[int]:
         body = {"adapter": adapter, "prompt": prompt, "max_new_tokens": AGREEMENT_TOKENS, "temperature": 0,
                 "ignore_eos": ignore_eos}
@@ -265,6 +266,8 @@ def greedy(load: Load, requests: list[tuple[str, list[int], bool]]) -> list[list
             raise RuntimeError(f"POST /generate ({adapter}) -> {r.status_code}: {r.text[:300]}")
         return r.json()["token_ids"]
 
+    if alone:
+        return [one(*req) for req in requests]
     return [f.result() for f in [load.pool.submit(one, *req) for req in requests]]
 
 
@@ -297,6 +300,21 @@ def agreement(report: Report, loads: dict[Config, Load], random_names: list[str]
             tokens[name][config] = greedy(load, requests)
     report.samples("agreement_tokens", {n: {c.label: t for c, t in by.items()} for n, by in tokens.items()})
     by_key = {(c.dtype, c.compile): c for c in loads}
+    # The floor for any comparison below: eager's own text, batched vs one request at a time. A row computed
+    # alone and in a batch goes through kernels of other shapes (matrix products of one row or of many; in
+    # bf16, CPU attention's exponentials rounded to bf16 and vectorised over a different key length), so
+    # a greedy step with two tokens closer than that rounding goes either way.
+    alone_same: dict[str, float] = {}
+    for dtype in args.dtypes:
+        if (eager := by_key.get((dtype, False))) is None:
+            continue
+        log(f"agreement: the same requests one at a time on {eager.label}")
+        pairs = [(a, b) for name, requests in work.items()
+                 for a, b in zip(tokens[name][eager], greedy(loads[eager], requests, alone=True), strict=True)]
+        alone_same[dtype] = sum(a == b for a, b in pairs) / len(pairs)
+        report.figure(f"BATCH_SAME_TEXT_{LABELS[dtype]}", alone_same[dtype], None,
+                      "fraction of eager's greedy completions identical batched and sent one at a time",
+                      completions=len(pairs))
     fp32, bf16 = by_key.get(("float32", False)), by_key.get(("bfloat16", False))
     if fp32 and bf16:
         for name, requests in work.items():
@@ -323,12 +341,17 @@ def agreement(report: Report, loads: dict[Config, Load], random_names: list[str]
         eager, compiled = by_key.get((dtype, False)), by_key.get((dtype, True))
         if eager and compiled:
             pairs = [(a, b) for name in work for a, b in zip(tokens[name][eager], tokens[name][compiled], strict=True)]
-            # In fp32 compiling must not change a token. In bf16 it changes rounding (inductor's fused kernels
-            # keep their intermediates in fp32, eager rounds after every op), so greedy texts part as they do
-            # between bf16 and fp32; there the figure to hold is that compiled bf16 is no further from fp32.
-            report.figure(f"COMPILE_SAME_TEXT_{LABELS[dtype]}", sum(a == b for a, b in pairs) / len(pairs),
-                          ">=1" if dtype == "float32" else None, "fraction of greedy completions identical to eager's",
-                          completions=len(pairs))
+            # In fp32 compiling must not change a token. In bf16 the compiled step's attention (two matrix
+            # products over the gathered keys) rounds differently from eager's CPU SDPA kernel, by as much as
+            # eager's own batched and alone runs differ: the figure to hold is that floor (BATCH_SAME_TEXT),
+            # within the sampling error of these few completions.
+            same = sum(a == b for a, b in pairs) / len(pairs)
+            floor = alone_same.get(dtype, 1.0)
+            slack = 2 * (floor * (1 - floor) / len(pairs)) ** 0.5  # two standard errors of a fraction
+            report.figure(f"COMPILE_SAME_TEXT_{LABELS[dtype]}", same,
+                          ">=1" if dtype == "float32" else f">={floor - slack:.2f}",
+                          "fraction of greedy completions identical to eager's", completions=len(pairs),
+                          eager_batched_vs_alone=floor)
             if fp32 and dtype != "float32":
                 ref = [a for name in work for a in tokens[name][fp32]]
                 for config in (eager, compiled):
