@@ -43,3 +43,45 @@ def test_load_short(tmp_path, reft_server_factory):
     with httpx.Client(base_url=server.url, timeout=600) as client:
         beside = load.run_beside(client, rec, setup.adapters[0], 3, seed=0)
     assert beside["status"] == 200 and beside["text"], beside
+
+
+def test_verifier_tells_near_ties_from_wrong_answers(monkeypatch):
+    """Without a server: an answer equal alone matches; one reproduced only beside other requests is a float
+    near-tie; one that no replay reproduces is wrong."""
+    answers = {"a": "same", "b": "tie", "c": "wrong"}
+    monkeypatch.setattr(load, "upload", lambda *args, **kwargs: {})
+    monkeypatch.setattr(load, "wait_idle", lambda client: None)
+    monkeypatch.setattr(load, "run_alone", lambda client, rec, ref: {"status": 200, "text": "same"})
+    beside_calls = []
+
+    def beside(client, rec, ref, others, seed):
+        beside_calls.append((rec["id"], others))
+        return {"status": 200, "text": "tie" if others == 3 else "same"}
+
+    monkeypatch.setattr(load, "run_beside", beside)
+    gens = [{"id": i, "status": 200, "endpoint": "completions", "stream": False, "adapter": "a00", "t_send": 1.0,
+             "t_end": 2.0, "body": {"temperature": 0.8}, "text": text} for i, text in answers.items()]
+    timeline = {"a00": [{"k": 0, "file": "f", "t_start": float("-inf"), "t_ack": float("-inf")}]}
+    result = load.verify_answers(None, gens, timeline, None, budget_s=60)
+    assert result["verified"] == 3 and result["matched"] == 1
+    assert [(t["id"], t["beside"]) for t in result["near_ties"]] == [("b", 3)]
+    assert [w["id"] for w in result["wrong"]] == ["c"]
+    assert {o for i, o in beside_calls if i == "c"} == set(load.BESIDE)  # every batch size was tried
+    assert "NEAR-TIE b" in load.report({"figures": _figures(), "verification": result, "registry": _registry(),
+                                        "config": _config(), "failures": []})
+
+
+def _figures() -> dict:
+    pct = {"p50": 1, "p95": 1, "p99": 1}
+    return {"seconds": 1, "answered": 3, "requests": 3, "requests_per_s": 1, "output_tokens_per_s": 1,
+            "prompt_tokens_per_s": 1, "answered_by_endpoint": {}, "latency_s": pct, "ttft_s": pct,
+            "errors_by_status": {}, "adapter_writes": {}}
+
+
+def _registry() -> dict:
+    return {"checked": 0, "lost": [], "wrong_bytes": [], "resurrected": []}
+
+
+def _config() -> dict:
+    return {"users": 1, "admin_users": 0, "adapters": 1, "zipf_s": 1.0, "prompt_tokens": [1, 1],
+            "output_tokens": [1, 1]}
