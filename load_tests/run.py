@@ -300,7 +300,7 @@ def run_beside(client: httpx.Client, rec: dict, adapter: str, others: int, seed:
 
     Why: alone and in a batch, the same row is computed by kernels of different shapes (a matrix
     product of one row and one of several round differently, in the last bits), so logprobs differ
-    by about 1e-5. A seeded draw whose uniform falls that close to a boundary of its cumulative
+    by about 3e-5. A seeded draw whose uniform falls that close to a boundary of its cumulative
     distribution, or a greedy step with two tokens that close, goes one way alone and the other in
     a batch. Replaying beside other requests recreates batched shapes; an answer that the right
     adapter version reproduces there was computed with that version. A wrong adapter's answer is
