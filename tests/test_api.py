@@ -354,6 +354,39 @@ def test_completions_stream_raw_sse_ends_with_done(client):
     assert json.loads(data[-2])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+
+def test_return_token_ids_gives_prompt_and_completion_ids_streaming_or_not(client):
+    """vLLM's return_token_ids: the ids the model read and wrote; streamed, the prompt's come first, once."""
+    g = GENS[0]
+    body = {"model": "emoji", "prompt": g["prompt_ids"], "temperature": 0, "max_tokens": 32, "return_token_ids": True}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert whole["prompt_token_ids"] == g["prompt_ids"] and whole["token_ids"] == g["completion_ids"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(d)["choices"][0] for d in sse_data(r)[:-1]]
+    assert [c.get("prompt_token_ids") for c in chunks] == [g["prompt_ids"]] + [None] * (len(chunks) - 1)
+    assert [t for c in chunks for t in c["token_ids"]] == g["completion_ids"]
+
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True, "return_token_ids": False}) as r:
+        plain = [json.loads(d)["choices"][0] for d in sse_data(r)[:-1]]
+    assert not any("token_ids" in c or "prompt_token_ids" in c for c in plain)
+    assert client.post("/v1/completions", json={**body, "return_token_ids": False}).json()["choices"][0][
+        "token_ids"] is None
+
+
+def test_chat_return_token_ids_streaming_or_not(client):
+    body = {"model": "emoji", "messages": [{"role": "user", "content": GENS[0]["question"]}], "temperature": 0,
+            "max_tokens": 12, "return_token_ids": True}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    assert len(whole["prompt_token_ids"]) == whole["usage"]["prompt_tokens"]
+    ids = whole["choices"][0]["token_ids"]
+    assert len(ids) == whole["usage"]["completion_tokens"] and 0 < len(ids) <= 12
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(d) for d in sse_data(r)[:-1]]
+    assert chunks[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == ids
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,8 @@ class _Sampling(BaseModel):
                          "in the prompt or the output")
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string) -> bias added to its logit, clamped to -100..100; at most 300")
+    return_token_ids: bool = Field(
+        False, description="extension (as vLLM's): also return the prompt's and the completion's token ids")
     user: str | None = None
 
 
@@ -95,6 +97,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    prompt_token_ids: list[int] | None = Field(None, description="with return_token_ids (streaming: first chunk)")
+    token_ids: list[int] | None = Field(None, description="with return_token_ids (streaming: this chunk's)")
 
 
 class CompletionResponse(BaseModel):
@@ -130,6 +134,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = Field(None, description="with return_token_ids")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -139,6 +144,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = Field(None, description="with return_token_ids: the rendered chat's ids")
 
 
 class ChatDelta(BaseModel):
@@ -151,6 +157,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: this chunk's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -160,6 +167,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: on the first chunk
 
 
 class ModelCard(BaseModel):

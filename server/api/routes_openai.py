@@ -117,7 +117,7 @@ async def completions(
     submissions = serving.fan_out(ids, params, copies, ref, "completions", until_disconnect)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_completion_chunks(serving, submissions, req, echoes, sum(len(i) for i in ids), include_usage))
+        return _sse(_completion_chunks(serving, submissions, req, echoes, ids, include_usage))
     results = await serving.complete_all(submissions)
     choices = []
     for p, echo in enumerate(echoes):
@@ -125,7 +125,10 @@ async def completions(
         if copies > req.n:
             group = sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
         for j, result in enumerate(group):
-            choices.append(_completion_choice(serving, p * req.n + j, result, echo, req.logprobs is not None))
+            choice = _completion_choice(serving, p * req.n + j, result, echo, req.logprobs is not None)
+            if req.return_token_ids:
+                choice.prompt_token_ids, choice.token_ids = ids[p], result.token_ids
+            choices.append(choice)
     completion_tokens = sum(r.completion_tokens for r in results)
     request.state.access["completion_tokens"] = completion_tokens
     return CompletionResponse(model=req.model, choices=choices,
@@ -153,10 +156,11 @@ def _completion_choice(serving: Serving, index: int, result: Result, echo: Echo 
 
 
 async def _completion_chunks(serving: Serving, submissions: list[Submission], req: CompletionRequest,
-                             echoes: list[Echo | None], prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                             echoes: list[Echo | None], ids: list[list[int]],
+                             include_usage: bool) -> AsyncIterator[str]:
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     writers = [CompletionLogprobsWriter(serving.tokens) for _ in submissions]
-    started, completion_tokens = set(), 0
+    started, given, completion_tokens = set(), set(), 0  # choices begun; choices given their prompt's ids
     async for index, event in serving.merged(submissions):
         echo = echoes[index // req.n] if index not in started else None  # the prompt goes before the first piece
         started.add(index)
@@ -167,13 +171,19 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
             logprobs = merge(echoed, logprobs) if echoed else logprobs
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
-        if text or event.finish_reason is not None or (logprobs and logprobs.tokens):
-            chunk = CompletionResponse(id=cid, created=created, model=req.model, choices=[
-                CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)])
+        # With return_token_ids, a token whose text is still held back (half a character) is sent at once.
+        token_ids = event.token_ids if req.return_token_ids else []
+        if text or event.finish_reason is not None or (logprobs and logprobs.tokens) or token_ids:
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
+            if req.return_token_ids:
+                choice.token_ids = token_ids
+                choice.prompt_token_ids = ids[index // req.n] if index not in given else None
+                given.add(index)
+            chunk = CompletionResponse(id=cid, created=created, model=req.model, choices=[choice])
             yield chunk.model_dump_json(exclude_none=True)
     if include_usage:
         final = CompletionResponse(id=cid, created=created, model=req.model, choices=[],
-                                   usage=_usage(prompt_tokens, completion_tokens))
+                                   usage=_usage(sum(len(i) for i in ids), completion_tokens))
         yield final.model_dump_json()
 
 
@@ -202,7 +212,7 @@ async def chat_completions(
     submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_chat_chunks(serving, submissions, req, len(ids), include_usage))
+        return _sse(_chat_chunks(serving, submissions, req, ids, include_usage))
     results = await serving.complete_all(submissions)
     completion_tokens = sum(r.completion_tokens for r in results)
     request.state.access["completion_tokens"] = completion_tokens
@@ -210,33 +220,39 @@ async def chat_completions(
         model=req.model,
         choices=[ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
                             logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
-                            else None)
+                            else None, token_ids=r.token_ids if req.return_token_ids else None)
                  for i, r in enumerate(results)],
         usage=_usage(len(ids), completion_tokens),
+        prompt_token_ids=ids if req.return_token_ids else None,
     )
 
 
 async def _chat_chunks(serving: Serving, submissions: list[Submission], req: ChatCompletionRequest,
-                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                       ids: list[int], include_usage: bool) -> AsyncIterator[str]:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(index: int, delta: ChatDelta, finish: str | None = None,
-              logprobs: ChatLogprobs | None = None) -> str:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
-        return ChatCompletionChunk(id=cid, created=created, model=req.model,
-                                   choices=[choice]).model_dump_json(exclude_none=True)
+    def chunk(index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None,
+              token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs,
+                                 token_ids=token_ids)
+        return ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[choice],
+                                   prompt_token_ids=prompt_token_ids).model_dump_json(exclude_none=True)
 
     for index in range(len(submissions)):
-        yield chunk(index, ChatDelta(role="assistant", content=""))
+        yield chunk(index, ChatDelta(role="assistant", content=""),
+                    token_ids=[] if req.return_token_ids else None,
+                    prompt_token_ids=ids if req.return_token_ids and index == 0 else None)
     completion_tokens = 0
     async for index, event in serving.merged(submissions):
         logprobs = chat_logprobs(event.token_ids, event.logprobs, serving.tokens) if req.logprobs else None
-        if event.text or (logprobs and logprobs.content):
-            yield chunk(index, ChatDelta(content=event.text), logprobs=logprobs)
+        # With return_token_ids, a token whose text is still held back (half a character) is sent at once.
+        token_ids = event.token_ids if req.return_token_ids else None
+        if event.text or (logprobs and logprobs.content) or token_ids:
+            yield chunk(index, ChatDelta(content=event.text), logprobs=logprobs, token_ids=token_ids)
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
             yield chunk(index, ChatDelta(), event.finish_reason)
     if include_usage:
         final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
-                                    usage=_usage(prompt_tokens, completion_tokens))
+                                    usage=_usage(len(ids), completion_tokens))
         yield final.model_dump_json()
