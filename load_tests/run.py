@@ -12,8 +12,9 @@
    under its own name for this). A request's version is known from the times of the replacements: a
    version is a candidate if it may have been current between sending and the first token (streaming) or
    the answer (not streaming); almost always there is one. Answers whose adapter was replaced while they
-   were still running must equal their starting version. An answer no version gives alone must be
-   reproduced beside other requests (a float near-tie, `run_beside`), or it is wrong.
+   were still running must equal their starting version. An answer no version gives alone must hold,
+   token by token, under a plain forward of a candidate version with the request's seed, up to float
+   near-ties (reference.py), or it is wrong.
 Prints requests/s, tokens/s, latency and time-to-first-token percentiles, errors by status, RSS; writes the
 full result to --out. Exit status 1 if any target is missed: a 5xx or broken connection, a wrong answer,
 a lost adapter, or (runs of at least --soak-min-seconds) growth of 5% or more after warm-up in the RSS
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
+from load_tests.reference import Reference, Verdict, sampling_params  # noqa: E402
 from load_tests.workload import PATHS, Plan, parse_stream, parse_whole, read_records, with_adapter  # noqa: E402
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -62,6 +65,7 @@ class Setup:
     adapters: list[str]
     initial: dict[str, Path]  # name -> the bytes it starts with (kept outside the registry)
     pool: list[Path] = field(default_factory=list)
+    model: str | None = None  # the base model the server runs (None: the default)
 
 
 def prepare(workdir: Path, n_adapters: int = 50, n_pool: int = 100, seed: int = 0, model: str | None = None) -> Setup:
@@ -85,7 +89,7 @@ def prepare(workdir: Path, n_adapters: int = 50, n_pool: int = 100, seed: int = 
         path = versions / f"pool-{j:04d}.safetensors"
         path.write_bytes(adapter_file.to_bytes(random_loreft(shape, seed * 100_000 + 50_000 + j)))
         pool.append(path)
-    return Setup(workdir, registry, names, initial, pool)
+    return Setup(workdir, registry, names, initial, pool, model)
 
 
 def auth(key: str | None) -> dict[str, str]:
@@ -292,62 +296,24 @@ def run_alone(client: httpx.Client, rec: dict, adapter: str) -> dict:
     return out
 
 
-BESIDE = (1, 2, 3, 4, 6, 8, 12, 16)  # other requests decoding beside a replay that did not match alone (see below)
-
-
-def run_beside(client: httpx.Client, rec: dict, adapter: str, others: int, seed: int) -> dict:
-    """The request again, started while `others` base-model requests are decoding, and outlasted by them.
-
-    Why: alone and in a batch, the same row is computed by kernels of different shapes (a matrix
-    product of one row and one of several round differently, in the last bits), so logprobs differ
-    by about 3e-5. A seeded draw whose uniform falls that close to a boundary of its cumulative
-    distribution, or a greedy step with two tokens that close, goes one way alone and the other in
-    a batch. Replaying beside other requests recreates batched shapes; an answer that the right
-    adapter version reproduces there was computed with that version. A wrong adapter's answer is
-    not reproduced by any batch.
-    """
-    rng = random.Random(seed)
-    body = rec["body"]
-    lasting = int(body.get("max_tokens") or body.get("max_new_tokens") or 16) + 32
-    fillers = [{"prompt": [rng.randrange(100, 49000) for _ in range(rng.randint(8, 64))], "max_new_tokens": lasting,
-                "ignore_eos": True, "temperature": 0.0, "stream": True} for _ in range(others)]
-    started = threading.Semaphore(0)
-
-    def other(filler: dict) -> None:
-        first = True
-        try:
-            with client.stream("POST", PATHS["generate"], json=filler) as r:
-                for _ in r.iter_lines():
-                    if first:
-                        started.release()
-                        first = False
-        finally:
-            if first:
-                started.release()
-
-    threads = [threading.Thread(target=other, args=(f,), daemon=True) for f in fillers]
-    for t in threads:
-        t.start()
-    for _ in threads:
-        started.acquire(timeout=120)
-    try:
-        return run_alone(client, rec, adapter)
-    finally:
-        for t in threads:
-            t.join(timeout=600)
-
-
 def same_answer(a: dict, b: dict) -> bool:
     return a.get("text") == b.get("text") and a.get("token_ids") == b.get("token_ids")
 
 
+def prompt_ids(rec: dict) -> list[int] | None:
+    """The ids the server read: the request's own, or those it returned (chat renders a template)."""
+    prompt = rec["body"].get("prompt")
+    return prompt if isinstance(prompt, list) else rec.get("prompt_ids")
+
+
 def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, list[dict]], admin_key: str | None,
-                   budget_s: float, seed: int = 0) -> dict:
+                   budget_s: float, seed: int = 0, reference: Callable[[], Reference] | None = None) -> dict:
     """Replay answered requests alone (the server otherwise idle) and compare, within a time budget.
 
     Requests whose adapter was replaced while they ran, or whose version is ambiguous, go first. An
-    answer that no candidate version gives alone is replayed beside other requests (`run_beside`):
-    reproduced there, it is a float near-tie, counted and shown apart; otherwise it is wrong.
+    answer that no candidate version gives alone is checked token by token against a candidate's
+    plain forward (`reference.py`): it holds there up to float near-ties, and is counted and shown
+    apart, or it is wrong. `reference` builds that model on first use (default: the default base model).
     """
     ok = [g for g in gens if g["status"] == 200 and g.get("done", True) and "stream_error" not in g]
     jobs = []
@@ -362,33 +328,45 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     result = {"answered": len(ok), "verified": 0, "matched": 0, "near_ties": [], "wrong": [], "ambiguous_version": 0,
               "replaced_mid_flight": 0, "replaced_mid_flight_ok": 0, "replay_errors": 0}
     deadline = time.monotonic() + budget_s
+    built: list[Reference] = []
     wait_idle(client)
 
-    def replay(rec: dict, cands: list[dict], others: int) -> tuple[dict | None, dict]:
-        """The first candidate version whose replay (alone, or beside `others` requests) gives rec's answer."""
+    def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict]:
+        """The first candidate version whose replay alone gives rec's answer."""
         answer: dict = {}
         for v in cands:
             ref = f"ref-{rec['adapter']}-{v['k']}"
             if ref not in uploaded:
                 upload(client, ref, Path(v["file"]), admin_key)
                 uploaded.add(ref)
-            answer = run_beside(client, rec, ref, others, seed) if others else run_alone(client, rec, ref)
+            answer = run_alone(client, rec, ref)
             if answer["status"] != 200:
                 result["replay_errors"] += 1
             elif same_answer(rec, answer):
                 return v, answer
         return None, answer
 
+    def explain(rec: dict, cands: list[dict]) -> tuple[dict | None, Verdict]:
+        """The first candidate version whose plain forward explains rec's answer up to near-ties."""
+        prompt, verdict = prompt_ids(rec), Verdict(wrong_step=0)
+        if not prompt or not rec.get("token_ids"):
+            return None, verdict
+        if not built:
+            built.append(reference() if reference else Reference())
+        params = sampling_params(rec["endpoint"], rec["body"], len(rec["token_ids"]))
+        for v in cands:
+            verdict = built[0].explain(prompt, rec["token_ids"], params, v["file"])
+            if verdict.explained:
+                return v, verdict
+        return None, verdict
+
     for _, rec, cands, mid in jobs:
         if time.monotonic() > deadline:
             break
-        matched, alone = replay(rec, cands, 0)
-        beside = 0
-        for others in BESIDE if matched is None else ():
-            matched, _ = replay(rec, cands, others)
-            if matched is not None:
-                beside = others
-                break
+        matched, alone = replay(rec, cands)
+        verdict = None
+        if matched is None:
+            matched, verdict = explain(rec, cands)
         result["verified"] += 1
         result["ambiguous_version"] += len(cands) > 1
         result["replaced_mid_flight"] += mid
@@ -396,12 +374,15 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
                   "sampled": rec["body"].get("temperature", 1.0) > 0, "candidates": [v["k"] for v in cands],
                   "same_prefix_chars": len(os.path.commonprefix([rec.get("text", ""), alone.get("text", "")])),
                   "got": rec.get("text", "")[:200], "alone": alone.get("text", "")[:200]}
+        if verdict is not None:
+            detail |= {"tokens": len(rec.get("token_ids") or []), "near_tie_steps": verdict.near_ties,
+                       "wrong_step": verdict.wrong_step}
         if matched is None:
             result["wrong"].append(detail)
             continue
         result["replaced_mid_flight_ok"] += mid
-        if beside:
-            result["near_ties"].append({**detail, "beside": beside})
+        if verdict is not None:
+            result["near_ties"].append(detail)
         else:
             result["matched"] += 1
     return result
@@ -474,8 +455,8 @@ def report(result: dict) -> str:
         f"TTFT (streaming) p50/p95/p99: {f['ttft_s']['p50']} / {f['ttft_s']['p95']} / {f['ttft_s']['p99']} s",
         f"  errors by status: {f['errors_by_status'] or 'none'}; adapter writes: {f['adapter_writes']}",
         f"  answers verified alone: {v['verified']} of {v['answered']}, matched {v['matched']}, float near-ties "
-        f"{len(v['near_ties'])} (reproduced only beside other requests), wrong {len(v['wrong'])}, ambiguous version "
-        f"{v['ambiguous_version']}, replaced mid-flight "
+        f"{len(v['near_ties'])} (explained by a plain forward, see reference.py), wrong {len(v['wrong'])}, "
+        f"ambiguous version {v['ambiguous_version']}, replaced mid-flight "
         f"{v['replaced_mid_flight']} (all with their starting version: "
         f"{v['replaced_mid_flight_ok'] == v['replaced_mid_flight']})",
         f"  registry: {reg['checked']} adapters checked, lost {len(reg['lost'])}, wrong bytes "
@@ -485,8 +466,8 @@ def report(result: dict) -> str:
         for w in items:
             lines.append(f"  {kind} {w['id']} {w['endpoint']}{' stream' if w['stream'] else ''} "
                          f"{'sampled' if w['sampled'] else 'greedy'} {w['adapter']} versions {w['candidates']}"
-                         f"{' beside ' + str(w['beside']) if 'beside' in w else ''}: same for "
-                         f"{w['same_prefix_chars']} chars; got {w['got']!r}, alone {w['alone']!r}")
+                         f"{_steps(w)}: same for {w['same_prefix_chars']} chars; got {w['got']!r}, "
+                         f"alone {w['alone']!r}")
     if "rss_mib" in f:
         m = f["rss_mib"]
         lines.append(f"  server RSS MiB: start {m['start']}, end {m['end']}, peak {m['peak']}, of it KV pool at the "
@@ -495,6 +476,15 @@ def report(result: dict) -> str:
                      f"growth after warm-up {100 * m['growth_after_warmup']:.1f}%")
     lines.append("  targets: " + ("all met" if not result["failures"] else "MISSED: " + "; ".join(result["failures"])))
     return "\n".join(lines)
+
+
+def _steps(w: dict) -> str:
+    """Where the plain forward placed an answer's near-ties, or its first token no candidate would pick."""
+    if "tokens" not in w:
+        return ""
+    if w["wrong_step"] is not None:
+        return f", token {w['wrong_step']} of {w['tokens']} not the candidate's pick"
+    return f", near-tie at token {w['near_tie_steps']} of {w['tokens']}"
 
 
 def failures(result: dict, soak_min_s: float) -> list[str]:
@@ -541,7 +531,8 @@ def run(url: str, setup: Setup, *, users: int, admin_users: int, seconds: int, p
     timeline = version_timeline(setup, admin)
     with httpx.Client(base_url=url, timeout=httpx.Timeout(600.0, connect=30.0)) as client:
         registry = check_registry(client, setup, admin, timeline)
-        verification = verify_answers(client, gens, timeline, admin_key, verify_seconds, seed)
+        verification = verify_answers(client, gens, timeline, admin_key, verify_seconds, seed,
+                                      lambda: Reference(setup.model))
     warm = warmup_s if warmup_s is not None else max(30.0, 0.2 * seconds)
     result = {
         "config": {"users": users, "admin_users": admin_users, "adapters": len(setup.adapters), "zipf_s": zipf_s,

@@ -80,6 +80,8 @@ def make_request(plan: Plan, rng: random.Random, weights: list[float]) -> dict:
         ids = [rng.randrange(100, 49000) for _ in range(n_prompt)]
         key = "max_tokens" if endpoint == "completions" else "max_new_tokens"
         body = {"prompt": ids, key: n_out, "ignore_eos": True, **sampling}
+    if endpoint != "generate":
+        body["return_token_ids"] = True  # the verifier needs the ids an answer is made of (/generate sends them)
     if stream:
         body["stream"] = True
         if endpoint != "generate":
@@ -96,7 +98,7 @@ PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "gene
 
 
 def parse_stream(lines: Iterable[str | bytes], endpoint: str, rec: dict, now: Callable[[], float] = time.time) -> None:
-    """Fill `rec` (text, token_ids for /generate, usage, done, stream_error, t_first) from SSE lines."""
+    """Fill `rec` (text, token_ids, prompt_ids where sent, usage, done, stream_error, t_first) from SSE lines."""
     texts, ids = [], []
     for raw in lines:
         line = raw.decode() if isinstance(raw, bytes) else raw
@@ -116,7 +118,11 @@ def parse_stream(lines: Iterable[str | bytes], endpoint: str, rec: dict, now: Ca
         elif event.get("choices"):
             choice = event["choices"][0]
             piece = (choice.get("text") if endpoint == "completions" else choice.get("delta", {}).get("content")) or ""
-            got_token = bool(piece)
+            got_token = bool(piece) or bool(choice.get("token_ids"))
+            ids.extend(choice.get("token_ids") or [])
+            prompt_ids = event.get("prompt_token_ids") or choice.get("prompt_token_ids")
+            if prompt_ids:
+                rec["prompt_ids"] = prompt_ids
         else:
             piece, got_token = "", False
         if got_token and rec.get("t_first") is None:
@@ -125,19 +131,21 @@ def parse_stream(lines: Iterable[str | bytes], endpoint: str, rec: dict, now: Ca
         if event.get("usage"):
             rec["usage"] = event["usage"]
     rec["text"] = "".join(texts)
-    if endpoint == "generate":
-        rec["token_ids"] = ids
+    rec["token_ids"] = ids
 
 
 def parse_whole(body: dict, endpoint: str, rec: dict) -> None:
-    """Fill `rec` (text, token_ids for /generate, usage) from a non-streaming response body."""
+    """Fill `rec` (text, token_ids, prompt_ids where sent, usage) from a non-streaming response body."""
     rec["usage"] = body.get("usage")
     if endpoint == "generate":
         rec["text"], rec["token_ids"] = body["text"], body["token_ids"]
-    elif endpoint == "completions":
-        rec["text"] = body["choices"][0]["text"]
-    else:
-        rec["text"] = body["choices"][0]["message"]["content"]
+        return
+    choice = body["choices"][0]
+    rec["text"] = choice["text"] if endpoint == "completions" else choice["message"]["content"]
+    rec["token_ids"] = choice.get("token_ids") or []
+    prompt_ids = body.get("prompt_token_ids") or choice.get("prompt_token_ids")
+    if prompt_ids:
+        rec["prompt_ids"] = prompt_ids
 
 
 def read_records(path: Path) -> tuple[list[dict], list[dict]]:

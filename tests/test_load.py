@@ -5,17 +5,22 @@ admin users replace served adapters and upload and delete others. Much smaller t
 a few minutes on an idle 2-core CPU: 16 inference users (not 64), prompts of 16-128 tokens and outputs of 1-32
 (not 1,024 and 256), 60 s of load; requests in flight at the end are waited for, not abandoned, so a slow
 (shared) machine makes the test longer rather than empty. Every answer is then replayed alone against the idle
-server with the adapter version it was sent to (an answer that differs alone must be reproduced beside other
-requests: a float near-tie, see load_tests/run.py `run_beside`), and every acknowledged adapter write is checked in
-the registry.
+server with the adapter version it was sent to (an answer that differs alone must hold token by token under a
+plain forward of that version, up to float near-ties: load_tests/reference.py), and every acknowledged adapter
+write is checked in the registry.
 """
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import pytest
+import torch
 
 from load_tests import run as load
+from load_tests.reference import Reference, Verdict, sampling_params
+from server.engine.sampling import seeded_uniform
 
 
 @pytest.mark.timeout(1200)
@@ -37,38 +42,107 @@ def test_load_short(tmp_path, reft_server_factory):
     assert not (registry["lost"] or registry["wrong_bytes"] or registry["resurrected"]), registry
     assert figures["rss_mib"]["kv_pool_end"] > 0, "the KV pool's mappings must be found in the server's smaps"
     assert result["failures"] == []
-    # The near-tie replay itself works: the request answers while other requests decode beside it.
-    rec = {"endpoint": "completions", "stream": False, "body": {"prompt": list(range(100, 140)), "max_tokens": 8,
-                                                                "temperature": 0.0}}
+
+    # The plain forward that judges near-ties agrees with the server on the right adapter, not on another.
+    reference = Reference(setup.model)
+    right, other = setup.pool[0], setup.pool[1]
     with httpx.Client(base_url=server.url, timeout=600) as client:
-        beside = load.run_beside(client, rec, setup.adapters[0], 3, seed=0)
-    assert beside["status"] == 200 and beside["text"], beside
+        load.upload(client, "judged", right, None)
+        for body in ({"temperature": 0.0}, {"temperature": 0.8, "top_p": 0.95, "seed": 7}):
+            body |= {"model": "judged", "prompt": list(range(100, 160)), "max_tokens": 24, "ignore_eos": True,
+                     "return_token_ids": True}
+            answer = client.post("/v1/completions", json=body).json()["choices"][0]
+            params = sampling_params("completions", body, 24)
+            assert reference.explain(answer["prompt_token_ids"], answer["token_ids"], params, right).explained
+            assert reference.explain(answer["prompt_token_ids"], answer["token_ids"], params, other).wrong_step \
+                is not None
 
 
 def test_verifier_tells_near_ties_from_wrong_answers(monkeypatch):
-    """Without a server: an answer equal alone matches; one reproduced only beside other requests is a float
-    near-tie; one that no replay reproduces is wrong."""
-    answers = {"a": "same", "b": "tie", "c": "wrong"}
+    """Without a server: an answer equal alone matches; one that differs alone but holds under the plain forward
+    is a float near-tie; one that does not is wrong, and so is one without token ids to check."""
+    answers = {"a": "same", "b": "tie", "c": "wrong", "d": "no ids"}
     monkeypatch.setattr(load, "upload", lambda *args, **kwargs: {})
     monkeypatch.setattr(load, "wait_idle", lambda client: None)
-    monkeypatch.setattr(load, "run_alone", lambda client, rec, ref: {"status": 200, "text": "same"})
-    beside_calls = []
+    monkeypatch.setattr(load, "run_alone", lambda client, rec, ref: {"status": 200, "text": "same", "token_ids": [1]})
 
-    def beside(client, rec, ref, others, seed):
-        beside_calls.append((rec["id"], others))
-        return {"status": 200, "text": "tie" if others == 3 else "same"}
+    class Judge:
+        def explain(self, prompt, answer, params, adapter):
+            assert prompt == [5, 6] and adapter == "f"
+            return Verdict(len(answer), [1]) if answer == [2, 3] else Verdict(len(answer), [], 0)
 
-    monkeypatch.setattr(load, "run_beside", beside)
     gens = [{"id": i, "status": 200, "endpoint": "completions", "stream": False, "adapter": "a00", "t_send": 1.0,
-             "t_end": 2.0, "body": {"temperature": 0.8}, "text": text} for i, text in answers.items()]
+             "t_end": 2.0, "body": {"prompt": [5, 6], "temperature": 0.8, "seed": 1}, "text": text,
+             "token_ids": {"same": [1], "tie": [2, 3], "wrong": [4], "no ids": []}[text]}
+            for i, text in answers.items()]
     timeline = {"a00": [{"k": 0, "file": "f", "t_start": float("-inf"), "t_ack": float("-inf")}]}
-    result = load.verify_answers(None, gens, timeline, None, budget_s=60)
-    assert result["verified"] == 3 and result["matched"] == 1
-    assert [(t["id"], t["beside"]) for t in result["near_ties"]] == [("b", 3)]
-    assert [w["id"] for w in result["wrong"]] == ["c"]
-    assert {o for i, o in beside_calls if i == "c"} == set(load.BESIDE)  # every batch size was tried
-    assert "NEAR-TIE b" in load.report({"figures": _figures(), "verification": result, "registry": _registry(),
-                                        "config": _config(), "failures": []})
+    result = load.verify_answers(None, gens, timeline, None, budget_s=60, reference=Judge)
+    assert result["verified"] == 4 and result["matched"] == 1
+    assert [(t["id"], t["near_tie_steps"]) for t in result["near_ties"]] == [("b", [1])]
+    assert sorted(w["id"] for w in result["wrong"]) == ["c", "d"]
+    text = load.report({"figures": _figures(), "verification": result, "registry": _registry(), "config": _config(),
+                        "failures": []})
+    assert "NEAR-TIE b" in text and "near-tie at token [1] of 2" in text and "token 0 of 1 not the candidate" in text
+
+
+class Crafted(Reference):
+    """The judge on logits given by hand, without a model."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows = torch.tensor(rows)
+
+    def logits(self, prompt, answer, adapter):
+        return self.rows[: len(answer)]
+
+
+def test_reference_accepts_greedy_picks_and_near_ties_and_refuses_other_tokens():
+    params = sampling_params("generate", {}, 2)
+    close = [0.0, 0.0, 0.0, 9.0, 0.0, 9.0 - 5e-4, -30.0, 0.0]  # tokens 3 and 5 within the tolerance, 6 unlikely
+    apart = [0.0, 0.0, 0.0, 9.0, 0.0, 9.0 - 5e-3, -30.0, 0.0]
+    assert Crafted([close, close]).explain([1], [3, 3], params, None) == Verdict(2, [], None)
+    assert Crafted([close, close]).explain([1], [3, 5], params, None) == Verdict(2, [1], None)
+    assert Crafted([apart]).explain([1], [5], params, None) == Verdict(1, [], 0)
+    assert Crafted([close, close]).explain([1], [3, 6], params, None) == Verdict(2, [], 1)
+
+
+def uniform_between(lo: float, hi: float) -> int:
+    """A seed whose first draw lies in (lo, hi)."""
+    return next(s for s in range(100_000) if lo < seeded_uniform(s, 0) < hi)
+
+
+def test_reference_accepts_a_seeded_draw_beside_a_boundary_of_its_distribution():
+    """The draw's uniform lies 2e-5 inside token 3's share (token 5 has the rest): token 5 is a near-tie.
+    5e-4 inside, it is not."""
+    seed, temperature = 11, 0.8
+    u = seeded_uniform(seed, 0)
+    params = sampling_params("completions", {"temperature": temperature, "seed": seed}, 1)
+
+    def judge(share: float) -> Crafted:
+        row = [-1e4] * 8
+        row[3], row[5] = temperature * math.log(share / (1 - share)), 0.0
+        return Crafted([row])
+
+    assert judge(u + 2e-5).explain([1], [3], params, None) == Verdict(1, [], None)
+    assert judge(u + 2e-5).explain([1], [5], params, None) == Verdict(1, [0], None)
+    assert judge(u + 5e-4).explain([1], [5], params, None) == Verdict(1, [], 0)
+    assert judge(u + 2e-5).explain([1], [6], params, None) == Verdict(1, [], 0)
+
+
+def test_reference_accepts_a_draw_that_a_top_p_cut_one_token_away_would_give():
+    """Top-p 0.9 keeps tokens 1, 4 and 6 (6 by a margin of mass); the draw falls where token 4 lies with 6 kept,
+    and where token 1 lies without it. Token 1 is a near-tie when the margin is 2e-5, not when it is 5e-4."""
+    seed = uniform_between(0.52, 0.55)
+    params = sampling_params("completions", {"temperature": 1.0, "top_p": 0.9, "seed": seed}, 1)
+
+    def judge(margin: float) -> Crafted:
+        row = [-1e4] * 8
+        row[1], row[4], row[6] = math.log(0.5), math.log(0.4 - margin), math.log(0.1 + margin)
+        return Crafted([row])
+
+    assert judge(2e-5).explain([1], [4], params, None) == Verdict(1, [], None)
+    assert judge(2e-5).explain([1], [1], params, None) == Verdict(1, [0], None)
+    assert judge(5e-4).explain([1], [1], params, None) == Verdict(1, [], 0)
+    assert judge(2e-5).explain([1], [6], params, None) == Verdict(1, [], 0)
 
 
 def _figures() -> dict:

@@ -345,6 +345,12 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def seeded_uniform(seed: int, step: int) -> float:
+    """The uniform a row seeded with `seed` draws at `step`: what a check outside the engine recomputes a draw with."""
+    key_a, key_b = _seed_key(seed)
+    return float(_uniform(torch.tensor([key_a]), torch.tensor([key_b]), torch.tensor([step]))[0])
+
+
 def _uniform(key_a: Tensor, key_b: Tensor, step: Tensor) -> Tensor:
     """A float64 uniform in (0, 1) per row, a pure function of the row's seed key and step."""
     h = _mix32(_mix32((step + key_b) & _M32) ^ key_a)

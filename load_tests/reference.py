@@ -1,0 +1,144 @@
+"""Tell a float near-tie from a wrong adapter when an answer differs from its replay alone.
+
+A row's logits depend, in their last bits, on what it was computed beside: a prefill packed with
+other prompts or cut into chunks, a decode step of one row or of many (matrix products of
+different shapes round differently). Measured here, up to about 1e-4. A seeded draw whose uniform
+falls that close to a boundary of its cumulative distribution, or a greedy step with two tokens
+that close, goes one way in one batch and the other way in another, and the rest of the answer
+follows from it. The batch an answer was computed in cannot be rebuilt from outside the server.
+
+So `Reference.explain` checks the answer token by token against a plain forward over prompt and
+answer (transformers, no KV cache, no packing, the adapter's interventions applied by hooks at its
+prompt positions, as the training code does) and the engine's own sampler with the request's seed:
+each token must be the sampler's pick or a near-tie (`near_tie`): for a greedy row, a logit within
+1e-3 of the best; for a seeded one, a share of the cumulative distribution within 1e-4 of the draw.
+A wrong adapter, or a wrong version of the right one, fails at the first token the right version
+would neither pick nor nearly pick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server import adapter_file
+from server.engine.sampling import Sampler, SamplingParams, seeded_uniform
+from server.model import BaseModel, load_base_model
+from server.train import hooked, locations_index
+
+LOGIT_TOLERANCE = 1e-3  # greedy: logits of one row in different batches differed by up to 1e-4 (float32, CPU)
+CDF_TOLERANCE = 1e-4  # sampled: draws that went either way lay within 1.1e-6 of the boundary they crossed
+MAX_RANK = 1024  # only a bound on what the files may hold; the load test writes rank 4
+
+
+@dataclass
+class Verdict:
+    checked: int = 0  # tokens checked
+    near_ties: list[int] = field(default_factory=list)  # steps whose token needed the tolerance
+    wrong_step: int | None = None  # the first step whose token the sampler would not pick even so
+
+    @property
+    def explained(self) -> bool:
+        return self.wrong_step is None
+
+
+def sampling_params(endpoint: str, body: dict, max_new_tokens: int) -> SamplingParams:
+    """The sampling options of a load-test request, with each endpoint's defaults."""
+    return SamplingParams(
+        max_new_tokens=max(1, max_new_tokens),
+        temperature=float(body.get("temperature", 0.0 if endpoint == "generate" else 1.0)),
+        top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
+    )
+
+
+class Reference:
+    """The base model in this process, float32 on the CPU, and the adapter files it has read."""
+
+    def __init__(self, model: str | None = None, base: BaseModel | None = None) -> None:
+        self.base = base or load_base_model(model, device="cpu", dtype="float32")
+        self._adapters: dict[str, adapter_file.Adapter] = {}
+
+    def adapter(self, path: str | Path) -> adapter_file.Adapter:
+        key = str(path)
+        if key not in self._adapters:
+            self._adapters[key] = adapter_file.load(Path(path), self.base.shape, MAX_RANK)
+        return self._adapters[key]
+
+    @torch.inference_mode()
+    def logits(self, prompt: Sequence[int], answer: Sequence[int], adapter: str | Path | None) -> torch.Tensor:
+        """[len(answer), V]: the logits each answer token was drawn from, given the tokens before it."""
+        ids = list(prompt) + list(answer[:-1])
+        ivs, where = (), []
+        if adapter is not None:
+            ad = self.adapter(adapter)
+            ivs = ad.interventions
+            where = locations_index([len(prompt)], ad.positions, len(ivs), ad.share_weights, self.base.device)
+        with hooked(self.base.layers, ivs, where):
+            out = self.base.model(input_ids=torch.tensor([ids], device=self.base.device), use_cache=False)
+        return out.logits[0, len(prompt) - 1 :].float()
+
+    @torch.inference_mode()
+    def explain(self, prompt: Sequence[int], answer: Sequence[int], params: SamplingParams,
+                adapter: str | Path | None) -> Verdict:
+        """Whether `answer` is what the adapter file gives for `prompt`, up to float near-ties (see above)."""
+        verdict = Verdict()
+        if not answer:
+            return verdict
+        logits = self.logits(prompt, answer, adapter)
+        sampler = Sampler(1, logits.shape[-1], "cpu")
+        sampler.add(0, params, prompt)
+        slots = torch.tensor([0])
+        for step, (row, token) in enumerate(zip(logits, answer, strict=True)):
+            pick = sampler(row[None], slots).token_ids[0]
+            verdict.checked += 1
+            if pick == token:
+                continue
+            if near_tie(row, token, params, step):
+                verdict.near_ties.append(step)
+                continue
+            verdict.wrong_step = step
+            break
+        return verdict
+
+
+def near_tie(row: torch.Tensor, token: int, params: SamplingParams, step: int) -> bool:
+    """Whether `token` is one float error away from being the pick on these logits (see the module's docstring).
+
+    Greedy: its logit lies within LOGIT_TOLERANCE of the best. Seeded: its share of the cumulative
+    distribution (kept tokens, in id order, as the sampler sums them) lies within CDF_TOLERANCE of
+    the draw, with the top-p cut where it is or moved by one token where the kept mass is that
+    close to top_p. A share moves with the errors of every token before it and with the cut, not
+    only with its own logit, so the bound is on the share's place rather than on the token's logit.
+    """
+    if params.greedy:
+        return float(row.max() - row[token]) <= LOGIT_TOLERANCE
+    if params.seed is None:
+        return False  # an unseeded draw cannot be recomputed
+    probs = (row.double() / params.temperature).softmax(-1)
+    if 0 < params.top_k < probs.shape[-1]:
+        probs = torch.where(probs >= probs.topk(params.top_k).values[-1], probs, 0.0)
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(-1) - probs[order]  # the mass ranked above each token
+    cut = params.top_p * float(probs.sum())
+    kept = max(1, int((before < cut).sum()))
+    rank = {int(t): i for i, t in enumerate(order[: kept + 2])}.get(token)
+    if rank is None or (rank >= kept and before[rank] >= cut + CDF_TOLERANCE):
+        return False
+    u = seeded_uniform(params.seed, step)
+    cuts = [kept]
+    if kept > 1 and before[kept - 1] >= cut - CDF_TOLERANCE:
+        cuts.append(kept - 1)  # the last kept token nearly dropped out
+    if kept < len(order) and before[kept] < cut + CDF_TOLERANCE:
+        cuts.append(kept + 1)  # the next one nearly came in
+    for n in cuts:
+        share = torch.zeros_like(probs)
+        share[order[:n]] = probs[order[:n]]
+        share[token] = probs[token]
+        cumulative = share.cumsum(-1) / share.sum()
+        start, end = float(cumulative[token] - share[token] / share.sum()), float(cumulative[token])
+        if start - CDF_TOLERANCE <= u <= end + CDF_TOLERANCE:
+            return True
+    return False
