@@ -36,9 +36,11 @@ MAX_RANK = 1024  # only a bound on what the files may hold; the load test writes
 
 @dataclass
 class Verdict:
+    """What the check found: where it needed a near-tie, and where (if anywhere) the answer went wrong."""
+
     checked: int = 0  # tokens checked
-    near_ties: list[int] = field(default_factory=list)  # steps whose token needed the tolerance
-    wrong_step: int | None = None  # the first step whose token the sampler would not pick even so
+    near_ties: list[int] = field(default_factory=list)  # steps whose token was a near-tie, not the pick
+    wrong_step: int | None = None  # the first step whose token was neither the pick nor a near-tie
 
     @property
     def explained(self) -> bool:
@@ -124,8 +126,8 @@ def near_tie(row: torch.Tensor, token: int, params: SamplingParams, step: int) -
     before = probs[order].cumsum(-1) - probs[order]  # the mass ranked above each token
     cut = params.top_p * float(probs.sum())
     kept = max(1, int((before < cut).sum()))
-    rank = {int(t): i for i, t in enumerate(order[: kept + 2])}.get(token)
-    if rank is None or (rank >= kept and before[rank] >= cut + CDF_TOLERANCE):
+    rank = int((order == token).nonzero()[0, 0])
+    if rank >= kept and before[rank] >= cut + CDF_TOLERANCE:
         return False
     u = seeded_uniform(params.seed, step)
     cuts = [kept]
