@@ -331,20 +331,20 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     built: list[Reference] = []
     wait_idle(client)
 
-    def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict]:
-        """The first candidate version whose replay alone gives rec's answer."""
-        answer: dict = {}
+    def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict[int, dict]]:
+        """The first candidate version whose replay alone gives rec's answer; the replays, by version."""
+        answers: dict[int, dict] = {}
         for v in cands:
             ref = f"ref-{rec['adapter']}-{v['k']}"
             if ref not in uploaded:
                 upload(client, ref, Path(v["file"]), admin_key)
                 uploaded.add(ref)
-            answer = run_alone(client, rec, ref)
+            answer = answers[v["k"]] = run_alone(client, rec, ref)
             if answer["status"] != 200:
                 result["replay_errors"] += 1
             elif same_answer(rec, answer):
-                return v, answer
-        return None, answer
+                return v, answers
+        return None, answers
 
     def explain(rec: dict, cands: list[dict]) -> tuple[dict | None, Verdict]:
         """The first candidate version whose plain forward explains rec's answer up to near-ties."""
@@ -363,15 +363,17 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     for _, rec, cands, mid in jobs:
         if time.monotonic() > deadline:
             break
-        matched, alone = replay(rec, cands)
+        matched, replays = replay(rec, cands)
         verdict = None
         if matched is None:
             matched, verdict = explain(rec, cands)
+        alone = replays.get(matched["k"] if matched else cands[-1]["k"], {}) if cands else {}
         result["verified"] += 1
         result["ambiguous_version"] += len(cands) > 1
         result["replaced_mid_flight"] += mid
         detail = {"id": rec["id"], "endpoint": rec["endpoint"], "stream": rec["stream"], "adapter": rec["adapter"],
                   "sampled": rec["body"].get("temperature", 1.0) > 0, "candidates": [v["k"] for v in cands],
+                  "version": matched["k"] if matched else None,
                   "same_prefix_chars": len(os.path.commonprefix([rec.get("text", ""), alone.get("text", "")])),
                   "got": rec.get("text", "")[:200], "alone": alone.get("text", "")[:200]}
         if verdict is not None:
@@ -466,6 +468,7 @@ def report(result: dict) -> str:
         for w in items:
             lines.append(f"  {kind} {w['id']} {w['endpoint']}{' stream' if w['stream'] else ''} "
                          f"{'sampled' if w['sampled'] else 'greedy'} {w['adapter']} versions {w['candidates']}"
+                         f"{'' if w.get('version') is None else ' (explained by ' + str(w['version']) + ')'}"
                          f"{_steps(w)}: same for {w['same_prefix_chars']} chars; got {w['got']!r}, "
                          f"alone {w['alone']!r}")
     if "rss_mib" in f:

@@ -82,7 +82,8 @@ def test_verifier_tells_near_ties_from_wrong_answers(monkeypatch):
     assert sorted(w["id"] for w in result["wrong"]) == ["c", "d"]
     text = load.report({"figures": _figures(), "verification": result, "registry": _registry(), "config": _config(),
                         "failures": []})
-    assert "NEAR-TIE b" in text and "near-tie at token [1] of 2" in text and "token 0 of 1 not the candidate" in text
+    assert "NEAR-TIE b completions sampled a00 versions [0] (explained by 0), near-tie at token [1] of 2" in text
+    assert "WRONG c completions sampled a00 versions [0], token 0 of 1 not the candidate's pick" in text
 
 
 class Crafted(Reference):
