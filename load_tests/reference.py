@@ -27,7 +27,7 @@ import torch
 from server import adapter_file
 from server.engine.sampling import Sampler, SamplingParams, seeded_uniform
 from server.model import BaseModel, load_base_model
-from server.train import hooked, locations_index
+from server.train import plain_logits
 
 LOGIT_TOLERANCE = 1e-3  # greedy: logits of one row in different batches differed by up to 1e-4 (float32, CPU)
 CDF_TOLERANCE = 1e-4  # sampled: draws that went either way lay within 1.1e-6 of the boundary they crossed
@@ -69,18 +69,10 @@ class Reference:
             self._adapters[key] = adapter_file.load(Path(path), self.base.shape, MAX_RANK)
         return self._adapters[key]
 
-    @torch.inference_mode()
     def logits(self, prompt: Sequence[int], answer: Sequence[int], adapter: str | Path | None) -> torch.Tensor:
         """[len(answer), V]: the logits each answer token was drawn from, given the tokens before it."""
-        ids = list(prompt) + list(answer[:-1])
-        ivs, where = (), []
-        if adapter is not None:
-            ad = self.adapter(adapter)
-            ivs = ad.interventions
-            where = locations_index([len(prompt)], ad.positions, len(ivs), ad.share_weights, self.base.device)
-        with hooked(self.base.layers, ivs, where):
-            out = self.base.model(input_ids=torch.tensor([ids], device=self.base.device), use_cache=False)
-        return out.logits[0, len(prompt) - 1 :].float()
+        ad = self.adapter(adapter) if adapter is not None else None
+        return plain_logits(self.base, list(prompt) + list(answer[:-1]), len(prompt), ad)[len(prompt) - 1 :]
 
     @torch.inference_mode()
     def explain(self, prompt: Sequence[int], answer: Sequence[int], params: SamplingParams,

@@ -24,6 +24,7 @@ outside the KV pool (the pool's pages become resident as rows first reach them, 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -328,7 +329,7 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     result = {"answered": len(ok), "verified": 0, "matched": 0, "near_ties": [], "wrong": [], "ambiguous_version": 0,
               "replaced_mid_flight": 0, "replaced_mid_flight_ok": 0, "replay_errors": 0}
     deadline = time.monotonic() + budget_s
-    built: list[Reference] = []
+    judge = functools.cache(reference or Reference)  # the model loads on the first answer that needs it
     wait_idle(client)
 
     def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict[int, dict]]:
@@ -351,11 +352,9 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
         prompt, verdict = prompt_ids(rec), Verdict(wrong_step=0)
         if not prompt or not rec.get("token_ids"):
             return None, verdict
-        if not built:
-            built.append(reference() if reference else Reference())
         params = sampling_params(rec["endpoint"], rec["body"], len(rec["token_ids"]))
         for v in cands:
-            verdict = built[0].explain(prompt, rec["token_ids"], params, v["file"])
+            verdict = judge().explain(prompt, rec["token_ids"], params, v["file"])
             if verdict.explained:
                 return v, verdict
         return None, verdict

@@ -111,6 +111,19 @@ def hooked(
             handle.remove()
 
 
+@torch.inference_mode()
+def plain_logits(base: BaseModel, ids: Sequence[int], prompt_length: int, adapter: Adapter | None) -> Tensor:
+    """[len(ids), V] float32 logits of one plain forward (no KV cache, no packing), the adapter's interventions
+    applied by hooks at its positions in the first `prompt_length` tokens: the reference the engine is checked
+    against, in tests and by the load test."""
+    ivs = adapter.interventions if adapter else ()
+    where = locations_index([prompt_length], adapter.positions, len(ivs), adapter.share_weights,
+                            base.device) if adapter else []
+    with hooked(base.layers, ivs, where):
+        out = base.model(input_ids=torch.tensor([list(ids)], device=base.device), use_cache=False)
+    return out.logits[0].float()
+
+
 def locations_index(
     prompt_lengths: Sequence[int], positions: Positions, count: int, share_weights: bool, device: torch.device
 ) -> list[tuple[Tensor, Tensor]]:

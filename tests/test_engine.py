@@ -1010,17 +1010,10 @@ def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engi
 
 
 def reference_logprobs(engine: Engine, ids: list[int], prompt_length: int, adapter: AdapterRef | None) -> torch.Tensor:
-    """log_softmax of a plain transformers forward over `ids` [L', V], the adapter's interventions applied by
-    forward hooks at its prompt positions (server/train.py's reference hooks): no cache, no packing."""
-    from server.train import hooked, locations_index
+    """log_softmax of a plain transformers forward over `ids` [L', V] (server/train.py's `plain_logits`)."""
+    from server.train import plain_logits
 
-    model = engine.base.model
-    ivs = adapter.adapter.interventions if adapter else ()
-    where = locations_index([prompt_length], adapter.adapter.positions, len(ivs), adapter.adapter.share_weights,
-                            engine.base.device) if adapter else []
-    with torch.inference_mode(), hooked(engine.base.layers, ivs, where):
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-    return logits.log_softmax(-1)
+    return plain_logits(engine.base, ids, prompt_length, adapter.adapter if adapter else None).log_softmax(-1)
 
 
 def check_logprobs(engine: Engine, prompt: list[int], result: Result, adapter: AdapterRef | None, top: int) -> None:
