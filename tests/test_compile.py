@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch._guards import TracingContext
 
 from server.adapter_file import import_pyreft
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
@@ -41,6 +43,10 @@ def compiled():
     emoji = AdapterRef("emoji", 1, import_pyreft(DATA, EXPECTED["positions"], EXPECTED["share_weights"],
                                                  base.shape, 64))
     return base, runner, emoji, dict(counters["stats"])
+
+
+def graphs_compiled() -> int:
+    return counters["stats"].get("unique_graphs", 0)
 
 
 def run_all(base, runner, emoji, requests: list[tuple[list[int], int, bool]]) -> list[list[int]]:
@@ -74,6 +80,7 @@ def run_all(base, runner, emoji, requests: list[tuple[list[int], int, bool]]) ->
 def test_compiled_decode_matches_pyreft_and_never_recompiles(compiled):
     base, runner, emoji, after_warm_up = compiled
     assert after_warm_up.get("unique_graphs", 0) >= 1 and not counters["graph_break"]
+    graphs = graphs_compiled()
     rng = random.Random(0)
     generations = EXPECTED["generations"]
     requests = [(g["prompt_ids"], len(g["completion_ids"]), True) for g in generations]
@@ -85,12 +92,13 @@ def test_compiled_decode_matches_pyreft_and_never_recompiles(compiled):
         match = [g for g in generations if g["prompt_ids"] == prompt]
         if adapter:
             assert tokens == match[0]["completion_ids"][: len(tokens)] and tokens, "pyreft's tokens, compiled"
-    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs"), "recompiled"
+    assert graphs_compiled() == graphs, "recompiled"
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_compiled_and_eager_decode_logits_agree_as_rows_join_and_leave(compiled):
-    base, runner, _, after_warm_up = compiled
+    base, runner, _, _ = compiled
+    graphs = graphs_compiled()
     cache = runner.cache
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (7, 40, 130)]
@@ -111,7 +119,7 @@ def test_compiled_and_eager_decode_logits_agree_as_rows_join_and_leave(compiled)
     finally:
         for slot in slots:
             cache.free(slot)
-    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs")
+    assert graphs_compiled() == graphs
 
 
 def test_the_intervention_hooks_add_nothing_to_the_compiled_step(compiled, monkeypatch):
@@ -119,7 +127,8 @@ def test_the_intervention_hooks_add_nothing_to_the_compiled_step(compiled, monke
     decode steps still run (the hooks saw no plan when traced, and replaying the graph runs no Python)."""
     from server.engine import runner as runner_module
 
-    _, runner, _, after_warm_up = compiled
+    _, runner, _, _ = compiled
+    graphs = graphs_compiled()
 
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("an intervention ran in a decode step")
@@ -132,4 +141,31 @@ def test_the_intervention_hooks_add_nothing_to_the_compiled_step(compiled, monke
             assert runner.decode(rows).shape[0] == 2
     finally:
         runner.cache.free(slot)
-    assert dict(counters["stats"]).get("unique_graphs") == after_warm_up.get("unique_graphs")
+    assert graphs_compiled() == graphs
+
+
+def test_the_compiled_step_writes_only_static_inputs(compiled):
+    """On a GPU, CUDA graph trees replay the step only if every tensor it writes in place (the KV pools) is a
+    static input, one address for every call; otherwise they skip the graphs ("mutated inputs") and the step
+    runs launch by launch, which is what `--compile` is for. The graph inductor receives is AOT's: here it is
+    traced again for the same step with a backend that records AOT's view of the inputs, on the CPU."""
+    _, runner, _, _ = compiled
+    seen: list[tuple[set[int], set[int]]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        meta = TracingContext.try_get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        seen.append((mutated, set(meta.static_input_indices)))
+        return gm
+
+    step = runner.compiled
+    kept = step._step
+    backend = aot_autograd(fw_compiler=record, inference_compiler=record)
+    step._step = torch.compile(runner._decode_forward, backend=backend, fullgraph=True, dynamic=True)
+    try:
+        step([(0, 0, step.scratch), (0, 1, step.scratch)])
+    finally:
+        step._step = kept
+    (mutated, static), = seen
+    assert len(mutated) == 2 * len(runner.cache.k), "the step writes each layer's key and value pool"
+    assert mutated <= static, f"mutated inputs that are not static: {sorted(mutated - static)}"

@@ -41,6 +41,11 @@ class CompiledDecode:
         self.device = device
         self.buckets = [b for b in BATCH_BUCKETS if b < max_rows] + [max_rows]
         self.scratch: Slot = cache.allocate(1)  # padding rows write their keys here, and read only them
+        # The step writes every layer's pool in place. CUDA graph trees replay a graph only if each input it
+        # mutates keeps one address, and dynamo cannot know that of plain tensors: unmarked, the pools are
+        # mutated inputs and the GPU skips its graphs ("mutated inputs"), running the step launch by launch.
+        for pool in (*cache.k, *cache.v):
+            torch._dynamo.mark_static_address(pool)
         mode = "reduce-overhead" if device.type == "cuda" else None
         self._step = torch.compile(forward, fullgraph=True, dynamic=True, mode=mode)
 
