@@ -87,6 +87,15 @@ class DeviceServer(ServerProcess):
         return float(found[-1]) if found else float("nan")
 
 
+def cuda_graph_skips(report: Report, servers: dict[Config, DeviceServer]) -> None:
+    """A compiled server whose CUDA graphs torch skipped decodes launch by launch: say so, from its log."""
+    for config, server in servers.items():
+        if config.compile:
+            text = server.log_path.read_text(errors="replace")
+            skips = len(re.findall(r"skipping cudagraph|CUDA graphs skipped", text, flags=re.IGNORECASE))
+            report.figure(f"CUDA_GRAPH_SKIPS_{config.label}", skips, "<=0", "log lines saying CUDA graphs were skipped")
+
+
 def server_has_compile() -> bool:
     """Whether this checkout's `reft-serve serve` takes --compile (read from its --help)."""
     exe = VENV_BIN / "reft-serve"
@@ -384,6 +393,7 @@ def parse_args() -> argparse.Namespace:
                    "start-up takes minutes; START_S then includes the others' start-up)")
     p.add_argument("--quick", action="store_true", help="one round, shorter streams, fewer adapters")
     p.add_argument("--server-env", action="append", default=[], metavar="REFT_X=V", help="extra server setting")
+    p.add_argument("--logs", type=Path, default=None, help="copy each server's log here (kept on failure too)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "device.json")
     args = p.parse_args()
     for key, (quick, full) in {"new_tokens": (17, 33), "rounds": (1, 3), "random_adapters": (4, 8)}.items():
@@ -467,7 +477,14 @@ def main() -> int:
         speed(args, report, loads, bound_s)
         if not args.no_agreement:
             agreement(report, loads, random_names, args)
+        if device.type == "cuda":
+            cuda_graph_skips(report, servers)
     finally:
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for config, server in servers.items():
+                if server.log_path.exists():
+                    shutil.copyfile(server.log_path, args.logs / f"{config.label}.log")
         for load in loads.values():
             load.close()
         for server in servers.values():

@@ -7,7 +7,8 @@
 #   3. bench/device.py on it in bf16: decode step at batch 1/32/64 against the weight-read bound, eager vs
 #      --compile;
 #   4. bench/run.py's P1 and P2 on it (--quick, no raw/peft baselines).
-# Every figure prints as `NAME value target PASS/FAIL|INFO`; the JSON files go to $OUT. See bench/README.md.
+# Every figure prints as `NAME value target PASS/FAIL|INFO`; the JSON files and the servers' logs go to $OUT.
+# See bench/README.md.
 #
 #     bench/gpu_recipe.sh 2>bench/results/gpu.log | tee bench/results/gpu-figures.txt
 set -uo pipefail
@@ -34,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: SIGTERM after SECONDS (the benches the
 }
 
 step device-default 180 "$PY" bench/device.py --device cuda --rounds 2 --start-together \
-  --out "$OUT/device-default.json"
+  --logs "$OUT/logs-default" --out "$OUT/device-default.json"
 
 if [ ! -f "$MODEL_DIR/tokenizer_config.json" ]; then  # random_model.py writes the tokenizer last
   if [ -e "$MODEL_DIR" ]; then
@@ -46,7 +47,7 @@ fi
 
 if [ -f "$MODEL_DIR/tokenizer_config.json" ]; then
   step device-8b 180 "$PY" bench/device.py --device cuda --model "$MODEL_DIR" --dtypes bfloat16 \
-    --batches 1,32,64 --rounds 2 --start-together --out "$OUT/device-8b.json"
+    --batches 1,32,64 --rounds 2 --start-together --logs "$OUT/logs-8b" --out "$OUT/device-8b.json"
   step run-8b 110 "$PY" bench/run.py --model "$MODEL_DIR" --only throughput,p2 --no-baselines --quick \
     --out "$OUT/run-8b.json"
 fi

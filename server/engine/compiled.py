@@ -20,13 +20,18 @@ forward but return at once without a plan, so they add nothing to the graph.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from server.engine.attention import DecodeIndex
 from server.engine.kv_cache import KVCache, Slot
+
+log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_KEYS = 16  # never 1: dynamo would specialise a size-1 key dimension into a graph of its own
@@ -51,9 +56,20 @@ class CompiledDecode:
 
     @torch.inference_mode()  # as in serving: grad mode is part of what a compiled graph is guarded on
     def warm_up(self) -> None:
-        """Compile now, for one row and for several, so that no request waits for it."""
+        """Compile now, for one row and for several, so that no request waits for it.
+
+        On a GPU each shape runs three times, because CUDA graph trees run a new shape eagerly once, record
+        it on the second call and replay it from the third: start-up then shows whether torch kept the graphs.
+        """
+        start, skipped = time.perf_counter(), counters["inductor"]["cudagraph_skips"]
         for rows in (1, 2):
-            self([(0, position, self.scratch) for position in range(rows)])
+            for _ in range(3 if self.device.type == "cuda" else 1):
+                self([(0, position, self.scratch) for position in range(rows)])
+        log.info("decode step compiled in %.1f s", time.perf_counter() - start)
+        if self.device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > skipped:
+            # torch falls back to running the compiled kernels one by one: correct, but launch-bound at small batches
+            log.warning("compiled decode: CUDA graphs skipped (torch's 'skipping cudagraphs' message says why); "
+                        "decode steps run without them")
 
     def __call__(self, rows: Sequence[tuple[int, int, Slot]]) -> Tensor:
         """rows: (token, position, slot) per decode row. Next-token logits [len(rows), V]."""
