@@ -40,6 +40,7 @@ def compiled():
     base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 28),
                          compile_decode=True, max_rows=MAX_ROWS)
+    runner.warm_up()  # the tests below decode in this thread too; a scheduler warms up again in its own
     emoji = AdapterRef("emoji", 1, import_pyreft(DATA, EXPECTED["positions"], EXPECTED["share_weights"],
                                                  base.shape, 64))
     return base, runner, emoji, dict(counters["stats"])

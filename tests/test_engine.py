@@ -971,6 +971,23 @@ def test_a_dead_engine_thread_fails_everyone_at_once_and_says_so(engine):
             sch.submit(GenerationRequest(engine.chat_prompts[0], params, None, Result()))
 
 
+def test_a_warm_up_that_fails_stops_start_with_its_error(engine, monkeypatch):
+    """The engine thread warms the runner up before it serves (the compiled step's CUDA graphs are per thread):
+    start() waits for it, and a failure there is start()'s error, not a server that hangs or says it is up."""
+    engine.assert_idle()
+
+    def broken() -> None:
+        raise RuntimeError("no graphs today")
+
+    sch = small_scheduler(engine)
+    monkeypatch.setattr(engine.runner, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="could not start: RuntimeError: no graphs today"):
+        sch.start()
+    assert not sch.alive
+    with pytest.raises(EngineStopped):
+        sch.submit(GenerationRequest(engine.chat_prompts[0], SamplingParams(), None, Result()))
+
+
 class CountingTask:
     """A background task of `steps` steps; `raise_at` makes that step raise."""
 

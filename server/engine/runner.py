@@ -89,10 +89,14 @@ class ModelRunner:
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
         # --compile: decode steps, which are many and alike, run through one captured graph (compiled.py);
-        # prefill stays eager. Compiling happens here, at start-up, not on the first request.
+        # prefill stays eager. Compiling happens in warm_up(), at start-up, not on the first request.
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
+
+    def warm_up(self) -> None:
+        """Compile the decode step (and on a GPU record its CUDA graphs) in the thread that will run it."""
+        if self.compiled is not None:
             self.compiled.warm_up()
 
     @torch.inference_mode()

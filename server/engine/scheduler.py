@@ -243,8 +243,13 @@ class Scheduler:
             self._cv.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
+        """Start the engine thread; return once it has warmed the runner up and can serve."""
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="reft-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if self._died is not None:
+            raise RuntimeError(f"the engine could not start: {self._died}")
 
     def stop(self) -> None:
         with self._cv:
@@ -255,14 +260,19 @@ class Scheduler:
 
     # ---- the engine thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
         try:
+            # Here, not where the runner was built: the compiled step's CUDA graphs live in per-thread state, so
+            # the thread that will replay them is the one that must record them.
+            self.runner.warm_up()
+            ready.set()
             self._loop()
             message = "the engine stopped"
         except BaseException as exc:  # noqa: BLE001 - the thread is dying: nobody may be left waiting
             log.exception("the engine thread died")
             self._died = f"{type(exc).__name__}: {exc}"
             message = f"the engine stopped: {self._died}"
+        ready.set()  # a warm-up that failed must not leave start() waiting
         stopped = Event("", (), "error", error=message, error_status=503)
         with self._cv:
             for seq in self._running + self._prefilling:
