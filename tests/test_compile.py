@@ -145,18 +145,22 @@ def test_the_intervention_hooks_add_nothing_to_the_compiled_step(compiled, monke
     assert graphs_compiled() == graphs
 
 
-def test_the_compiled_step_writes_only_static_inputs(compiled):
-    """On a GPU, CUDA graph trees replay the step only if every tensor it writes in place (the KV pools) is a
-    static input, one address for every call; otherwise they skip the graphs ("mutated inputs") and the step
-    runs launch by launch, which is what `--compile` is for. The graph inductor receives is AOT's: here it is
-    traced again for the same step with a backend that records AOT's view of the inputs, on the CPU."""
+def test_the_compiled_step_is_fit_for_cuda_graphs(compiled):
+    """What a GPU needs of the step's graph, checked on the CPU on AOT's view of it (what inductor receives),
+    traced again for the same step with a backend that records it:
+    - every tensor it writes in place (the KV pools) is a static input, one address for every call; otherwise
+      CUDA graph trees skip the graphs ("mutated inputs") and the step runs launch by launch;
+    - no model constant became an input: a Python float made an input is a 0-dim CPU tensor, and a CPU tensor
+      makes inductor split or skip the CUDA graph."""
     _, runner, _, _ = compiled
     seen: list[tuple[set[int], set[int]]] = []
+    scalars: list[int] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
         meta = TracingContext.try_get().fw_metadata
         mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
         seen.append((mutated, set(meta.static_input_indices)))
+        scalars.extend(i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.dim() == 0)
         return gm
 
     step = runner.compiled
@@ -170,3 +174,4 @@ def test_the_compiled_step_writes_only_static_inputs(compiled):
     (mutated, static), = seen
     assert len(mutated) == 2 * len(runner.cache.k), "the step writes each layer's key and value pool"
     assert mutated <= static, f"mutated inputs that are not static: {sorted(mutated - static)}"
+    assert not scalars, f"{len(scalars)} 0-dim tensor inputs (Python floats made inputs)"

@@ -86,5 +86,9 @@ class CompiledDecode:
         index = DecodeIndex(tensor([s.start for s in slots]), tensor(lengths),
                             torch.arange(keys, device=self.device))
         columns = tensor([s.start + p for s, p in zip(slots, positions, strict=True)])
-        logits = self._step(tensor(tokens)[None], tensor(positions)[None], columns, index)
+        # The model's constants that are Python floats (each norm's eps, attention's scale) stay constants:
+        # with dynamic=True dynamo would make them graph inputs, 0-dim CPU tensors, and a CPU tensor in the
+        # graph makes inductor split the step's CUDA graph around it or skip the graph.
+        with torch._dynamo.config.patch(specialize_float=True):
+            logits = self._step(tensor(tokens)[None], tensor(positions)[None], columns, index)
         return logits[:n]
