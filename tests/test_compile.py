@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._guards import TracingContext
+from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
 from server.adapter_file import import_pyreft
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
@@ -151,16 +152,20 @@ def test_the_compiled_step_is_fit_for_cuda_graphs(compiled):
     - every tensor it writes in place (the KV pools) is a static input, one address for every call; otherwise
       CUDA graph trees skip the graphs ("mutated inputs") and the step runs launch by launch;
     - no model constant became an input: a Python float made an input is a 0-dim CPU tensor, and a CPU tensor
-      makes inductor split or skip the CUDA graph."""
+      makes inductor split or skip the CUDA graph;
+    - no op that inductor keeps out of CUDA graphs (data-dependent shapes, ops it marks unsafe to capture)."""
     _, runner, _, _ = compiled
     seen: list[tuple[set[int], set[int]]] = []
     scalars: list[int] = []
+    unsafe: list[torch.fx.Node] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
         meta = TracingContext.try_get().fw_metadata
         mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
         seen.append((mutated, set(meta.static_input_indices)))
         scalars.extend(i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.dim() == 0)
+        if (node := get_first_incompatible_cudagraph_node(gm)) is not None:
+            unsafe.append(node)
         return gm
 
     step = runner.compiled
@@ -175,3 +180,4 @@ def test_the_compiled_step_is_fit_for_cuda_graphs(compiled):
     assert len(mutated) == 2 * len(runner.cache.k), "the step writes each layer's key and value pool"
     assert mutated <= static, f"mutated inputs that are not static: {sorted(mutated - static)}"
     assert not scalars, f"{len(scalars)} 0-dim tensor inputs (Python floats made inputs)"
+    assert not unsafe, f"an op CUDA graphs cannot hold: {unsafe[0].format_node()}"
