@@ -129,9 +129,13 @@ def under(path: str, mount: str) -> bool:
 
 def hardening_problems(deployment: dict, policy: dict) -> list[str]:
     """Every hardening property of issue 21 that the rendered Deployment and NetworkPolicy lack."""
+    return pod_problems(deployment) + policy_problems(deployment, policy)
+
+
+def pod_problems(deployment: dict) -> list[str]:
+    """The pod's: security contexts, writable paths, keys, allowed hosts."""
     problems = []
-    pod = deployment["spec"]["template"]
-    spec, labels = pod["spec"], pod["metadata"]["labels"]
+    spec = deployment["spec"]["template"]["spec"]
     if spec.get("automountServiceAccountToken") is not False:
         problems.append("automountServiceAccountToken is not false")
     image_env, image_user = dockerfile()
@@ -186,8 +190,15 @@ def hardening_problems(deployment: dict, policy: dict) -> list[str]:
             problems.append(f"{name}: the API key is optional: a pod could serve without one")
         if "REFT_ALLOWED_HOSTS" not in env:
             problems.append(f"{name}: REFT_ALLOWED_HOSTS is not set")
-    # the NetworkPolicy: the server pods, ingress to the server's port from the router, the gateway
-    # and Prometheus only, no egress
+    return problems
+
+
+def policy_problems(deployment: dict, policy: dict) -> list[str]:
+    """The NetworkPolicy's: it selects the server pods, admits the router, the gateway's proxies and
+    Prometheus to the server's port and nothing else, and lets the server reach nothing."""
+    problems = []
+    pod = deployment["spec"]["template"]
+    spec, labels = pod["spec"], pod["metadata"]["labels"]
     if not selects(policy["spec"]["podSelector"], labels) or not policy["spec"]["podSelector"]:
         problems.append("the NetworkPolicy does not select the server pods")
     if set(policy["spec"].get("policyTypes", [])) != {"Ingress", "Egress"} or policy["spec"].get("egress"):
@@ -209,8 +220,12 @@ def hardening_problems(deployment: dict, policy: dict) -> list[str]:
         "matchLabels", {})]
     if not gateway:
         problems.append("the NetworkPolicy does not admit a Gateway's proxies")
-    if not any(selects(p.get("podSelector", {}), {"app.kubernetes.io/name": "prometheus"}) for p in peers):
+    prometheus = [p for p in peers if selects(p.get("podSelector", {}), {"app.kubernetes.io/name": "prometheus"})]
+    if not prometheus:
         problems.append("the NetworkPolicy does not admit Prometheus")
+    for peer in peers:
+        if not any(peer is known for known in epp + gateway + prometheus):
+            problems.append(f"the NetworkPolicy admits a peer neither the router, a gateway nor Prometheus: {peer}")
     for other in (labels, {"app": "other"}, {}):
         if any(selects(p.get("podSelector", {}), other) for p in peers):
             problems.append(f"the NetworkPolicy admits pods labelled {other}")
@@ -339,6 +354,7 @@ MUTATIONS = {
     "any namespace admitted": _admit({"namespaceSelector": {}}),
     "an address range admitted": _admit({"ipBlock": {"cidr": "0.0.0.0/0"}}),
     "every pod of the namespace admitted": _admit({"podSelector": {}}),
+    "another app admitted": _admit({"podSelector": {"matchLabels": {"app": "debug"}}}),
     "another port": _policy(lambda spec: spec["ingress"][0].update(ports=[{"port": 9000}])),
     "no router": _without_peer("llm-d-router"),
     "router looked for in every namespace": _policy(lambda spec: [
