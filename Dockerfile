@@ -39,7 +39,8 @@ RUN groupadd --system --gid "${UID}" reft \
  && useradd --system --uid "${UID}" --gid reft --create-home --home-dir /home/reft reft \
  && mkdir -p /srv/adapters && chown reft:reft /srv/adapters
 COPY --chown=reft:reft adapters/*.safetensors /srv/adapters/
-USER reft
+# Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER ${UID}:${UID}
 VOLUME ["/srv/adapters"]
 
 EXPOSE 8000

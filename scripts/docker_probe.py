@@ -4,14 +4,20 @@ Commands print one line and exit 0 when the server answered as expected:
   health                      GET /health is 200
   generate ADAPTER [N]        POST /generate with ADAPTER gives 200 and some text (N tokens exactly, if given)
   upload NAME STATUS [KEY]    POST /v1/adapters (a copy of emoji.safetensors) answers STATUS
+  upload-archive NAME POSITIONS STATUS [KEY]
+                              POST /v1/adapters with the pyreft .zip read from stdin answers STATUS
   models NAME...              GET /v1/models lists every NAME
+  writable DIR...             a file can be created in every DIR
+  read-only DIR...            creating a file in any DIR fails with EROFS (a read-only file system)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -67,6 +73,27 @@ def main(argv: list[str]) -> int:
         status, reply = call("POST", "/v1/adapters", body, headers)
         print(status, reply.decode()[:300])
         return 0 if status == expected else 1
+    if cmd == "upload-archive":
+        name, positions, expected = args[0], args[1], int(args[2])
+        body, content_type = multipart({"name": name, "positions": positions, "share_weights": "true"},
+                                       f"{name}.zip", sys.stdin.buffer.read())
+        headers = {"content-type": content_type}
+        if len(args) > 3:
+            headers["authorization"] = f"Bearer {args[3]}"
+        status, reply = call("POST", "/v1/adapters", body, headers)
+        print(status, reply.decode()[:300])
+        return 0 if status == expected else 1
+    if cmd in ("writable", "read-only"):
+        results = {}
+        for directory in args:
+            try:
+                with tempfile.NamedTemporaryFile(dir=directory):
+                    results[directory] = "writable"
+            except OSError as e:
+                results[directory] = errno.errorcode.get(e.errno, str(e.errno))
+        print(" ".join(f"{d}: {r}" for d, r in results.items()))
+        wanted = "writable" if cmd == "writable" else "EROFS"
+        return 0 if all(r == wanted for r in results.values()) else 1
     if cmd == "models":
         status, body = call("GET", "/v1/models")
         names = {m["id"] for m in json.loads(body)["data"]} if status == 200 else set()
