@@ -13,7 +13,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapter_file import AdapterError
-from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai, routes_train
+from server.api import (
+    routes_adapters,
+    routes_generate,
+    routes_health,
+    routes_lora,
+    routes_openai,
+    routes_train,
+    routes_ui,
+)
 from server.api.errors import error_response
 from server.api.middleware import AccessLog, RequestGate
 from server.api.serving import Serving, ServingError
@@ -27,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Every router of the API: RequestGate checks each call against these routes' declared access.
 ROUTERS = (routes_health.router, routes_openai.router, routes_generate.router, routes_train.router,
-           routes_adapters.router, routes_lora.router)
+           routes_adapters.router, routes_lora.router, routes_ui.router)
 
 
 class AppState:
