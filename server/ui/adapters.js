@@ -67,6 +67,7 @@ function row(a, levels) {
                                  "aria-label": `Replace ${a.name}` });
   replace.addEventListener("click", () => {
     $("upload-name").value = a.name;
+    delete $("upload-name").dataset.auto;
     $("upload-replace").checked = true;
     $("upload-file").focus();
   });
@@ -133,7 +134,12 @@ function chooseFile(file) {
   $("upload-positions").disabled = !archive;
   $("upload-share").disabled = !archive;
   $("upload-positions").required = archive;
-  if (!$("upload-name").value) $("upload-name").value = file.name.replace(ARCHIVE, "").replace(/\.safetensors$/i, "");
+  const name = $("upload-name");
+  // The name follows the file until the user types one.
+  if (!name.value || name.dataset.auto) {
+    name.value = file.name.replace(ARCHIVE, "").replace(/\.safetensors$/i, "");
+    name.dataset.auto = "1";
+  }
 }
 
 async function upload(event) {
@@ -176,6 +182,7 @@ export function initAdapters(changed) {
   });
   $("page-prev").addEventListener("click", () => load(state.history.pop() ?? null));
   $("upload-form").addEventListener("submit", upload);
+  $("upload-name").addEventListener("input", () => delete $("upload-name").dataset.auto);
   $("upload-file").addEventListener("change", () => $("upload-file").files[0] && chooseFile($("upload-file").files[0]));
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (e) => {

@@ -89,6 +89,9 @@ export async function* events(resp) {
 export function parseMetrics(text) {
   const families = new Map();
   for (const line of text.split("\n")) {
+    // A family is declared before its first sample: a counter with labels and none yet counts as 0.
+    const declared = /^# TYPE (\S+) (\S+)/.exec(line);
+    if (declared) families.set(declared[1] + (declared[2] === "counter" ? "_total" : ""), []);
     if (!line || line.startsWith("#")) continue;
     const m = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
     if (!m) continue;

@@ -23,7 +23,7 @@ function nice(v) {
  */
 export function lineChart(container, points, { title = "", xMin, xMax, yMin, yMax = 0, fitY = false,
                                                   unit = "", width = 320, height = 120 } = {}) {
-  const pad = { l: 40, r: 8, t: 18, b: 16 };
+  const pad = { l: 40, r: 8, t: 26, b: 16 };
   const svg = node("svg", { viewBox: `0 0 ${width} ${height}`, class: "line-chart", role: "img",
                             "aria-label": title });
   const xs = points.map((p) => p[0]);
