@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Every router of the API: RequestGate checks each call against these routes' declared access.
 ROUTERS = (routes_health.router, routes_openai.router, routes_generate.router, routes_train.router,
-           routes_adapters.router, routes_lora.router, routes_ui.router)
+           routes_adapters.router, routes_lora.router)
 
 
 class AppState:
@@ -158,6 +158,7 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
 
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(routes_ui.router)  # the playground's static files: no key, not part of the API's schema
     app.add_middleware(RequestGate, settings=settings, routes=[r for router in ROUTERS for r in router.routes])
     app.add_middleware(AccessLog)
     return app

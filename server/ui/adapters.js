@@ -104,11 +104,15 @@ async function confirmDelete(button, name) {
   }
 }
 
+let loads = 0; // only the latest load may fill the table
+
 export async function load(after = state.after) {
   const limit = Number($("page-size").value);
   const needle = $("adapter-filter").value.trim().toLowerCase();
+  const mine = ++loads;
   try {
     const [page, levels] = await Promise.all([fetchPage(after, limit, needle), residency()]);
+    if (mine !== loads) return;
     state.after = after;
     state.next = page.next;
     $("adapter-table").tBodies[0].replaceChildren(...page.rows.map((a) => row(a, levels)));

@@ -12,8 +12,8 @@ const KEEP = 120; // samples per chart: two minutes
 // [id, title, unit, value(families, previous families, seconds between them) or null when not exported]
 const rate = (name) => (now, before, dt) => {
   const a = total(now, name);
-  const b = before && total(before, name);
-  return a === null || b === null || b === undefined || dt <= 0 ? null : Math.max(0, (a - b) / dt);
+  const b = before ? total(before, name) : null;
+  return a === null || b === null || dt <= 0 ? null : Math.max(0, (a - b) / dt);
 };
 const SERIES = [
   ["queue", "queue (waiting)", "", (m) => total(m, "vllm:num_requests_waiting")],
@@ -80,8 +80,19 @@ function render() {
   }
 }
 
+let sampling = false; // a slow server must not pile samples up
+
 async function sample() {
-  if (document.hidden) return;
+  if (document.hidden || sampling) return;
+  sampling = true;
+  try {
+    await sampleOnce();
+  } finally {
+    sampling = false;
+  }
+}
+
+async function sampleOnce() {
   const status = await readiness();
   if (status !== "ready" || metricsRefusal) return;
   let m;

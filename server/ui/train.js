@@ -82,7 +82,7 @@ function options(data) {
 
 function draw(points, steps) {
   lineChart($("loss-chart"), points, { title: "training loss per step", xMin: 0, xMax: steps, fitY: true,
-                                       width: 640, height: 220 });
+                                       width: 420, height: 180 });
 }
 
 function describe(j) {
