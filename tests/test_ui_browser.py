@@ -279,6 +279,12 @@ def test_adapters_upload_page_filter_and_delete(new_tab, api, shots, tmp_path):
     row = panel.locator("tr[data-name='shout']")
     expect(row.locator("td").nth(6)).to_have_text(described["sha256"][:12])
     expect(row.locator("td").nth(2)).to_have_text(", ".join(map(str, described["layers"])))
+    # Residency shows once the server exports it (vLLM's vllm:lora_adapter_loaded); until then, a dash.
+    resident = row.locator("td").nth(7)
+    if "vllm:lora_adapter_loaded" in api.get("/metrics").text:
+        expect(resident).not_to_have_text("–")
+    else:
+        expect(resident).to_have_text("–")
 
     # A pyreft archive through the file input, with its positions.
     archive = tmp_path / "emoji-pyreft.zip"
