@@ -73,7 +73,7 @@ class Serving:
     """Touched only from the event loop (its counters need no lock); the engine is reached through its
     thread-safe `submit`, files and tokenizers through threads."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_prompt_logprobs: int = 262_144) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_prompt_logprobs: int) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = engine.base.tokenizer
