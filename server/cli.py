@@ -36,6 +36,16 @@ def serve(
     ),
     drain_seconds: float = typer.Option(30.0, envvar=ENV + "DRAIN_SECONDS",
                                         help="on SIGTERM, how long in-flight requests may finish"),
+    allowed_hosts: str | None = typer.Option(
+        None, envvar=ENV + "ALLOWED_HOSTS",
+        help="comma-separated Host names accepted besides localhost and IP addresses ('*.example.com', '*' = any); "
+             "default: any on a network bind, none on a loopback bind",
+    ),
+    allowed_origins: str | None = typer.Option(
+        None, envvar=ENV + "ALLOWED_ORIGINS",
+        help="comma-separated origins (scheme://host[:port]) whose pages may make admin calls besides the server's "
+             "own ('*' = any)",
+    ),
     compile: bool = typer.Option(  # the Settings field's name: tests/test_scale_out.py pairs them by name
         False, "--compile", envvar=ENV + "COMPILE",
         help="run decode steps through torch.compile (CUDA graphs on GPU); compiles at start-up",
@@ -48,7 +58,7 @@ def serve(
         settings = Settings(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
-            read_only_registry=read_only_registry,
+            read_only_registry=read_only_registry, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
             drain_seconds=drain_seconds, compile=compile,
         )
     except ValueError as exc:

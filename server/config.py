@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A list given as one comma-separated string (an env variable, a CLI option): "a.example, b.example".
+CommaList = Annotated[list[str] | None, NoDecode]
 
 
 class Settings(BaseSettings):
@@ -58,4 +61,19 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     metrics_key: SecretStr | None = Field(None, description="if set, /metrics needs it as a bearer key")
+    allowed_hosts: CommaList = Field(
+        None, description="Host names accepted besides localhost and IP addresses ('*.example.com' for subdomains, "
+                          "'*' for any); default: any on a network bind, none on a loopback bind")
+    allowed_origins: CommaList = Field(
+        None, description="Origins (scheme://host[:port]) whose pages may make admin calls besides the server's "
+                          "own; '*' for any")
+    max_prompt_logprobs: int = Field(
+        262_144, ge=1, description="echo with logprobs: most prompt tokens x choices x (logprobs + 1) per request")
     log_level: str = "info"
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

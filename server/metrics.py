@@ -122,6 +122,10 @@ class Metrics:
         self.ttft = Histogram(
             "reft_time_to_first_token_seconds", "Arrival to first token.", ["adapter"], buckets=TTFT_BUCKETS, registry=r
         )
+        self.adapter_loads = Counter(
+            "reft_adapter_loads", "Adapter reads from the registry (host cache misses); concurrent requests share one.",
+            registry=r,
+        )
 
     def adapter_label(self, adapter: str | None) -> str:
         if adapter is None:

@@ -509,7 +509,9 @@ def test_openai_options_beyond_their_limits_are_400(client):
                         ({"n": 17}, "16"), ({"prompt": ["a"] * 9, "n": 2}, "16"), ({"n": 0}, "n"),
                         ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency"),
                         ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-                        ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+                        ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"), ({"logit_bias": {"²": 1}}, "logit_bias"),
+                        ({"logit_bias": {"٣": 1}}, "logit_bias"), ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+                        ({"logit_bias": {"-1": 1}}, "logit_bias"),
                         ({"logit_bias": {str(i): 1 for i in range(301)}}, "300")):
         body = {"model": "emoji", "prompt": "Hi", "max_tokens": 1, **extra}
         assert word in error_of(client.post("/v1/completions", json=body), 400), extra

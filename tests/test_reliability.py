@@ -82,7 +82,7 @@ def burst(url: str, count: int, method: str, path: str, body: dict | None = None
     Retry-After) each. Raw sockets keep the client's own cost per request far below the server's."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode() if body is not None else b""
-    request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float, str]:
@@ -151,7 +151,7 @@ def open_request(url: str, path: str, body: dict) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=60)
     payload = json.dumps(body).encode()
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
 
@@ -310,7 +310,7 @@ def test_sigkill_under_load_keeps_every_acknowledged_adapter(tmp_path, reft_serv
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_engine_thread_death_turns_readiness_503(tmp_path):
+def test_engine_thread_death_turns_readiness_and_liveness_503(tmp_path):
     from server.api.app import create_app
     from server.bootstrap import build_engine
     from server.config import Settings
@@ -326,13 +326,16 @@ def test_engine_thread_death_turns_readiness_503(tmp_path):
 
     async def go() -> None:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=30) as c:
             assert (await c.get("/health")).status_code == 200
+            assert (await c.get("/live")).status_code == 200
             scheduler._drop_cancelled_waiting = boom  # runs outside the step's error handling: the thread dies
             r = await c.post("/v1/completions", json={"model": "base", "prompt": [1, 2, 3], "max_tokens": 1})
             assert "engine stopped" in error_of(r, 503)  # the request that met the death is answered, not left hanging
             assert not scheduler.alive
             r = await c.get("/health")
+            assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+            r = await c.get("/live")  # a dead engine never comes back: the kubelet must restart the process
             assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
             error_of(await c.post("/v1/completions", json={"model": "base", "prompt": [1], "max_tokens": 1}), 503)
 
@@ -340,3 +343,29 @@ def test_engine_thread_death_turns_readiness_503(tmp_path):
         asyncio.run(go())
     finally:
         state.close()
+
+
+
+def test_failed_start_up_turns_liveness_503(tmp_path):
+    """Readiness alone would keep a replica whose model cannot load out of service forever; liveness gets it
+    restarted. Before the load ends, the process is alive."""
+    from server.api.app import create_app
+    from server.bootstrap import build_engine
+    from server.config import Settings
+
+    settings = Settings(adapters=str(fresh_registry(tmp_path)), model=str(tmp_path / "missing.gguf"), device="cpu",
+                        dtype="float32", scan_interval=0)
+    app = create_app(settings, engine_factory=build_engine)
+    state = app.state.reft
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
+            assert (await c.get("/live")).status_code == 200  # loading
+            state.load(build_engine)
+            assert state.load_error is not None
+            r = await c.get("/live")  # the shape of /health's answer
+            assert r.status_code == 503 and r.json()["status"] == "failed", r.text
+            assert "start-up failed" in r.json()["error"]["message"] and "missing.gguf" in r.text
+            assert (await c.get("/health")).status_code == 503
+
+    asyncio.run(go())

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import ROUTERS, create_app
-from server.api.dependencies import ADMIN_DISABLED, Access, is_loopback, route_access
+from server.api.dependencies import ADMIN_DISABLED, Access, host_allowed, is_loopback, origin_allowed, route_access
 from server.config import Settings
 from server.metrics import Metrics
 from tests.conftest import REPO, error_of
@@ -38,7 +38,7 @@ def never_loaded(settings: Settings):
 
 def asgi_client(**settings) -> httpx.AsyncClient:
     app = create_app(Settings(**settings), engine_factory=never_loaded)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
 
 def run(coro):
@@ -249,11 +249,14 @@ class Watcher(threading.Thread):
         self.join()
 
 
-def raw_post(url: str, headers: dict[str, str], body_bytes: int = 0, timeout: float = 10.0) -> tuple[int, float]:
-    """Send the headers, read the answer (status, seconds), then try to push `body_bytes` of body."""
+def raw_post(url: str, headers: dict[str, str], body_bytes: int = 0, timeout: float = 10.0,
+             path: str = "/v1/adapters") -> tuple[int, float]:
+    """Send the headers (Host: the server's address unless given), read the answer (status, seconds), then try
+    to push `body_bytes` of body."""
     host, port = url.removeprefix("http://").split(":")
+    headers = {"Host": f"{host}:{port}", **headers}
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        head = "POST /v1/adapters HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         start = time.monotonic()
         sock.sendall((head + "\r\n").encode())
         answer = sock.recv(65536).decode(errors="replace")
@@ -320,9 +323,153 @@ def test_draining_refuses_new_requests_before_the_body():
     assert run(call_without_body(app, "POST", "/v1/completions", headers)) == (503, False)
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             r = await c.get("/v1/adapters")
             assert "shutting down" in error_of(r, 503) and r.headers["connection"] == "close"
             assert (await c.get("/live")).status_code == 200
 
     run(go())
+
+
+# ---- browsers: Host and Origin --------------------------------------------------------------------
+
+EVIL = "evil.example"
+
+
+@pytest.mark.parametrize("bind,allowed,host,ok", [
+    ("127.0.0.1", None, "localhost:8000", True), ("127.0.0.1", None, "127.0.0.1:8000", True),
+    ("127.0.0.1", None, "[::1]:8000", True), ("127.0.0.1", None, "LOCALHOST", True),
+    ("127.0.0.1", None, "10.1.2.3:8000", True), ("127.0.0.1", None, "", True),
+    ("127.0.0.1", None, f"{EVIL}:8000", False), ("127.0.0.1", None, "localhost.evil.example", False),
+    ("127.0.0.1", None, "[::1", False),
+    ("127.0.0.1", ["reft.example"], "REFT.example:9000", True), ("127.0.0.1", ["reft.example"], EVIL, False),
+    ("127.0.0.1", ["*.reft.example"], "a.reft.example", True), ("127.0.0.1", ["*.reft.example"], "reftexample", False),
+    ("127.0.0.1", ["*"], EVIL, True),
+    ("0.0.0.0", None, "reft-serve.default.svc:8000", True),  # a network bind answers to any name by default
+    ("0.0.0.0", ["reft.example"], "reft-serve.default.svc", False),
+    ("0.0.0.0", ["reft.example"], "10.244.1.7:8000", True),  # a kubelet probe or a scrape: the pod's IP
+])
+def test_host_policy(bind, allowed, host, ok):
+    assert host_allowed(host, Settings(host=bind, allowed_hosts=allowed)) is ok
+
+
+@pytest.mark.parametrize("allowed,origin,host,ok", [
+    (None, "http://localhost:8000", "localhost:8000", True),  # the server's own page (/ui)
+    (None, "https://reft.example", "reft.example", True),  # its page behind a TLS-terminating proxy
+    (None, "http://localhost:8001", "localhost:8000", False), (None, f"http://{EVIL}", "localhost:8000", False),
+    (None, "null", "localhost:8000", False), (None, "http://localhost:8000", "", False),
+    (None, "ftp://localhost:8000", "localhost:8000", False),
+    (["http://trusted.example"], "http://TRUSTED.example/", "localhost:8000", True),
+    (["http://trusted.example"], "https://trusted.example", "localhost:8000", False),
+    (["*"], f"http://{EVIL}", "localhost:8000", True),
+])
+def test_origin_policy(allowed, origin, host, ok):
+    assert origin_allowed(origin, host, Settings(allowed_origins=allowed)) is ok
+
+
+def test_allowed_hosts_and_origins_from_the_environment(monkeypatch):
+    monkeypatch.setenv("REFT_ALLOWED_HOSTS", "reft.example, *.svc.cluster.local")
+    monkeypatch.setenv("REFT_ALLOWED_ORIGINS", "http://trusted.example")
+    settings = Settings()
+    assert settings.allowed_hosts == ["reft.example", "*.svc.cluster.local"]
+    assert settings.allowed_origins == ["http://trusted.example"]
+
+
+def test_foreign_host_is_403_on_every_route_before_the_body():
+    async def go():
+        async with asgi_client(allowed_hosts=["reft.example"]) as c:
+            for method, path in (("GET", "/live"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
+                                 ("GET", "/docs")):
+                r = await c.request(method, path, headers={"Host": f"{EVIL}:8000"})
+                message = error_of(r, 403)
+                assert "Host" in message and "REFT_ALLOWED_HOSTS" in message and "reft.example" in message, message
+                assert r.json()["error"]["type"] == "permission_error"
+            assert (await c.get("/live", headers={"Host": "reft.example:8000"})).status_code == 200
+            assert (await c.get("/live", headers={"Host": "127.0.0.1:8000"})).status_code == 200
+
+    run(go())
+    app = create_app(Settings(), engine_factory=never_loaded)
+    headers = {"host": EVIL, "content-type": "application/json", "content-length": "100"}
+    assert run(call_without_body(app, "POST", "/v1/completions", headers)) == (403, False)
+
+
+def test_probes_and_scrapes_pass_on_a_network_bind():
+    """The kubelet sends the pod's IP as Host, as do Prometheus and the router's scrapes: allowed on a network
+    bind whatever REFT_ALLOWED_HOSTS says."""
+    async def go():
+        for allowed in (None, ["reft.example"]):
+            async with asgi_client(host="0.0.0.0", allowed_hosts=allowed) as c:
+                for path in ("/live", "/metrics"):
+                    assert (await c.get(path, headers={"Host": "10.244.1.7:8000"})).status_code == 200
+                assert (await c.get("/health", headers={"Host": "10.244.1.7:8000"})).status_code == 503  # loading
+                r = await c.get("/live", headers={"Host": "reft-serve.default.svc.cluster.local:8000"})
+                assert r.status_code == (200 if allowed is None else 403)
+
+    run(go())
+
+
+@pytest.mark.parametrize("settings", [{}, {"admin_key": ADMIN}])
+def test_admin_call_from_a_foreign_origin_is_403_before_the_body(settings):
+    app = create_app(Settings(**settings), engine_factory=never_loaded)
+    headers = {"host": "127.0.0.1:8000", "origin": f"http://{EVIL}", "authorization": f"Bearer {ADMIN}",
+               "content-type": "multipart/form-data; boundary=x", "content-length": str(UPLOAD_BYTES)}
+    assert run(call_without_body(app, "POST", "/v1/adapters", headers)) == (403, False)
+    assert run(call_without_body(app, "POST", "/v1/adapters", {**headers, "origin": "null"})) == (403, False)
+
+
+def test_admin_calls_from_this_server_or_no_browser_pass_the_origin_check():
+    async def go():
+        async with asgi_client(allowed_origins=["http://trusted.example"]) as c:
+            for origin in (None, "http://localhost", "http://trusted.example"):
+                headers = {"Origin": origin} if origin else {}
+                for r in await admin_calls(c, headers):
+                    assert r.status_code == 503, (origin, r.text)  # past the gate: the model is not loaded here
+            for r in await admin_calls(c, {"Origin": f"http://{EVIL}"}):
+                message = error_of(r, 403)
+                assert "Origin" in message and EVIL in message and "REFT_ALLOWED_ORIGINS" in message, message
+            # a page may send what any other site's page can (it cannot read the answer): only admin calls check it
+            assert (await c.get("/v1/models", headers={"Origin": f"http://{EVIL}"})).status_code == 503
+
+    run(go())
+
+
+@pytest.fixture(scope="module")
+def open_loopback(tmp_path_factory, reft_server_factory):
+    """No keys, on loopback: every caller is an admin, so the Host and Origin checks are all that stops a page."""
+    root = tmp_path_factory.mktemp("open")
+    registry, tmpdir = root / "adapters", root / "tmp"
+    registry.mkdir()
+    tmpdir.mkdir()
+    server = reft_server_factory(registry, root / "server.log", {
+        "TMPDIR": str(tmpdir), "REFT_SCAN_INTERVAL": "0", "REFT_ALLOWED_HOSTS": "reft.example",
+        "REFT_ALLOWED_ORIGINS": "http://trusted.example"})
+    server.tmpdir = tmpdir
+    yield server
+    server.stop()
+
+
+def test_real_server_refuses_a_foreign_host(open_loopback):
+    port = open_loopback.port
+    with httpx.Client(base_url=open_loopback.url, timeout=30) as c:
+        for path in ("/v1/models", "/health", "/live"):
+            assert "REFT_ALLOWED_HOSTS" in error_of(c.get(path, headers={"Host": f"{EVIL}:{port}"}), 403)
+        for host in (f"reft.example:{port}", f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+
+def test_real_server_refuses_admin_calls_from_a_foreign_origin_without_reading_them(open_loopback):
+    url = open_loopback.url
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz", "Content-Length": str(UPLOAD_BYTES)}
+    with Watcher(open_loopback.proc.pid, open_loopback.tmpdir) as watcher:
+        status, seconds = raw_post(url, {**headers, "Origin": f"http://{EVIL}"}, body_bytes=UPLOAD_BYTES)
+    assert (status, watcher.seen) == (403, set()) and seconds < 5, (status, seconds, watcher.seen)
+    emoji = (REPO / "adapters" / "emoji.safetensors").read_bytes()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for name, origin in (("plain", None), ("own", url), ("trusted", "http://trusted.example")):
+            r = c.post("/v1/adapters", data={"name": name}, files={"file": ("a.safetensors", emoji)},
+                       headers={"Origin": origin} if origin else {})
+            assert r.status_code == 201, (origin, r.text)
+        error_of(c.delete("/v1/adapters/plain", headers={"Origin": f"http://{EVIL}"}), 403)
+        assert c.get("/v1/adapters/plain").status_code == 200
+        names = {d["id"] for d in c.get("/v1/models").json()["data"]}
+        assert {"plain", "own", "trusted"} <= names

@@ -74,7 +74,7 @@ class AppState:
         view.prefill_positions = lambda: engine.scheduler.prefill_positions
         view.kv_cache_usage = engine.scheduler.kv_usage
         self.engine = engine
-        self.serving = Serving(engine, self.metrics)
+        self.serving = Serving(engine, self.metrics, self.settings.max_prompt_logprobs)
         self.serving.draining = self.draining
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),
                  engine.load_seconds)

@@ -1,9 +1,17 @@
 """Request dependencies: readiness, and who may call what. Routes import these; nothing here imports a route.
 
 Access is declared once per route by depending on `require_api_key`, `require_admin` or
-`require_metrics_key`. The same policy (`check_access`) runs twice: in `RequestGate`, which
-finds the route from the path and method and refuses before a byte of the body is read, and in
-the dependency itself, so a route is never served unchecked whatever middleware is installed.
+`require_metrics_key`. The same policy (`check_access`, `check_browser`) runs twice: in
+`RequestGate`, which finds the route from the path and method and refuses before a byte of the
+body is read, and in the dependency itself, so a route is never served unchecked whatever
+middleware is installed.
+
+Browsers are callers too. A page in the user's browser can POST a multipart form to a loopback
+server without a CORS preflight, and through DNS rebinding (its own name resolving to this
+server) it can read any answer. `check_browser` refuses both: a request whose `Host` names a host
+this server does not answer to (rebinding always carries the attacker's name, never an IP
+address), and an admin call whose `Origin` is another site's page. Clients that are not
+browsers send no `Origin` and are unaffected.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import enum
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
@@ -43,6 +52,72 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host: str, settings: Settings) -> bool:
+    """Whether a request's `Host` header names this server.
+
+    localhost and IP addresses always do: a browser sends the name its page was loaded from, so
+    only a name (never an address) can be a rebinding page's, and probes and scrapes (kubelet,
+    Prometheus, the router) address a pod by its IP. Other names must be in `allowed_hosts`,
+    which by default allows any name on a network bind (the names that reach a replica there, a
+    Service's, a gateway's, are not knowable here, and every call it serves needs a key that a
+    page cannot read or make the browser send) and none on a loopback bind (where the network
+    position is the only credential). No Host at all is no browser's request.
+    """
+    if not host:
+        return True
+    try:
+        name = (urlsplit("//" + host).hostname or "").rstrip(".")
+    except ValueError:  # a malformed [IPv6] literal
+        return False
+    if name == "localhost" or _is_ip(name):
+        return True
+    if settings.allowed_hosts is None:
+        return not is_loopback(settings.host)
+    for pattern in (p.lower().rstrip(".") for p in settings.allowed_hosts):
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+def origin_allowed(origin: str, host: str, settings: Settings) -> bool:
+    """Whether a page of `origin` may make an admin call that reached this server as `host`.
+
+    A page of this server itself (the /ui playground) is: its Origin carries the request's own
+    Host, which `host_allowed` has checked. Either scheme counts, as a TLS-terminating proxy
+    shows the server http while the browser's page is https.
+    """
+    allowed = [a.strip().lower().rstrip("/") for a in settings.allowed_origins or ()]
+    origin = origin.strip().lower().rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    scheme, sep, authority = origin.partition("://")
+    return bool(sep and host) and scheme in ("http", "https") and authority == host.strip().lower()
+
+
+def check_browser(access: Access, settings: Settings, host: str | None, origin: str | None) -> None:
+    """Raise the 403 that refuses a request with a foreign `Host`, or an admin call with a foreign `Origin`."""
+    host = host or ""
+    if not host_allowed(host, settings):
+        names = ", ".join(settings.allowed_hosts or ()) or "none: REFT_ALLOWED_HOSTS is not set"
+        raise ServingError(403, f"the Host header {host!r} is not a name of this server: it answers to localhost, "
+                                f"IP addresses and the names in REFT_ALLOWED_HOSTS ({names}); set REFT_ALLOWED_HOSTS "
+                                f"(--allowed-hosts) to add names, '*' for any", "permission_error")
+    if access is Access.ADMIN and origin is not None and not origin_allowed(origin, host, settings):
+        extra = ", ".join(settings.allowed_origins or ()) or "none: REFT_ALLOWED_ORIGINS is not set"
+        raise ServingError(403, f"admin calls from pages of the Origin {origin!r} are not allowed: only from this "
+                                f"server's own origin (http://{host} or https://{host}), the origins in "
+                                f"REFT_ALLOWED_ORIGINS ({extra}), or without an Origin header (curl, SDKs); set "
+                                f"REFT_ALLOWED_ORIGINS (--allowed-origins) to add origins", "permission_error")
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -92,17 +167,23 @@ def _settings(request: Request) -> Settings:
     return request.app.state.reft.settings
 
 
+def _check(request: Request, access: Access) -> None:
+    settings, headers = _settings(request), request.headers
+    check_browser(access, settings, headers.get("host"), headers.get("origin"))
+    check_access(access, settings, headers.get("authorization"))
+
+
 def require_api_key(request: Request) -> None:
-    check_access(Access.API, _settings(request), request.headers.get("authorization"))
+    _check(request, Access.API)
 
 
 def require_admin(request: Request) -> None:
     """For every call that changes what is served: upload, delete, and any future train/load/unload."""
-    check_access(Access.ADMIN, _settings(request), request.headers.get("authorization"))
+    _check(request, Access.ADMIN)
 
 
 def require_metrics_key(request: Request) -> None:
-    check_access(Access.METRICS, _settings(request), request.headers.get("authorization"))
+    _check(request, Access.METRICS)
 
 
 def require_serving(request: Request) -> Serving:

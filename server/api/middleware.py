@@ -5,7 +5,8 @@ so a burst past the queue costs the server almost nothing per refused request.
 
 FastAPI reads (and for multipart, spools to a temporary file) the whole body before any
 dependency runs. `RequestGate` therefore finds the route from the path and method, checks the
-key it declares and the Content-Length against the limit, and answers 401/403/413 without
+Host and Origin, the key the route declares and the Content-Length against the limit, and
+answers 401/403/413 without
 calling `receive()` once: no byte of a refused body is read, let alone written to disk, and a
 client that sent only the headers gets its answer. Bodies without a length are cut off at the
 limit while they stream in.
@@ -22,7 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.dependencies import Access, check_access, endpoint_label, route_access, route_generates
+from server.api.dependencies import (
+    Access,
+    check_access,
+    check_browser,
+    endpoint_label,
+    route_access,
+    route_generates,
+)
 from server.api.errors import error_response
 from server.api.serving import ServingError
 from server.config import Settings
@@ -34,7 +42,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 class RequestGate:
-    """Authentication and size limits, decided from the headers alone.
+    """Host and Origin, authentication and size limits, decided from the headers alone.
 
     `routes` are the API's routes as their routers declare them (path, methods, dependencies);
     the first that matches the path and method says which key the call needs.
@@ -63,6 +71,8 @@ class RequestGate:
         access, generates = self._route(scope)
         state = scope["app"].state.reft
         try:
+            check_browser(access, self.settings, headers.get(b"host", b"").decode("latin-1"),
+                          origin.decode("latin-1") if (origin := headers.get(b"origin")) is not None else None)
             check_access(access, self.settings, authorization)
             if access >= Access.API and state.draining:
                 raise ServingError(503, "the server is shutting down", "unavailable", {"Connection": "close"})

@@ -25,12 +25,13 @@ async def generate(
     if isinstance(req.prompt, list) and not req.prompt:
         raise ServingError(400, "the prompt is empty")
     request.state.access = {"adapter": req.adapter}
-    ref = await serving.resolve(req.adapter)
-    ids = await serving.encode(req.prompt)
-    params = serving.params(
-        len(ids), req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-        stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-    )
+    with serving.admitted("generate"):
+        ref = await serving.resolve(req.adapter)
+        ids = await serving.encode(req.prompt)
+        params = serving.params(
+            len(ids), req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        )
     request.state.access = {"adapter": req.adapter, "prompt_tokens": len(ids)}
     if not req.stream:
         result = await serving.complete(ids, params, ref, "generate", until_disconnect)

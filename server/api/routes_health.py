@@ -28,10 +28,19 @@ def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/live", response_model=Health)
-def live() -> Health:
-    """Liveness: the process answers, whether or not the model has finished loading."""
-    return Health(status="alive")
+@router.get("/live", response_model=Health, responses={503: {"model": ErrorResponse}})
+def live(request: Request) -> JSONResponse:
+    """Liveness: 200 while loading, serving or draining; 503 once start-up failed or the engine thread died,
+    which no amount of waiting mends, so the kubelet restarts the process."""
+    state = request.app.state.reft
+    if state.load_error is not None:
+        reason = f"start-up failed: {state.load_error}"
+    elif state.serving is not None and not state.serving.engine.scheduler.alive:
+        reason = "the engine thread has stopped"
+    else:
+        return JSONResponse({"status": "alive"})
+    return JSONResponse({"status": "failed", "error": {"message": reason, "type": "unavailable", "code": 503}},
+                        status_code=503)
 
 
 @router.get("/metrics", response_class=Response, responses={401: {"model": ErrorResponse}},

@@ -8,8 +8,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity, require_serving
 from server.api.logprobs import CompletionLogprobsWriter, chat_logprobs, merge
@@ -31,6 +33,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.serving import Result, Serving, ServingError, Submission
+from server.engine.scheduler import Event
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
@@ -99,26 +102,35 @@ async def completions(
     prompts = _prompts(req.prompt)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
-    ref = await serving.resolve(name)
-    ids = [await serving.encode(p) for p in prompts]
-    copies = req.best_of or req.n
-    # best_of ranks its samples by their logprob, so it needs them even when the answer does not show them.
-    logprobs = req.logprobs if req.logprobs is not None or copies == req.n else 0
-    params = serving.params(
-        max(len(i) for i in ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, logprobs=logprobs,
-        prompt_logprobs=req.logprobs if req.echo else None,
-    )
-    _track(request, name, sum(len(i) for i in ids))
-    echoes = [Echo(p if isinstance(p, str) else serving.decode(i), i) if req.echo else None
-              for p, i in zip(prompts, ids, strict=True)]
+    with serving.admitted("completions"):
+        ref = await serving.resolve(name)
+        ids = [await serving.encode(p) for p in prompts]
+        copies = req.best_of or req.n
+        # best_of ranks its samples by their logprob, so it needs them even when the answer does not show them.
+        logprobs = req.logprobs if req.logprobs is not None or copies == req.n else 0
+        params = serving.params(
+            max(len(i) for i in ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, logprobs=logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
+        )
+        _track(request, name, sum(len(i) for i in ids))
+        echoes = [Echo(p if isinstance(p, str) else serving.decode(i), i) if req.echo else None
+                  for p, i in zip(prompts, ids, strict=True)]
     submissions = serving.fan_out(ids, params, copies, ref, "completions", until_disconnect)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_completion_chunks(serving, submissions, req, echoes, ids, include_usage))
     results = await serving.complete_all(submissions)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    request.state.access["completion_tokens"] = completion_tokens
+    # With echo and logprobs an answer holds up to REFT_MAX_PROMPT_LOGPROBS entries: built off the event loop.
+    return await run_in_threadpool(_completion_response, serving, req, ids, echoes, results, copies)
+
+
+def _completion_response(serving: Serving, req: CompletionRequest, ids: list[list[int]], echoes: list[Echo | None],
+                         results: list[Result], copies: int) -> Response:
     choices = []
     for p, echo in enumerate(echoes):
         group = results[p * copies : (p + 1) * copies]
@@ -129,10 +141,14 @@ async def completions(
             if req.return_token_ids:
                 choice.prompt_token_ids, choice.token_ids = ids[p], result.token_ids
             choices.append(choice)
-    completion_tokens = sum(r.completion_tokens for r in results)
-    request.state.access["completion_tokens"] = completion_tokens
-    return CompletionResponse(model=req.model, choices=choices,
-                              usage=_usage(sum(len(i) for i in ids), completion_tokens))
+    response = CompletionResponse(model=req.model, choices=choices,
+                                  usage=_usage(sum(len(i) for i in ids), sum(r.completion_tokens for r in results)))
+    return _json(response)
+
+
+def _json(response: BaseModel) -> Response:
+    """The response serialised here (in the caller's thread), not again by FastAPI on the event loop."""
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 @dataclass(frozen=True)
@@ -161,26 +177,35 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     writers = [CompletionLogprobsWriter(serving.tokens) for _ in submissions]
     started, given, completion_tokens = set(), set(), 0  # choices begun; choices given their prompt's ids
-    async for index, event in serving.merged(submissions):
-        echo = echoes[index // req.n] if index not in started else None  # the prompt goes before the first piece
-        started.add(index)
+
+    def chunk(index: int, event: Event, echo: Echo | None) -> str | None:
         text, logprobs = (echo.text + event.text if echo else event.text), None
         if req.logprobs is not None:
             echoed = writers[index].echo(echo.text, echo.ids, event.prompt_logprobs) if echo else None
             logprobs = writers[index].piece(event.token_ids, event.logprobs)
             logprobs = merge(echoed, logprobs) if echoed else logprobs
-        if event.finish_reason is not None:
-            completion_tokens += event.completion_tokens
         # With return_token_ids, a token whose text is still held back (half a character) is sent at once.
         token_ids = event.token_ids if req.return_token_ids else []
-        if text or event.finish_reason is not None or (logprobs and logprobs.tokens) or token_ids:
-            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
-            if req.return_token_ids:
-                choice.token_ids = token_ids
-                choice.prompt_token_ids = ids[index // req.n] if index not in given else None
-                given.add(index)
-            chunk = CompletionResponse(id=cid, created=created, model=req.model, choices=[choice])
-            yield chunk.model_dump_json(exclude_none=True)
+        if not (text or event.finish_reason is not None or (logprobs and logprobs.tokens) or token_ids):
+            return None
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
+        if req.return_token_ids:
+            choice.token_ids = token_ids
+            choice.prompt_token_ids = ids[index // req.n] if index not in given else None
+            given.add(index)
+        return CompletionResponse(id=cid, created=created, model=req.model, choices=[choice]).model_dump_json(
+            exclude_none=True)
+
+    async for index, event in serving.merged(submissions):
+        echo = echoes[index // req.n] if index not in started else None  # the prompt goes before the first piece
+        started.add(index)
+        if event.finish_reason is not None:
+            completion_tokens += event.completion_tokens
+        # The piece with an echoed prompt's logprobs may be large: built off the event loop.
+        data = (await run_in_threadpool(chunk, index, event, echo) if echo and req.logprobs is not None
+                else chunk(index, event, echo))
+        if data is not None:
+            yield data
     if include_usage:
         final = CompletionResponse(id=cid, created=created, model=req.model, choices=[],
                                    usage=_usage(sum(len(i) for i in ids), completion_tokens))
@@ -195,20 +220,21 @@ async def chat_completions(
     _refuse_unsupported(req)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
-    ref = await serving.resolve(name)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
-    ids = await serving.chat_ids(messages)
-    params = serving.params(
-        len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-        top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-    )
-    _track(request, name, len(ids))
+    with serving.admitted("chat"):
+        ref = await serving.resolve(name)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for m in messages:
+            if isinstance(m.get("content"), list):
+                m["content"] = "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
+        ids = await serving.chat_ids(messages)
+        params = serving.params(
+            len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            logit_bias=req.logit_bias, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        _track(request, name, len(ids))
     submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -216,15 +242,20 @@ async def chat_completions(
     results = await serving.complete_all(submissions)
     completion_tokens = sum(r.completion_tokens for r in results)
     request.state.access["completion_tokens"] = completion_tokens
-    return ChatCompletionResponse(
+    # Up to 16 choices x max_tokens x 21 logprobs: built off the event loop.
+    return await run_in_threadpool(_chat_response, serving, req, ids, results)
+
+
+def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int], results: list[Result]) -> Response:
+    return _json(ChatCompletionResponse(
         model=req.model,
         choices=[ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
                             logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
                             else None, token_ids=r.token_ids if req.return_token_ids else None)
                  for i, r in enumerate(results)],
-        usage=_usage(len(ids), completion_tokens),
+        usage=_usage(len(ids), sum(r.completion_tokens for r in results)),
         prompt_token_ids=ids if req.return_token_ids else None,
-    )
+    ))
 
 
 async def _chat_chunks(serving: Serving, submissions: list[Submission], req: ChatCompletionRequest,

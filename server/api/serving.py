@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,8 @@ BASE_ALIASES = ("base",)
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+TOKEN_ID_DIGITS = 9
+TOKEN_ID = re.compile(rf"\s*[0-9]{{1,{TOKEN_ID_DIGITS}}}\s*")  # a logit_bias key
 PENALTY_LIMIT = 2.0  # presence and frequency penalties lie in -2..2, as in OpenAI's API
 TOKENIZER_THREADS = 2  # fast tokenizers release the GIL: tokenising never stalls the event loop
 ENGINE_CHECK_SECONDS = 1.0  # how often a waiting request checks that the engine thread still runs
@@ -66,14 +70,20 @@ def derived_seed(seed: int | None, index: int) -> int | None:
 
 
 class Serving:
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    """Touched only from the event loop (its counters need no lock); the engine is reached through its
+    thread-safe `submit`, files and tokenizers through threads."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, max_prompt_logprobs: int) -> None:
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
         self.tokens = TokenBytes(self.tokenizer)
+        self.max_prompt_logprobs = max_prompt_logprobs
         self.draining = False
+        self.preparing = 0  # requests admitted but not yet submitted: resolving their adapter, tokenising
+        self._loads: dict[tuple[str, int | None], asyncio.Future[AdapterRef]] = {}  # adapter reads in flight
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reft-tokenize")
 
     # ---- names and prompts ------------------------------------------------------------------
@@ -99,9 +109,10 @@ class Serving:
                           "+".join(r.sha256 for r in refs))
 
     async def _resolve_one(self, name: str) -> AdapterRef:
+        """The adapter's current version; requests that need the same uncached version share one read."""
         registry = self.engine.registry
         try:
-            return registry.cached(name) or await in_own_thread(registry.resolve, name)
+            return registry.cached(name) or await asyncio.shield(self._load(name))
         except UnknownAdapter:
             raise ServingError(
                 404, f"adapter or model {name!r} does not exist; GET /v1/models lists them", "not_found_error"
@@ -109,22 +120,61 @@ class Serving:
         except (AdapterError, FileNotFoundError) as exc:
             raise ServingError(404, f"adapter {name!r} is not available: {exc}", "not_found_error") from None
 
+    def _load(self, name: str) -> asyncio.Future[AdapterRef]:
+        """The read of `name`'s current version from the registry, started unless one is in flight already.
+
+        Shielded by the caller: a client that leaves does not cancel the read others wait for.
+        """
+        registry = self.engine.registry
+        try:
+            key = (name, registry.get(name).version)
+        except UnknownAdapter:  # perhaps uploaded through another replica a moment ago: resolve looks again
+            key = (name, None)
+        load = self._loads.get(key)
+        if load is None:
+            self.metrics.adapter_loads.inc()
+            load = asyncio.ensure_future(in_own_thread(registry.resolve, name))
+            self._loads[key] = load
+            load.add_done_callback(lambda done: self._load_done(key, done))
+        return load
+
+    def _load_done(self, key: tuple[str, int | None], load: asyncio.Future[AdapterRef]) -> None:
+        if self._loads.get(key) is load:
+            del self._loads[key]
+        if not load.cancelled():
+            load.exception()  # retrieved: every waiter may have left
+
     def check_capacity(self, endpoint: str) -> None:
         """Refuse with 503/429 before any work is spent on a request that the engine would refuse anyway.
 
+        Requests still being prepared (`admitted`) count as queued: tokenising and reading adapters is
+        work too, and a burst must not start more of it than the queue can take.
         Refusals are counted under the adapter label "unknown": they may come before the body is read.
         """
         scheduler = self.engine.scheduler
+        room = scheduler.max_queue + max(scheduler.max_batch_size - scheduler.num_running, 0)
         if self.draining or not scheduler.alive:
             reason = "the server is shutting down" if self.draining else "the engine stopped"
             error = ServingError(503, reason, "unavailable", {"Retry-After": "5"})
-        elif scheduler.num_waiting >= scheduler.max_queue + max(scheduler.max_batch_size - scheduler.num_running, 0):
-            error = ServingError(429, f"the queue is full ({scheduler.max_queue} requests waiting); retry shortly",
+        elif scheduler.num_waiting + self.preparing >= room:
+            error = ServingError(429, f"the queue is full ({scheduler.num_waiting} requests waiting and "
+                                      f"{self.preparing} being prepared, of {room}); retry shortly",
                                  "overloaded", {"Retry-After": "1"})
         else:
             return
         self.metrics.requests.labels(endpoint, UNKNOWN_LABEL, str(error.status)).inc()
         raise error
+
+    @contextmanager
+    def admitted(self, endpoint: str) -> Iterator[None]:
+        """Admit a request to its preparation (adapter, tokens, parameters), counted toward the 429 limit until
+        it leaves; submit its choices after leaving, with no await between, so it is never counted twice."""
+        self.check_capacity(endpoint)
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
 
     async def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; text is tokenised on the tokenizer threads, off the event loop."""
@@ -201,9 +251,12 @@ class Serving:
             raise ServingError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(bias)}")
         out = []
         for key, value in bias.items():
-            token = int(key) if key.strip().lstrip("-").isdigit() else None
+            # ASCII digits only: str.isdigit and int() accept other scripts' digits and "²", and int() refuses
+            # more than 4,300 digits; a token id has at most TOKEN_ID_DIGITS.
+            token = int(key) if TOKEN_ID.fullmatch(key) else None
             if token is None or not 0 <= token < self.vocab_size:
-                raise ServingError(400, f"logit_bias keys must be token ids in 0..{self.vocab_size - 1}; got {key!r}")
+                raise ServingError(400, f"logit_bias keys must be token ids in 0..{self.vocab_size - 1}; "
+                                        f"got {key[:32]!r}{'...' if len(key) > 32 else ''} ({len(key)} characters)")
             out.append((token, value))
         return tuple(out)
 
@@ -233,6 +286,13 @@ class Serving:
         if len(prompts) * copies > MAX_CHOICES:
             raise ServingError(400, f"{len(prompts)} prompts x {copies} choices is {len(prompts) * copies}; "
                                     f"a request may ask for at most {MAX_CHOICES}")
+        if params.prompt_logprobs is not None:  # each choice echoes its prompt with logprobs
+            tokens, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
+            if tokens * copies * width > self.max_prompt_logprobs:
+                raise ServingError(400, f"echo with logprobs={params.prompt_logprobs} returns {tokens} prompt tokens "
+                                        f"x {copies} choices x {width} logprobs = {tokens * copies * width}; this "
+                                        f"server returns at most {self.max_prompt_logprobs} per request "
+                                        f"(REFT_MAX_PROMPT_LOGPROBS)")
         submissions: list[Submission] = []
         try:
             for ids in prompts:
