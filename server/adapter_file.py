@@ -186,8 +186,7 @@ def _metadata_of(data: bytes) -> dict:
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (ValueError, RecursionError) as exc:  # also integers of 4,301+ digits and deep nesting
-        raise AdapterError(f"not a safetensors file: header is not JSON that can be read: {short_message(exc)}") \
-            from exc
+        raise AdapterError(f"not a safetensors file: header is not valid JSON: {short_message(exc)}") from exc
     if not isinstance(header, dict):
         raise AdapterError("not a safetensors file: header is not a JSON object")
     block = header.get("__metadata__") or {}
@@ -201,7 +200,7 @@ def _metadata_of(data: bytes) -> dict:
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise AdapterError(f"'{METADATA_KEY}' metadata is not JSON that can be read: {short_message(exc)}") from exc
+        raise AdapterError(f"'{METADATA_KEY}' metadata is not valid JSON: {short_message(exc)}") from exc
     if not isinstance(meta, dict):
         raise AdapterError(f"'{METADATA_KEY}' metadata must be a JSON object")
     return meta
@@ -437,7 +436,7 @@ def import_pyreft(
     except FileNotFoundError as exc:
         raise AdapterError(f"{src} has no config.json: not a pyreft save directory") from exc
     except (ValueError, RecursionError) as exc:
-        raise AdapterError(f"pyreft config.json is not JSON that can be read: {short_message(exc)}") from exc
+        raise AdapterError(f"pyreft config.json is not valid JSON: {short_message(exc)}") from exc
     try:
         pos = Positions.parse(positions)
     except PositionsError as exc:

@@ -461,6 +461,7 @@ HTTP_UPLOADS = {
     "encrypted zip": (encrypted_zip(), "f2+l2", 400, "encrypted"),
     "scalar pyreft bias": (pyreft_with_scalar_bias(), "f2+l2", 400, "bias"),
     "too many interventions": (adapter_file.to_bytes(many(9)), None, 400, "9 interventions"),
+    "weights that overflow float32": (adapter_file.to_bytes(scaled(emoji(), 1e30)), None, 400, "overflow float32"),
 }
 
 
