@@ -580,7 +580,7 @@ class Registry:
         record = self.get(name)
         try:
             data = self._read(self.directory / (name + SUFFIX), record.file_size)
-        except (FileNotFoundError, AdapterTooLarge):
+        except (OSError, AdapterTooLarge):  # gone, replaced by something else, or grown past the limit
             data = b""
         sha = adapter_file.sha256(data)
         if sha != record.sha256:  # changed or removed on disk since the last scan

@@ -30,7 +30,7 @@ from server import adapter_file
 from server.adapter_file import METADATA_KEY, AdapterError
 from server.interventions import Intervention
 from server.positions import Positions
-from server.registry import JOURNAL_NAME, AdapterTooLarge, Registry, extract_archive
+from server.registry import INDEX_NAME, JOURNAL_NAME, AdapterTooLarge, Registry, extract_archive, read_index
 from tests.conftest import error_of
 from tests.test_registry import (
     EMOJI_DIR,
@@ -201,6 +201,22 @@ def test_a_hostile_journal_line_neither_stops_following_nor_start_up(tmp_path, l
     a.put("y", emoji(), replace=False)
     assert sorted(b.refresh()) == ["x", "y"] or {"x", "y"} <= {r.name for r in b.list()}
     assert sorted(r.name for r in open_registry(tmp_path).list()) == ["x", "y"]
+
+
+def mistyped_index(directory: Path) -> bytes:
+    """The real index with one record's field of the wrong type (its file's size and time still match)."""
+    record = read_index(directory)["x"]
+    return json.dumps({"format": 2, "seq": 0, "adapters": {"x": {**record, "layers": "4,10"}}}).encode()
+
+
+@pytest.mark.parametrize("index", [lambda _: b'{"format": 2, "seq": ' + b"9" * 5000 + b', "adapters": {}}',
+                                   lambda _: b"[" * 50_000 + b"]" * 50_000, mistyped_index])
+def test_a_hostile_index_is_rebuilt_from_the_files(tmp_path, index):
+    open_registry(tmp_path).put("x", emoji(), replace=False)
+    (tmp_path / INDEX_NAME).write_bytes(index(tmp_path))
+    (tmp_path / JOURNAL_NAME).unlink(missing_ok=True)
+    reg = open_registry(tmp_path)
+    assert [(r.name, r.layers) for r in reg.list()] == [("x", [4, 10])] and reg.resolve("x").version >= 1
 
 
 # ---- archives: bounded before the work ------------------------------------------------------------
