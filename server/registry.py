@@ -789,18 +789,19 @@ def _record(name: str, version: int, sha: str, adapter: Adapter, size: int, st: 
     )
 
 
-_FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[str]": list, "list[int]": list}
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 
 
 def _record_of(entry: object) -> AdapterRecord | None:
     """The record an index or journal entry holds, or None if it is not one (fields and their types)."""
     if not isinstance(entry, dict) or set(entry) != {f.name for f in fields(AdapterRecord)}:
         return None
-    for f in fields(AdapterRecord):
-        value = entry[f.name]
-        if not isinstance(value, _FIELD_TYPES[f.type]) or (isinstance(value, bool) and f.type != "bool"):
-            return None
-    return AdapterRecord(**entry)
+    def fits(value: object, kind: str) -> bool:
+        if kind.startswith("list["):
+            return isinstance(value, list) and all(fits(v, kind[5:-1]) for v in value)
+        return isinstance(value, _FIELD_TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+    return AdapterRecord(**entry) if all(fits(entry[f.name], f.type) for f in fields(AdapterRecord)) else None
 
 
 def _with_stat(record: AdapterRecord, st: os.stat_result) -> AdapterRecord:
@@ -926,8 +927,9 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int) -> Path:
                     with zf.open(info) as fh:
                         members.append((path, _read_member(fh, info.filename, info.file_size)))
         else:
-            stream = _TarStream(gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"), max_bytes)
-            with tarfile.open(fileobj=stream, mode="r:") as tf:  # type: ignore[call-overload]
+            with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as raw, tarfile.open(
+                fileobj=(stream := _TarStream(raw, max_bytes)), mode="r:"  # type: ignore[call-overload]
+            ) as tf:
                 count = 0
                 for info in tf:
                     count += 1
