@@ -28,6 +28,8 @@ import torch
 
 from server import adapter_file
 from server.adapter_file import METADATA_KEY, AdapterError
+from server.api.app import ROUTERS
+from server.api.dependencies import Access, route_access
 from server.interventions import Intervention
 from server.positions import Positions
 from server.registry import INDEX_NAME, JOURNAL_NAME, AdapterTooLarge, Registry, extract_archive, read_index
@@ -43,6 +45,7 @@ from tests.test_registry import (
     variant,
     zip_of,
 )
+from tests.test_security import ADMIN, USER, asgi_client, bearer, run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -463,11 +466,18 @@ def test_bad_files_dropped_into_a_live_registry_stop_no_replica(pair):
 
 def test_rejected_files_are_for_the_admin_only(pair):
     a, _, _ = pair
-    assert httpx.get(f"{a.url}/v1/adapters/-/rejected", timeout=30).status_code == 200
-    from server.api.app import ROUTERS
-    from server.api.dependencies import Access, route_access
+    assert httpx.get(f"{a.url}/v1/adapters/-/rejected", timeout=30).status_code == 200  # loopback, no admin key
     route = next(r for router in ROUTERS for r in router.routes if getattr(r, "path", "") == "/v1/adapters/-/rejected")
     assert route_access(route) is Access.ADMIN
+
+    async def go():
+        async with asgi_client(host="0.0.0.0", api_key=USER) as c:
+            error_of(await c.get("/v1/adapters/-/rejected", headers=bearer(USER)), 403)
+        async with asgi_client(host="0.0.0.0", api_key=USER, admin_key=ADMIN) as c:
+            error_of(await c.get("/v1/adapters/-/rejected", headers=bearer(USER)), 401)
+            assert (await c.get("/v1/adapters/-/rejected", headers=bearer(ADMIN))).status_code == 503  # past the gate
+
+    run(go())
 
 
 HTTP_UPLOADS = {
