@@ -32,6 +32,7 @@ from server.interventions import (
     ORTHONORMAL_TYPES,
     TENSOR_SPECS,
     Intervention,
+    common_form,
 )
 from server.model import ModelShape
 from server.positions import Positions, PositionsError
@@ -97,6 +98,7 @@ class Adapter:
 
 
 MAX_COMPOSED = 8
+MAX_INTERVENTIONS = 64  # per adapter (REFT_MAX_INTERVENTIONS): one per layer and position group of a 32-layer base
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def short_message(exc: BaseException) -> str:
+    """An exception's message cut to a line: json's messages can quote the bad input."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _metadata_of(data: bytes) -> dict:
     """Read the safetensors header ourselves so a bad header gets a precise message."""
     if len(data) < 8:
@@ -177,8 +185,8 @@ def _metadata_of(data: bytes) -> dict:
         raise AdapterError("not a safetensors file: bad header length")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError("not a safetensors file: header is not JSON") from exc
+    except (ValueError, RecursionError) as exc:  # also integers of 4,301+ digits and deep nesting
+        raise AdapterError(f"not a safetensors file: header is not valid JSON: {short_message(exc)}") from exc
     if not isinstance(header, dict):
         raise AdapterError("not a safetensors file: header is not a JSON object")
     block = header.get("__metadata__") or {}
@@ -191,11 +199,19 @@ def _metadata_of(data: bytes) -> dict:
         raise AdapterError(f"'{METADATA_KEY}' metadata must be a string holding JSON")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"'{METADATA_KEY}' metadata is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise AdapterError(f"'{METADATA_KEY}' metadata is not valid JSON: {short_message(exc)}") from exc
     if not isinstance(meta, dict):
         raise AdapterError(f"'{METADATA_KEY}' metadata must be a JSON object")
     return meta
+
+
+def check_count(count: int, max_interventions: int) -> None:
+    """Every intervention is a step of Python per prefill chunk: bound how many one adapter has."""
+    if count > max_interventions:
+        raise AdapterError(
+            f"adapter has {count} interventions; at most {max_interventions} are allowed (REFT_MAX_INTERVENTIONS)"
+        )
 
 
 def _require(meta: Mapping, key: str, kind: type | tuple[type, ...], where: str = "metadata") -> object:
@@ -207,9 +223,12 @@ def _require(meta: Mapping, key: str, kind: type | tuple[type, ...], where: str 
     return value
 
 
-def loads(data: bytes, base: ModelShape, max_rank: int) -> Adapter:
+def loads(data: bytes, base: ModelShape, max_rank: int, max_interventions: int = MAX_INTERVENTIONS) -> Adapter:
     """Parse and validate native adapter bytes against the loaded base model."""
     meta = _metadata_of(data)
+    specs = meta.get("interventions")
+    if isinstance(specs, list):
+        check_count(len(specs), max_interventions)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -252,8 +271,8 @@ def loads(data: bytes, base: ModelShape, max_rank: int) -> Adapter:
     return build(interventions, positions, share_weights, base, dtype)
 
 
-def load(path: Path, base: ModelShape, max_rank: int) -> Adapter:
-    return loads(Path(path).read_bytes(), base, max_rank)
+def load(path: Path, base: ModelShape, max_rank: int, max_interventions: int = MAX_INTERVENTIONS) -> Adapter:
+    return loads(Path(path).read_bytes(), base, max_rank, max_interventions)
 
 
 def check_base(adapter_base: ModelShape, base: ModelShape) -> None:
@@ -313,6 +332,37 @@ def make_intervention(
     return Intervention(type=kind, layer=layer, rank=rank, tensors={k: v.contiguous() for k, v in tensors.items()})
 
 
+def check_range(adapter: Adapter, dtype: torch.dtype) -> None:
+    """Refuse an adapter whose interventions can push a hidden state out of the serving dtype's range.
+
+    In the common form (`server.interventions`) every type computes, per intervention,
+        u = W h + b,  v = P h + p,  h' = h + Aᵀ (u - v).
+    For |h|∞ ≤ H, each of u_k, v_k and s_k = u_k - v_k is at most
+        S_k(H) = (‖W_k‖₁ + ‖P_k‖₁) H + |b_k| + |p_k|,
+    and each coordinate of h' at most H + max_i Σ_k |A_ki| S_k(H): upper bounds, whatever the
+    signs of h, so every intermediate and the output stay finite when both are at most M, the
+    dtype's largest finite value. H is √M (256 in float16, about 1.8e19 in bfloat16 and float32):
+    an intervention may not turn a state of √M into an overflow, which allows a gain of about √M.
+    Trained adapters are far from that (the bundled ones have a gain of at most 21 by this bound),
+    while a rank-512 random LoReFT (gain about 680) is refused in float16 and a weight near the
+    range of the dtype is refused in every dtype. Computed in float64, so the bound cannot
+    overflow itself. Each intervention is checked alone; several on one layer compose their gains.
+    """
+    top = torch.finfo(dtype).max
+    h = top ** 0.5
+    for i, iv in enumerate(adapter.interventions):
+        form = common_form(iv)
+        W, P, b, p, A = (x.double() for x in (form.W, form.P, form.b, form.p, form.A))
+        s = (W.abs().sum(1) + P.abs().sum(1)) * h + b.abs() + p.abs()  # [r]
+        out = h + (A.abs().T @ s).max().item()
+        worst = max(s.max().item(), out)
+        if not worst <= top:  # also NaN
+            raise AdapterError(
+                f"intervention {i} ({iv.type}, layer {iv.layer}) can overflow {str(dtype).removeprefix('torch.')}: "
+                f"on hidden states up to {h:.4g} it can reach {worst:.4g}, over the largest value {top:.4g}"
+            )
+
+
 def build(
     interventions: list[Intervention], positions: Positions, share_weights: bool, base: ModelShape, dtype: str
 ) -> Adapter:
@@ -339,6 +389,8 @@ def _orthogonal_weight(state: Mapping[str, Tensor], prefix: str) -> Tensor:
     original = state.get(f"{prefix}.parametrizations.weight.original")
     if original is None:
         raise AdapterError(f"pyreft state lacks {prefix}.parametrizations.weight.original")
+    if original.dim() != 2:
+        raise AdapterError(f"pyreft {prefix} has shape {list(original.shape)}, expected a matrix [d, r]")
     layer = nn.utils.parametrizations.orthogonal(_RotateLayer(*original.shape))
     sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     try:
@@ -370,7 +422,10 @@ def _pyreft_tensors(kind: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]
     return {"rotate_layer": rotate, "weight": get("learned_source.weight"), "bias": get("learned_source.bias")}
 
 
-def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelShape, max_rank: int) -> Adapter:
+def import_pyreft(
+    src: Path, positions: str, share_weights: bool, base: ModelShape, max_rank: int,
+    max_interventions: int = MAX_INTERVENTIONS,
+) -> Adapter:
     """Convert a directory written by pyreft's ReftModel.save() into a validated Adapter.
 
     The `.bin` files are read with torch.load(weights_only=True): tensors only, never code.
@@ -380,8 +435,8 @@ def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelSha
         config = json.loads((src / "config.json").read_text())
     except FileNotFoundError as exc:
         raise AdapterError(f"{src} has no config.json: not a pyreft save directory") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"pyreft config.json is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise AdapterError(f"pyreft config.json is not valid JSON: {short_message(exc)}") from exc
     try:
         pos = Positions.parse(positions)
     except PositionsError as exc:
@@ -394,6 +449,7 @@ def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelSha
         raise AdapterError(f"pyreft config.json lacks {exc}") from exc
     if not (len(keys) == len(types) == len(reps)) or not keys:
         raise AdapterError("pyreft config.json: sorted_keys, intervention_types and representations disagree")
+    check_count(len(keys), max_interventions)
     loaded = []
     for i, (key, type_repr, rep) in enumerate(zip(keys, types, reps, strict=True)):
         if not isinstance(key, str) or not key or "/" in key or "\\" in key or "\0" in key or key in (".", ".."):
@@ -420,6 +476,8 @@ def import_pyreft(src: Path, positions: str, share_weights: bool, base: ModelSha
         if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
             raise AdapterError(f"{path.name} does not hold a state dict of tensors")
         tensors = _pyreft_tensors(kind, state)
+        if tensors["bias"].dim() != 1:  # its length is the rank, read before the shapes are checked
+            raise AdapterError(f"{path.name}: bias has shape {list(tensors['bias'].shape)}, expected a vector [r]")
         bad = sorted({str(v.dtype) for v in tensors.values() if not v.is_floating_point()})
         if bad:
             raise AdapterError(f"{path.name}: tensors of dtype {', '.join(bad)} are not floating point")

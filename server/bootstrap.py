@@ -52,6 +52,7 @@ def build_engine(settings: Settings) -> Engine:
     registry = Registry(
         Path(settings.adapters), base.shape, max_rank=settings.max_rank, max_adapter_bytes=settings.max_adapter_bytes,
         read_only=settings.read_only_registry, host_cache_bytes=settings.host_adapter_cache_bytes,
+        max_interventions=settings.max_interventions, serving_dtype=base.dtype,
     )
     registry.open()
     cache = DeviceAdapterCache(base.device, torch.float32, settings.adapter_cache_bytes, set(settings.pinned_adapters))

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
     max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload accepted")
+    max_interventions: int = Field(64, ge=1, description="most interventions in one adapter (each costs a Python "
+                                                         "step per prefill chunk)")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
     adapter_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="device memory for resident adapters")
     host_adapter_cache_bytes: int = Field(

@@ -36,6 +36,8 @@ class EngineView:
     waiting_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
     resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
     registered_adapters: Callable[[], int] = staticmethod(lambda: 0)
+    rejected_files: Callable[[], int] = staticmethod(lambda: 0)
+    rejections: Callable[[], int] = staticmethod(lambda: 0)
     max_lora: int = 0
     adapter_cache_hits: Callable[[], int] = staticmethod(lambda: 0)
     adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
@@ -76,6 +78,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("reft_running_batch_size", "Requests in the running batch.", value=running)
         yield GaugeMetricFamily("reft_resident_adapters", "Adapters on the device.", value=v.resident_adapters())
         yield GaugeMetricFamily("reft_registered_adapters", "Adapters in the registry.", value=v.registered_adapters())
+        yield GaugeMetricFamily("reft_registry_rejected_files", "Files in the registry directory not served "
+                                "(GET /v1/adapters/-/rejected lists them).", value=v.rejected_files())
+        yield CounterMetricFamily("reft_registry_rejections", "Registry files rejected (a file again once changed).",
+                                  value=v.rejections())
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (InferencePool queue).", value=waiting)
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (InferencePool).", value=running)
         yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of the KV cache held by rows (0-1).",
@@ -118,6 +124,10 @@ class Metrics:
         self.latency = Histogram(
             "reft_request_latency_seconds", "Request latency, arrival to last token.", ["adapter"],
             buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.scan_failures = Counter(
+            "reft_registry_scan_failures", "Registry scans that failed as a whole (the next one still runs).",
+            registry=r,
         )
         self.ttft = Histogram(
             "reft_time_to_first_token_seconds", "Arrival to first token.", ["adapter"], buckets=TTFT_BUCKETS, registry=r

@@ -32,6 +32,8 @@ class Positions:
         if m is None:
             raise PositionsError(f"positions must look like 'f3', 'l3' or 'f3+l3', got {text!r}")
         f_both, l_both, f_only, l_only = m.groups()
+        if max(len((g or "").lstrip("0")) for g in m.groups()) > len(str(MAX_POSITION_COUNT)):  # int() of 4,301+ raises
+            raise PositionsError(f"positions {text[:32]!r}...: counts above {MAX_POSITION_COUNT} are not supported")
         first = int(f_both or f_only or 0)
         last = int(l_both or l_only or 0)
         if first + last == 0:

@@ -27,6 +27,13 @@ and process that writes it; start-up removes only those of dead processes on thi
 older than STALE_TMP_SECONDS (another host's process cannot be asked). A read-only replica
 (`read_only=True`) takes no exclusive lock and writes nothing: it follows the others and the files.
 
+A file in the directory may have been written by any tool, so each is judged alone: its size
+from `stat` before a byte is read, then any failure to parse or validate it (whatever the
+exception) rejects that file only. A rejected file is logged, counted, listed by `rejected()`
+(for the admin's `GET /v1/adapters/-/rejected`) and not read again until it changes; scans, the
+following of other replicas and start-up go on without it. The shared index and journal are
+read the same way: a line or record that cannot be read is skipped, never fatal.
+
 Adapters are parsed from disk on first use and kept in a host-memory LRU keyed by (name, sha256),
 bounded in bytes (`host_cache_bytes`); a request holds the parsed Adapter it resolved, so replacing or deleting an
 adapter never disturbs requests already running with it.
@@ -40,9 +47,11 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import socket
 import tarfile
@@ -50,11 +59,14 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePosixPath
+
+import torch
 
 from server import adapter_file
 from server.adapter_file import Adapter, AdapterError
@@ -73,6 +85,9 @@ STALE_TMP_SECONDS = 15 * 60  # a temporary file this old is a crash's leftover, 
 HOST = socket.gethostname().replace("/", "_") or "localhost"
 SUFFIX = ".safetensors"
 MAX_ARCHIVE_MEMBERS = 256
+MAX_ZIP_DIRECTORY_BYTES = MAX_ARCHIVE_MEMBERS * 1024  # a pyreft save's entries take about 100 bytes each
+MAX_TAR_HEADER_BYTES = 1 << 20  # all a tar may take outside member data: headers, long names, PAX records
+ARCHIVE_CHUNK = 1 << 16
 REJECTED_LIMIT = 4096  # remembered invalid files; one forgotten is only re-validated at the next scan
 
 
@@ -90,6 +105,21 @@ class AdapterTooLarge(ValueError):
 
 class ReadOnlyRegistry(PermissionError):
     """This server was started with a read-only registry: it serves and scans, never writes."""
+
+
+@dataclass(frozen=True)
+class RejectedFile:
+    """A file in the directory that is not served, and why (for the log, the metrics and the admin)."""
+
+    name: str
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+    when: float
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "reason": self.reason, "size": self.size, "when": self.when}
 
 
 @dataclass(frozen=True)
@@ -160,7 +190,7 @@ def _load_index(directory: Path) -> tuple[dict[str, dict], int, tuple[int, int, 
     identity = (st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         index = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or integers of 4,301+ digits, or deep nesting
         log.warning("%s is unreadable; rebuilding it from the adapter files", INDEX_NAME)
         return {}, 0, identity
     if isinstance(index, dict) and index.get("format") == INDEX_FORMAT:
@@ -178,10 +208,21 @@ def _journal_lines(data: bytes) -> Iterator[tuple[int, dict | None]]:
     while (end := data.find(b"\n", start)) != -1:
         try:
             entry = json.loads(data[start:end])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            entry = None  # a line cut short by a crash, ended by the next writer
-        yield end + 1, entry if isinstance(entry, dict) else None
+        except (ValueError, RecursionError):
+            entry = None  # a line cut short by a crash, ended by the next writer, or written by another tool
+        yield end + 1, entry if _readable_entry(entry) else None
         start = end + 1
+
+
+def _readable_entry(entry: object) -> bool:
+    """A journal entry this module wrote: a numbered put of a named record, or a delete of a name."""
+    if not isinstance(entry, dict):
+        return False
+    seq = entry.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+        return False
+    put, delete = entry.get("put"), entry.get("delete")
+    return (isinstance(put, dict) and isinstance(put.get("name"), str)) or isinstance(delete, str)
 
 
 def _replay(index: dict[str, dict], entry: dict) -> None:
@@ -223,19 +264,23 @@ def _pid_alive(pid: int) -> bool:
 class Registry:
     def __init__(
         self, directory: Path, base: ModelShape, *, max_rank: int, max_adapter_bytes: int, read_only: bool = False,
-        host_cache_bytes: int = 1 << 30,
+        host_cache_bytes: int = 1 << 30, max_interventions: int = adapter_file.MAX_INTERVENTIONS,
+        serving_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.directory = Path(directory)
         self.base = base
         self.max_rank = max_rank
         self.max_adapter_bytes = max_adapter_bytes
+        self.max_interventions = max_interventions
+        self.serving_dtype = serving_dtype  # adapters that can overflow it are refused (adapter_file.check_range)
         self.read_only = read_only
         self._records: dict[str, AdapterRecord] = {}
         self._sorted: list[str] | None = None  # names in order, rebuilt after a change for paging
         self.host_cache_bytes = host_cache_bytes
         self._parsed: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._parsed_bytes = 0
-        self._rejected: dict[str, tuple[int, int]] = {}  # hand-dropped files that failed validation
+        self._rejected: dict[str, RejectedFile] = {}  # files that failed validation, until they change
+        self.rejections = 0  # files rejected since start-up (a file is counted again only once it changed)
         # how far this process has followed the shared files
         self._index_id: tuple[int, int, int] | None = None
         self._index_seq = 0
@@ -396,10 +441,9 @@ class Registry:
                 if name in self._records:
                     updates[name] = None
                 continue
-            try:
-                record = AdapterRecord(**entry)
-            except TypeError:
-                continue
+            record = _record_of(entry)
+            if record is None or record.name != name:
+                continue  # unreadable: the file, if there is one, is judged by the next scan
             if self._records.get(name) != record:
                 updates[name] = record
         changed = [n for n, r in updates.items()
@@ -419,13 +463,19 @@ class Registry:
                 ):
                     continue
                 name = entry.name[: -len(SUFFIX)]
-                st = entry.stat(follow_symlinks=False)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    return True  # removed meanwhile
                 record = self._records.get(name)
+                rejected_file = self._rejected.get(name)
                 if record is not None:
                     seen += 1
                     if (record.file_size, record.file_mtime_ns) != (st.st_size, st.st_mtime_ns):
                         return True
-                elif self._rejected.get(name) != (st.st_size, st.st_mtime_ns):
+                elif rejected_file is None or (rejected_file.size, rejected_file.mtime_ns) != (
+                    st.st_size, st.st_mtime_ns
+                ):
                     return True
                 else:
                     rejected += 1
@@ -438,30 +488,37 @@ class Registry:
                 if entry.name.endswith(SUFFIX) and not entry.name.startswith(".") and entry.is_file(
                     follow_symlinks=False
                 ):
-                    present[entry.name[: -len(SUFFIX)]] = entry.stat(follow_symlinks=False)
+                    try:
+                        present[entry.name[: -len(SUFFIX)]] = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed meanwhile: as if never seen
         records = self._records  # only this thread changes it while the write lock is held
-        for name in [n for n in self._rejected if n not in present]:  # removed since: forget it
-            del self._rejected[name]
+        with self._lock:
+            for name in [n for n in self._rejected if n not in present]:  # removed since: forget it
+                del self._rejected[name]
         updates: dict[str, AdapterRecord | None] = {name: None for name in records if name not in present}
         parsed: list[tuple[str, str, Adapter]] = []
         for name, st in present.items():
             record = records.get(name)
             if record and (record.file_size, record.file_mtime_ns) == (st.st_size, st.st_mtime_ns):
                 continue
-            if self._rejected.get(name) == (st.st_size, st.st_mtime_ns):
+            rejected_file = self._rejected.get(name)
+            if rejected_file is not None and (rejected_file.size, rejected_file.mtime_ns) == (
+                st.st_size, st.st_mtime_ns
+            ):
                 continue
             try:
                 adapter_file.validate_name(name)
-                data = (self.directory / (name + SUFFIX)).read_bytes()
-                if len(data) > self.max_adapter_bytes:
-                    raise AdapterError(f"{len(data)} bytes is over the limit of {self.max_adapter_bytes}")
-                adapter = adapter_file.loads(data, self.base, self.max_rank)
-            except (AdapterError, OSError) as exc:
-                log.error("ignoring %s%s in %s: %s", name, SUFFIX, self.directory, exc)
-                self._reject(name, st)
+                data = self._read(self.directory / (name + SUFFIX), st.st_size)
+                adapter = self._parse(data)
+            except Exception as exc:  # noqa: BLE001 - whatever one file does, it is rejected alone
+                self._reject(name, st, exc)
                 if record:
                     updates[name] = None
                 continue
+            if rejected_file is not None:
+                with self._lock:
+                    self._rejected.pop(name, None)
             sha = adapter_file.sha256(data)
             if record and record.sha256 == sha:
                 updates[name] = _with_stat(record, st)
@@ -522,8 +579,8 @@ class Registry:
             self.refresh()  # uploaded through another replica a moment ago?
         record = self.get(name)
         try:
-            data = (self.directory / (name + SUFFIX)).read_bytes()
-        except FileNotFoundError:
+            data = self._read(self.directory / (name + SUFFIX), record.file_size)
+        except (OSError, AdapterTooLarge):  # gone, replaced by something else, or grown past the limit
             data = b""
         sha = adapter_file.sha256(data)
         if sha != record.sha256:  # changed or removed on disk since the last scan
@@ -531,7 +588,7 @@ class Registry:
                 raise AdapterError(f"the file of {name!r} is changing on disk; retry shortly")
             self.scan()
             return self.resolve(name, _retry=False)
-        adapter = adapter_file.loads(data, self.base, self.max_rank)
+        adapter = self._parse(data)
         with self._lock:
             self._remember(name, sha, adapter)
         return AdapterRef(name, record.version, adapter, sha)
@@ -547,8 +604,9 @@ class Registry:
                 raise AdapterError("a pyreft archive needs 'positions' (e.g. f3+l3): pyreft does not record them")
             with tempfile.TemporaryDirectory(prefix="reft-upload-") as tmp:
                 root = extract_archive(data, Path(tmp), self.max_adapter_bytes)
-                return adapter_file.import_pyreft(root, positions, share_weights, self.base, self.max_rank)
-        return adapter_file.loads(data, self.base, self.max_rank)
+                return adapter_file.import_pyreft(root, positions, share_weights, self.base, self.max_rank,
+                                                  self.max_interventions)
+        return self._parse(data)
 
     def parse_path(self, path: Path, positions: str | None, share_weights: bool) -> Adapter:
         """A validated Adapter from a native file or a pyreft save directory the server can read."""
@@ -558,15 +616,34 @@ class Registry:
             total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             if total > self.max_adapter_bytes:
                 raise AdapterTooLarge(f"{path} holds {total} bytes; the limit is {self.max_adapter_bytes}")
-            return adapter_file.import_pyreft(path, positions, share_weights, self.base, self.max_rank)
-        if path.stat().st_size > self.max_adapter_bytes:
-            raise AdapterTooLarge(f"{path} is {path.stat().st_size} bytes; the limit is {self.max_adapter_bytes}")
-        return adapter_file.loads(path.read_bytes(), self.base, self.max_rank)
+            return adapter_file.import_pyreft(path, positions, share_weights, self.base, self.max_rank,
+                                              self.max_interventions)
+        return self._parse(self._read(path, path.stat().st_size))
+
+    def _read(self, path: Path, size: int) -> bytes:
+        """A file's bytes, refused from its `stat` size before any read, and by the read if it grew since."""
+        if size > self.max_adapter_bytes:
+            raise AdapterTooLarge(
+                f"{path} is {size} bytes; the limit is {self.max_adapter_bytes} (REFT_MAX_ADAPTER_BYTES)"
+            )
+        with open(path, "rb") as fh:
+            data = fh.read(self.max_adapter_bytes + 1)
+        if len(data) > self.max_adapter_bytes:
+            raise AdapterTooLarge(f"{path} grew past the limit of {self.max_adapter_bytes} bytes while it was read")
+        return data
+
+    def _parse(self, data: bytes) -> Adapter:
+        """A validated Adapter from native bytes, within this server's bounds and serving dtype."""
+        adapter = adapter_file.loads(data, self.base, self.max_rank, self.max_interventions)
+        adapter_file.check_range(adapter, self.serving_dtype)
+        return adapter
 
     def put(self, name: str, adapter: Adapter, replace: bool) -> AdapterRecord:
         """Store `adapter` as the new current version of `name`, atomically."""
         self._check_writable()
         adapter_file.validate_name(name)
+        adapter_file.check_count(len(adapter.interventions), self.max_interventions)
+        adapter_file.check_range(adapter, self.serving_dtype)
         data = adapter_file.to_bytes(adapter)
         sha = adapter_file.sha256(data)
         with self._write_lock, self._flock(exclusive=True):
@@ -576,7 +653,8 @@ class Registry:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
             st = atomic_write(self.directory / (name + SUFFIX), data)
             record = _record(name, old.version + 1 if old else 1, sha, adapter, len(data), st)
-            self._rejected.pop(name, None)
+            with self._lock:
+                self._rejected.pop(name, None)
             self._apply({name: record}, [(name, sha, adapter)])
             self._journal([{"put": asdict(record)}])
         for changed_name in dict.fromkeys([*changed, *([name] if old is not None else [])]):
@@ -634,12 +712,23 @@ class Registry:
         if adapter is not None:
             self._parsed_bytes -= host_nbytes(adapter)
 
-    def _reject(self, name: str, st: os.stat_result) -> None:
-        """Remember an invalid file so scans do not re-read it until it changes; the oldest go past the limit."""
-        self._rejected.pop(name, None)
-        self._rejected[name] = (st.st_size, st.st_mtime_ns)
-        while len(self._rejected) > REJECTED_LIMIT:
-            del self._rejected[next(iter(self._rejected))]
+    def rejected(self) -> list[RejectedFile]:
+        """The files in the directory that are not served, by name."""
+        with self._lock:
+            return sorted(self._rejected.values(), key=lambda r: r.name)
+
+    def _reject(self, name: str, st: os.stat_result, exc: Exception) -> None:
+        """Log, count and remember an invalid file, so scans do not re-read it until it changes."""
+        path = self.directory / (name + SUFFIX)
+        expected = isinstance(exc, (AdapterError, AdapterTooLarge, OSError))
+        reason = str(exc) if expected else f"{type(exc).__name__}: {adapter_file.short_message(exc)}"
+        log.error("ignoring %s in %s: %s", path.name, self.directory, reason, exc_info=None if expected else exc)
+        with self._lock:
+            self._rejected.pop(name, None)
+            self._rejected[name] = RejectedFile(name, str(path), reason, st.st_size, st.st_mtime_ns, time.time())
+            self.rejections += 1
+            while len(self._rejected) > REJECTED_LIMIT:  # the oldest are forgotten, and re-read at the next scan
+                del self._rejected[next(iter(self._rejected))]
 
     def _journal(self, entries: list[dict]) -> None:
         """Append numbered changes to the journal (fsynced); fold it into the index once long.
@@ -700,6 +789,21 @@ def _record(name: str, version: int, sha: str, adapter: Adapter, size: int, st: 
     )
 
 
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def _record_of(entry: object) -> AdapterRecord | None:
+    """The record an index or journal entry holds, or None if it is not one (fields and their types)."""
+    if not isinstance(entry, dict) or set(entry) != {f.name for f in fields(AdapterRecord)}:
+        return None
+    def fits(value: object, kind: str) -> bool:
+        if kind.startswith("list["):
+            return isinstance(value, list) and all(fits(v, kind[5:-1]) for v in value)
+        return isinstance(value, _FIELD_TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+    return AdapterRecord(**entry) if all(fits(entry[f.name], f.type) for f in fields(AdapterRecord)) else None
+
+
 def _with_stat(record: AdapterRecord, st: os.stat_result) -> AdapterRecord:
     return AdapterRecord(**{**asdict(record), "file_size": st.st_size, "file_mtime_ns": st.st_mtime_ns})
 
@@ -711,17 +815,95 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
+class _TarStream:
+    """The decompressed stream of a .tar.gz, as tarfile reads it, with what its headers may take bounded.
+
+    tarfile reads the body of an extension header (a GNU long name or link, PAX records) whole,
+    in one read of the size that header claims, before any member is seen: a 1 MiB .tar.gz can
+    claim 1 GiB. It offers no limit, and checking the headers in a walk of our own would need a
+    second tar parser that agrees with tarfile's on every input. So tarfile reads through this
+    stream instead: apart from member data (which `extract_archive` reads itself, in chunks, after
+    checking each member's size), it may read MAX_TAR_HEADER_BYTES in all, and a read that would
+    pass that is refused before a byte of it is decompressed. The same budget bounds chains of
+    headers and GNU sparse maps, which tarfile reads 512 bytes at a time. Seeks (tarfile skipping
+    to the next header) may not pass the most a valid archive can hold.
+    """
+
+    def __init__(self, raw: gzip.GzipFile, max_bytes: int) -> None:
+        self.raw = raw
+        self.header_bytes = 0
+        self.max_position = max_bytes + MAX_TAR_HEADER_BYTES
+        self.in_member = False  # set while extract_archive reads a member's data
+
+    def read(self, size: int = -1) -> bytes:
+        if self.in_member:
+            return self.raw.read(size)
+        if size is None or size < 0 or self.header_bytes + size > MAX_TAR_HEADER_BYTES:
+            raise AdapterTooLarge(
+                f"archive's tar headers (long names, PAX records) need {self.header_bytes} + {size} bytes; "
+                f"at most {MAX_TAR_HEADER_BYTES} are read"
+            )
+        data = self.raw.read(size)
+        self.header_bytes += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.raw.tell() + offset if whence == io.SEEK_CUR else None
+        if target is None or target > self.max_position:
+            raise AdapterTooLarge(f"archive expands beyond the limit of {self.max_position} bytes")
+        return self.raw.seek(target)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _check_zip_directory(data: bytes) -> None:
+    """Bound the zip central directory before zipfile parses it (it builds a ZipInfo per entry).
+
+    The end record's entry count does not bound that parse, its directory size does, so both are
+    checked. zipfile offers no public way to read the end record alone; `_EndRecData` is the
+    function ZipFile itself calls when it opens an archive, so the numbers checked are the ones
+    its parse will use.
+    """
+    end = zipfile._EndRecData(io.BytesIO(data))  # noqa: SLF001 - see above
+    if end is None:
+        raise AdapterError("archive is corrupt: it has no zip end-of-central-directory record")
+    count, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # noqa: SLF001
+    if count > MAX_ARCHIVE_MEMBERS or size > MAX_ZIP_DIRECTORY_BYTES:
+        raise AdapterError(
+            f"archive's central directory lists {count} members in {size} bytes; at most {MAX_ARCHIVE_MEMBERS} "
+            f"members and {MAX_ZIP_DIRECTORY_BYTES} bytes are allowed"
+        )
+
+
+def _read_member(fh: io.BufferedIOBase, name: str, size: int) -> bytes:
+    """A member's data, in chunks, never more than the `size` already checked against the limits."""
+    parts, got = [], 0
+    while chunk := fh.read(min(ARCHIVE_CHUNK, size + 1 - got)):
+        parts.append(chunk)
+        got += len(chunk)
+        if got > size:
+            raise AdapterTooLarge(f"archive member {name!r} expands beyond the {size} bytes its header says")
+    return b"".join(parts)
+
+
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
 def extract_archive(data: bytes, dest: Path, max_bytes: int) -> Path:
     """Extract a pyreft save directory from a .zip or .tar.gz, refusing anything hostile.
 
-    Refused: absolute or '..' paths, links and device files, more than MAX_ARCHIVE_MEMBERS
-    members, and members or totals over `max_bytes` once uncompressed (zip bombs).
+    Refused: absolute or '..' paths, links and device files, encrypted or oddly compressed zip
+    members, more than MAX_ARCHIVE_MEMBERS members, a zip central directory over
+    MAX_ZIP_DIRECTORY_BYTES, tar headers over MAX_TAR_HEADER_BYTES in all, and members or totals
+    over `max_bytes` once uncompressed (zip bombs); each before the work it would cost.
     Returns the directory holding config.json.
     """
     total = 0
     members: list[tuple[PurePosixPath, bytes]] = []
     try:
         if data[:4] == b"PK\x03\x04":
+            _check_zip_directory(data)
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 infos = zf.infolist()
                 if len(infos) > MAX_ARCHIVE_MEMBERS:
@@ -732,16 +914,22 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int) -> Path:
                         raise AdapterError(f"archive member {info.filename!r} is a symbolic link")
                     if info.is_dir():
                         continue
+                    if info.flag_bits & 0x1:
+                        raise AdapterError(f"archive member {info.filename!r} is encrypted; send it unencrypted")
+                    if info.compress_type not in ZIP_METHODS:
+                        raise AdapterError(
+                            f"archive member {info.filename!r} uses zip compression method {info.compress_type}; "
+                            "use deflate or none"
+                        )
                     total += info.file_size
                     if info.file_size > max_bytes or total > max_bytes:
                         raise AdapterTooLarge(f"archive expands beyond the limit of {max_bytes} bytes")
                     with zf.open(info) as fh:
-                        content = fh.read(max_bytes + 1)
-                    if len(content) > max_bytes:
-                        raise AdapterTooLarge(f"archive member {info.filename!r} expands beyond {max_bytes} bytes")
-                    members.append((path, content))
+                        members.append((path, _read_member(fh, info.filename, info.file_size)))
         else:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+            with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as raw, tarfile.open(
+                fileobj=(stream := _TarStream(raw, max_bytes)), mode="r:"  # type: ignore[call-overload]
+            ) as tf:
                 count = 0
                 for info in tf:
                     count += 1
@@ -758,8 +946,14 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int) -> Path:
                     if info.size > max_bytes or total > max_bytes:
                         raise AdapterTooLarge(f"archive expands beyond the limit of {max_bytes} bytes")
                     fh = tf.extractfile(info)
-                    members.append((path, fh.read() if fh else b""))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+                    stream.in_member = True
+                    try:
+                        members.append((path, _read_member(fh, info.name, info.size) if fh else b""))
+                    finally:
+                        stream.in_member = False
+    except RecursionError as exc:  # tarfile follows a chain of extension headers by recursion
+        raise AdapterError("archive is corrupt: its headers are chained too deeply") from exc
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise AdapterError(f"archive is corrupt: {exc}") from exc
     configs = [p for p, _ in members if p.name == "config.json"]
     if len(configs) != 1:

@@ -65,6 +65,8 @@ class AppState:
         view.waiting_adapters = engine.scheduler.waiting_adapters
         view.resident_adapters = lambda: len(engine.adapter_cache)
         view.registered_adapters = lambda: len(engine.registry)
+        view.rejected_files = lambda: len(engine.registry.rejected())
+        view.rejections = lambda: engine.registry.rejections
         view.max_lora = engine.scheduler.max_batch_size  # any mix of adapters shares a batch
         view.adapter_cache_hits = lambda: engine.adapter_cache.hits
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
@@ -82,8 +84,9 @@ class AppState:
         while interval > 0 and not self._stop.wait(interval):
             try:
                 run_in_own_thread(engine.registry.scan)
-            except OSError:
+            except Exception:  # noqa: BLE001 - a failed pass never ends scanning: the next one runs
                 log.exception("registry scan failed")
+                self.metrics.scan_failures.inc()
 
     def drain(self) -> None:
         """Shutdown has begun: refuse new requests with 503 (readiness too); running ones go on."""

@@ -1,10 +1,11 @@
-"""Adapter registry endpoints: upload, list, describe, delete (HTTP only)."""
+"""Adapter registry endpoints: upload, list, describe, delete, and the files not served (HTTP only)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from pydantic import BaseModel, Field
 
 from server.adapter_file import validate_name
 from server.api.dependencies import require_admin, require_api_key, require_serving
@@ -65,6 +66,26 @@ def list_adapters(
         data=[AdapterDescription(**r.describe()) for r in page], has_more=len(records) > limit,
         next_after=page[-1].name if len(records) > limit else None,
     )
+
+
+class RejectedFileDescription(BaseModel):
+    name: str = Field(description="the adapter name the file would have")
+    path: str = Field(description="the file, as this server sees it")
+    reason: str = Field(description="why it is not served")
+    size: int = Field(description="its size in bytes when it was judged")
+    when: float = Field(description="when it was judged (Unix time); it is judged again once it changes")
+
+
+class RejectedFileList(BaseModel):
+    object: str = "list"
+    data: list[RejectedFileDescription]
+
+
+# "-" cannot begin an adapter name, so this path can never be taken for GET /v1/adapters/{name}.
+@router.get("/-/rejected", response_model=RejectedFileList, responses=ERRORS, dependencies=[Depends(require_admin)])
+def list_rejected_files(serving: Serving = Depends(require_serving)) -> RejectedFileList:
+    """Files in the registry directory that this server does not serve, and why (admin only)."""
+    return RejectedFileList(data=[RejectedFileDescription(**r.describe()) for r in serving.engine.registry.rejected()])
 
 
 @router.get("/{name}", response_model=AdapterDescription, responses=ERRORS, dependencies=[Depends(require_api_key)])

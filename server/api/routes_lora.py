@@ -59,6 +59,8 @@ def allowed_path(settings: Settings, lora_path: str) -> Path:
     """`lora_path` (relative ones from the root) with links resolved, if it lies under the allowed root."""
     if settings.runtime_adapter_root is None:
         raise ServingError(400, "no directory is allowed for lora_path: set REFT_RUNTIME_ADAPTER_ROOT")
+    if "\0" in lora_path:  # no path holds one; os.path would raise ValueError
+        raise ServingError(400, f"lora_path holds a NUL byte at offset {lora_path.index(chr(0))}; no file is named so")
     root = Path(os.path.realpath(settings.runtime_adapter_root))
     path = Path(os.path.realpath(root / lora_path))
     if path != root and root not in path.parents:
