@@ -58,4 +58,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     metrics_key: SecretStr | None = Field(None, description="if set, /metrics needs it as a bearer key")
+    max_grammar_bytes: int = Field(
+        64 * 1024, ge=16, description="largest JSON schema, regex, choice list or grammar a request may constrain by")
+    grammar_compile_seconds: float = Field(
+        10.0, gt=0, description="how long a request waits for its grammar to compile before it is refused")
+    grammar_cache_size: int = Field(128, ge=1, description="compiled grammars kept, least recently used evicted")
     log_level: str = "info"
