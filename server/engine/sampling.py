@@ -209,8 +209,8 @@ class Sampler:
     def __call__(self, logits: Tensor, slots: Tensor, mask: TokenMask | None = None) -> SampleOutput:
         """Sample row i of logits [B, V] (float32, on the device) for the row at slots[i].
 
-        `mask` (constrained decoding) sets its rows' disallowed tokens to -inf before anything else, so
-        no bias, penalty, greedy pick or draw can choose one; logprobs stay the model's own.
+        `mask` (constrained decoding) sinks its rows' disallowed tokens before anything else, so no bias,
+        penalty, greedy pick or draw can choose one; logprobs stay the model's own.
         Advances each row's step and, where penalties are on, its generated-token counts.
         """
         needs = self._needs

@@ -41,6 +41,9 @@ from transformers import PreTrainedTokenizerBase
 Kind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 KINDS: tuple[Kind, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+# Added to a disallowed token's logit: no bias (±100), penalty or temperature brings it back, and its
+# probability is exactly 0 after softmax in float32; finite, so that no arithmetic turns it into NaN.
+BLOCKED = -1e30
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed check's text.
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: .*? is false:\s*)?")
 
@@ -95,6 +98,7 @@ class GrammarCompiler:
         self.max_spec_bytes = max_spec_bytes  # larger schemas, regexes and grammars are refused unread
         self.timeout_s = timeout_s  # a request waits this long for its compile, then is refused
         self.compiles = 0  # compiles started (cache misses)
+        self.compile_seconds = 0.0  # time spent in finished compiles
 
     def compile(self, constraint: Constraint) -> Future[CompiledGrammar]:
         """The constraint's compiled grammar, now if cached, else from the compile thread; a failed compile
@@ -146,7 +150,10 @@ class GrammarCompiler:
                 compiled = c.compile_grammar(spec)
         except Exception as exc:  # noqa: BLE001 - the library reports bad input as RuntimeError; say what it said
             raise GrammarError(library_message(exc)) from None
-        return CompiledGrammar(constraint, compiled, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self.compile_seconds += seconds
+        return CompiledGrammar(constraint, compiled, seconds)
 
 
 def library_message(exc: BaseException) -> str:
@@ -168,12 +175,16 @@ class TokenMask:
     bits: Tensor
 
     def apply(self, scores: Tensor) -> Tensor:
-        """scores [B, V] with every disallowed token of the masked rows at -inf (a new tensor; other rows as given)."""
+        """scores [B, V] with every disallowed token of the masked rows pushed to BLOCKED (a new tensor; the other
+        rows as given).
+
+        Arithmetic, not masked_fill or where: on this CPU both run a scalar loop, 13 ms for 16 rows of
+        49,152 tokens, against 1.5 ms for unpack, subtract and index_add (bench/RESULTS.md).
+        """
         k, words = self.bits.shape
-        allowed = ((self.bits[:, :, None] >> _SHIFTS.to(self.bits.device)) & 1).view(k, words * 32)
-        allowed = allowed[:, : scores.shape[-1]].bool()
-        masked = scores.index_select(0, self.rows).masked_fill(~allowed, float("-inf"))
-        return scores.index_copy(0, self.rows, masked)
+        blocked = (((self.bits[:, :, None] >> _SHIFTS.to(self.bits.device)) & 1) ^ 1).view(k, words * 32)
+        blocked = blocked[:, : scores.shape[-1]].to(scores.dtype)
+        return scores.index_add(0, self.rows, blocked, alpha=BLOCKED)
 
 
 def reference_mask(matcher: xgr.GrammarMatcher, vocab_size: int) -> Tensor:
