@@ -151,19 +151,25 @@ def test_structured_outputs_choice_regex_json_and_grammar_on_every_endpoint(clie
               (grammar, lambda t: re.fullmatch(r"\([0-9]+(\+[0-9]+)*\)", t)),
               ({"json": schema}, lambda t: valid(t, schema) is not None),
               ({"json": json.dumps(schema)}, lambda t: valid(t, schema) is not None)]
-    for so, ok in checks:
+    def ask(so: dict) -> list[tuple[dict, str, httpx.Response]]:
         chat = client.post("/v1/chat/completions", json={"model": "shifted", "messages": messages("Answer."),
                                                          "max_tokens": 48, "structured_outputs": so})
         comp = client.post("/v1/completions", json={"model": "base", "prompt": "Answer:", "max_tokens": 48,
                                                     "structured_outputs": so, "temperature": 1.0, "seed": 5})
         gen = client.post("/generate", json={"adapter": "emoji", "prompt": "Answer:", "max_new_tokens": 48,
                                              "structured_outputs": so})
-        for r, text in ((chat, lambda b: b["choices"][0]["message"]["content"]),
-                        (comp, lambda b: b["choices"][0]["text"]), (gen, lambda b: b["text"])):
+        return [(so, "chat", chat), (so, "completions", comp), (so, "generate", gen)]
+
+    with ThreadPoolExecutor(len(checks)) as pool:  # one batch: fifteen rows, five constraints, three endpoints
+        answers = dict(zip([json.dumps(so) for so, _ in checks], pool.map(ask, [so for so, _ in checks]),
+                           strict=True))
+    for so, ok in checks:
+        for _, kind, r in answers[json.dumps(so)]:
             assert r.status_code == 200, (so, r.text)
             body = r.json()
-            finish = body["choices"][0]["finish_reason"] if "choices" in body else body["finish_reason"]
-            assert finish == "stop" and ok(text(body)), (so, body)
+            choice = body["choices"][0] if "choices" in body else body
+            text = choice["message"]["content"] if kind == "chat" else choice["text"]
+            assert choice["finish_reason"] == "stop" and ok(text), (so, body)
     with client.stream("POST", "/generate", json={"prompt": "Answer:", "max_new_tokens": 16, "stream": True,
                                                   "structured_outputs": choice}) as r:
         events = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
@@ -202,7 +208,7 @@ def test_refusals_say_what_is_wrong_before_queueing(client, path, body, status, 
 def _weather_round_trip(oai, stream: bool, tool_choice) -> None:
     history = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
     kwargs = {"model": "emoji", "messages": history, "tools": [WEATHER, TIME], "tool_choice": tool_choice,
-              "max_tokens": 96, "temperature": 0}
+              "max_tokens": 64, "temperature": 0}
     if stream:
         calls: dict[int, dict] = {}
         finish = None
@@ -236,10 +242,13 @@ def _weather_round_trip(oai, stream: bool, tool_choice) -> None:
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_tool_call_round_trip_through_the_openai_client(oai, stream):
-    _weather_round_trip(oai, stream, "required")
-    _weather_round_trip(oai, stream, {"type": "function", "function": {"name": "get_weather"}})
+def test_a_tool_call_round_trip_through_the_openai_client(oai):
+    """required and a named function, streaming and not: four round trips at once."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(_weather_round_trip, oai, stream, choice)
+                       for stream in (False, True) for choice in ("required", named)]:
+            future.result()
 
 
 def test_tool_choice_auto_answers_in_text_or_a_call_and_says_which(oai):
