@@ -177,7 +177,9 @@ def test_structured_outputs_choice_regex_json_and_grammar_on_every_endpoint(clie
     assert stopped >= 12  # of 15
     with client.stream("POST", "/generate", json={"prompt": "Answer:", "max_new_tokens": 16, "stream": True,
                                                   "structured_outputs": choice}) as r:
+        assert r.status_code == 200, r.read()
         events = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+    assert events, "the stream sent no event"
     assert "".join(e["text"] for e in events) in ("yes", "no", "maybe") and events[-1]["finish_reason"] == "stop"
 
 
