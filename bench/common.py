@@ -320,11 +320,12 @@ class Load:
                 "median_latency": median([r.latency for r in results])}
 
     def token_times(self, prompt: list[int], max_tokens: int, stop: threading.Event | None = None,
-                    times: list[float] | None = None) -> list[float]:
+                    times: list[float] | None = None, extra: dict | None = None) -> list[float]:
         """Stream one base-model request (/generate); the arrival time of each token, appended to `times`
         as it comes (so another thread can watch). Stops reading (and so cancels the request) once `stop`
-        is set."""
-        body = {"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        is set. `extra` adds to (or overrides) the request's fields."""
+        body = {"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                **(extra or {})}
         times = [] if times is None else times
         with self.client.stream("POST", "/generate", json=body) as r:
             if r.status_code != 200:

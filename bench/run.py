@@ -1,6 +1,6 @@
 """reft-serve benchmarks: run the real server as a subprocess and drive it over HTTP.
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results/latest.json] [--only throughput,p2,cold,registry]
+    .venv/bin/python bench/run.py [--quick] [--out bench/results/latest.json] [--only throughput,p2,cold,structured]
 
 Every figure is printed as one line `NAME value target PASS/FAIL` (INFO for figures without a
 target) and written, with the raw samples, the machine and the library versions, to the JSON
@@ -45,7 +45,7 @@ from common import (  # noqa: E402
 
 from server import adapter_file  # noqa: E402
 
-SECTIONS = ("throughput", "p2", "long", "hol", "echo", "cold", "registry")
+SECTIONS = ("throughput", "p2", "long", "hol", "echo", "cold", "registry", "structured")
 P2_SHORT_GROUPS = 3  # ABBA groups at the 32-token prompt per repetition (one at 1024)
 
 
@@ -315,6 +315,101 @@ def prompt_logprobs_cost(args: argparse.Namespace, report: Report, load: Load, s
                   logits_mib=1024 * vocab * 4 / 2**20, logits_and_log_softmax_mib=2 * 1024 * vocab * 4 / 2**20)
 
 
+# ---- structured outputs ---------------------------------------------------------------------------------------
+
+
+def step_schema(i: int) -> dict:
+    """Schema i of the step figure: a different grammar each, and at least 80 tokens (40 items and their commas)
+    before it may end, so that every constrained row decodes through the measured window."""
+    items = [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "boolean"}, {"enum": ["red", "green", "blue"]},
+             {"type": "number"}][i % 4]
+    return {"type": "object", "properties": {f"k{i}": {"type": "array", "items": items, "minItems": 40}},
+            "required": [f"k{i}"]}
+
+
+def new_schema(rep: int) -> dict:
+    """A schema as clients send them (nested, $defs, enums, bounds), never seen before: its keys carry `rep`."""
+    return {"$defs": {"Line": {"type": "object", "properties": {
+                "sku": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                "kind": {"enum": ["part", "service", f"other{rep}"]}}, "required": ["sku", "qty", "kind"]}},
+            "type": "object", "properties": {
+                f"order_{rep}": {"type": "string", "pattern": "^ORD-[0-9]{4}$"},
+                "customer": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                                              "email": {"type": "string", "format": "email"}},
+                             "required": ["name"]},
+                "lines": {"type": "array", "items": {"$ref": "#/$defs/Line"}, "minItems": 1, "maxItems": 5},
+                "total": {"type": "number", "minimum": 0}},
+            "required": [f"order_{rep}", "customer", "lines"]}
+
+
+def structured(args: argparse.Namespace, report: Report, load: Load, url: str) -> None:
+    """A decode step at 32 rows, half constrained by 8 schemas ÷ all free, in ABBA blocks; then a new schema's
+    compile time (the server's own count) and time to first token, against the same schema again and no schema."""
+    n, new = args.batch, 40
+    prompts = random_prompts(n, 16, seed=41)
+
+    def step(constrained: bool) -> float:
+        futures = []
+        for i, prompt in enumerate(prompts):
+            extra = ({"structured_outputs": {"json": step_schema(i // 2 % 8)}, "ignore_eos": False}
+                     if constrained and i % 2 else None)
+            futures.append(load.pool.submit(load.token_times, prompt, new, extra=extra))
+        return decode_step_after_all_started([f.result() for f in futures])
+
+    log("structured warm-up: both sides once (the 8 schemas compile here), not counted")
+    step(True)
+    step(False)
+    ratios, sides = [], {"free": [], "mixed": []}
+    for rnd in range(args.p2_reps):
+        block = [step(False), step(True), step(True), step(False)]
+        sides["free"] += [block[0], block[3]]
+        sides["mixed"] += [block[1], block[2]]
+        ratios.append((block[1] + block[2]) / (block[0] + block[3]))
+        log(f"structured step round {rnd + 1}/{args.p2_reps}: ratio {ratios[-1]:.3f}")
+    report.samples("structured_step", {"block_ratios": ratios, "step_s": sides})
+    report.figure("STRUCTURED_STEP", median(ratios), "<=1.15",
+                  "ratio (32-row decode step, 16 rows constrained by 8 schemas ÷ all free)",
+                  blocks=[round(r, 4) for r in ratios], free_step_ms=1000 * median(sides["free"]),
+                  mixed_step_ms=1000 * median(sides["mixed"]))
+
+    def ttft(schema: dict | None) -> float:
+        body = {"prompt": prompts[0], "max_new_tokens": 2, "temperature": 0, "stream": True}
+        if schema is not None:
+            body["structured_outputs"] = {"json": schema}
+        t0 = time.perf_counter()
+        with load.client.stream("POST", "/generate", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and not line.endswith("[DONE]"):
+                    event = json.loads(line[5:])
+                    if "error" in event or r.status_code != 200:
+                        raise RuntimeError(f"POST /generate -> {r.status_code}: {event}")
+                    if event["token_ids"]:
+                        return time.perf_counter() - t0
+        raise RuntimeError("the stream ended without a token")
+
+    rows = []
+    for rep in range(args.p2_reps):
+        schema = new_schema(rep)
+        compiles, seconds = metric_sum(url, "reft_grammar_compiles_total"), metric_sum(
+            url, "reft_grammar_compile_seconds_total")
+        first = ttft(schema)
+        compiles_first = metric_sum(url, "reft_grammar_compiles_total") - compiles
+        compile_s = metric_sum(url, "reft_grammar_compile_seconds_total") - seconds
+        again = ttft(schema)
+        compiles_again = metric_sum(url, "reft_grammar_compiles_total") - compiles - compiles_first
+        free = ttft(None)
+        rows.append({"first_ttft_s": first, "again_ttft_s": again, "free_ttft_s": free, "compile_s": compile_s,
+                     "compiles_first": compiles_first, "compiles_again": compiles_again})
+    report.samples("structured_first", rows)
+    report.figure("STRUCTURED_COMPILE_MS", 1000 * median([r["compile_s"] for r in rows]), None,
+                  "ms (a new schema's compile, the server's count)")
+    report.figure("STRUCTURED_FIRST_TTFT_MS", 1000 * median([r["first_ttft_s"] for r in rows]), None,
+                  "ms (time to first token, new schema)", again_ms=1000 * median([r["again_ttft_s"] for r in rows]),
+                  free_ms=1000 * median([r["free_ttft_s"] for r in rows]))
+    report.figure("STRUCTURED_REPEAT_COMPILES", sum(r["compiles_again"] for r in rows), "<=0",
+                  "compiles (the same schema again)", first=sum(r["compiles_first"] for r in rows))
+
+
 # ---- cold adapters ------------------------------------------------------------------------------------------
 
 
@@ -534,7 +629,7 @@ def main() -> int:
     cold_files = [f"cold-{i:02d}" for i in range(args.cold_n)]
     server = worker = load = None
     try:
-        if {"throughput", "p2", "long", "hol", "echo", "cold"} & set(args.sections):
+        if {"throughput", "p2", "long", "hol", "echo", "cold", "structured"} & set(args.sections):
             registry = tmp / "registry"
             write_adapters(registry, shape, adapters, seed0=0)
             write_adapters(registry, shape, cold_files, seed0=1000)
@@ -578,6 +673,8 @@ def main() -> int:
             prompt_logprobs_cost(args, report, load, server)
         if "cold" in args.sections:
             cold(args, report, load, server, cold_files, adapters[0], shape)
+        if "structured" in args.sections:
+            structured(args, report, load, server.url)
         if load:
             load.close()
             load = None

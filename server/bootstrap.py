@@ -16,6 +16,7 @@ from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.engine.structured import GrammarCompiler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
 from server.registry import Registry
@@ -40,6 +41,7 @@ class Engine:
     adapter_cache: DeviceAdapterCache
     training: TrainingJobs
     max_new_tokens: int
+    grammars: GrammarCompiler  # structured outputs: compiles off the engine thread, cached
     load_seconds: float = 0.0
 
 
@@ -88,5 +90,8 @@ def build_engine(settings: Settings) -> Engine:
     # walking it again: a full collection over it paused the event loop for about 190 ms.
     gc.collect()
     gc.freeze()
+    grammars = GrammarCompiler(base.tokenizer, int(base.model.config.vocab_size), eos_ids,
+                               max_entries=settings.grammar_cache_size, max_spec_bytes=settings.max_grammar_bytes,
+                               timeout_s=settings.grammar_compile_seconds)
     return Engine(base, registry, scheduler, cache, TrainingJobs(base, registry, scheduler), settings.max_new_tokens,
-                  time.perf_counter() - start)
+                  grammars, time.perf_counter() - start)

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
                           "own; '*' for any")
     max_prompt_logprobs: int = Field(
         262_144, ge=1, description="echo with logprobs: most prompt tokens x choices x (logprobs + 1) per request")
+    max_grammar_bytes: int = Field(
+        64 * 1024, ge=16, description="largest JSON schema, regex, choice list or grammar a request may constrain by")
+    grammar_compile_seconds: float = Field(
+        10.0, gt=0, description="how long a request waits for its grammar to compile before it is refused")
+    grammar_cache_size: int = Field(128, ge=1, description="compiled grammars kept, least recently used evicted")
     log_level: str = "info"
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")

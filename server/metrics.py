@@ -46,6 +46,8 @@ class EngineView:
     intervened_positions: Callable[[], int] = staticmethod(lambda: 0)
     prefill_positions: Callable[[], int] = staticmethod(lambda: 0)
     kv_cache_usage: Callable[[], float] = staticmethod(lambda: 0.0)
+    grammar_compiles: Callable[[], int] = staticmethod(lambda: 0)
+    grammar_compile_seconds: Callable[[], float] = staticmethod(lambda: 0.0)
 
 
 class _EngineCollector(Collector):
@@ -98,6 +100,10 @@ class _EngineCollector(Collector):
                                   value=v.prefill_positions())
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
                                   value=v.intervened_positions())
+        yield CounterMetricFamily("reft_grammar_compiles", "Structured-output grammars compiled (cache misses).",
+                                  value=v.grammar_compiles())
+        yield CounterMetricFamily("reft_grammar_compile_seconds", "Time spent compiling those grammars.",
+                                  value=v.grammar_compile_seconds())
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Adapters running and waiting; value = time of the last change.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],

@@ -75,6 +75,8 @@ class AppState:
         view.intervened_positions = lambda: engine.scheduler.intervened_positions
         view.prefill_positions = lambda: engine.scheduler.prefill_positions
         view.kv_cache_usage = engine.scheduler.kv_usage
+        view.grammar_compiles = lambda: engine.grammars.compiles
+        view.grammar_compile_seconds = lambda: engine.grammars.compile_seconds
         self.engine = engine
         self.serving = Serving(engine, self.metrics, self.settings.max_prompt_logprobs)
         self.serving.draining = self.draining

@@ -19,6 +19,36 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="a JSON Schema; the output validates against it")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON validating against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    json_: dict | str | None = Field(None, alias="json", description="a JSON Schema (an object or its JSON text)")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's dialect, root rule `root`)")
+    json_object: bool | None = None
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -41,6 +71,8 @@ class _Sampling(BaseModel):
     return_token_ids: bool = Field(
         False, description="extension (as vLLM's): also return the prompt's and the completion's token ids")
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (as vLLM's)")
 
 
 class StreamOptions(BaseModel):
@@ -60,11 +92,46 @@ class CompletionRequest(_Sampling):
     stream_options: StreamOptions | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    name: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -75,6 +142,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = Field(False, description="return each generated token's logprob")
     top_logprobs: int | None = Field(None, description="0-20 most likely alternatives per token (with logprobs)")
     stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; at most one call is made per answer")
 
 
 class Usage(BaseModel):
@@ -126,14 +197,15 @@ class ChatLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     token_ids: list[int] | None = Field(None, description="with return_token_ids")
 
 
@@ -147,16 +219,29 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = Field(None, description="with return_token_ids: the rendered chat's ids")
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None  # with return_token_ids: this chunk's
 
 
@@ -199,6 +284,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False
     stream: bool = False
+    structured_outputs: StructuredOutputs | None = Field(None, description="constrain the output (as vLLM's)")
 
 
 class GenerateUsage(BaseModel):

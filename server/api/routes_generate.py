@@ -11,6 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity
 from server.api.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GenerateUsage
 from server.api.serving import Serving, ServingError, Submission
+from server.api.structured import constraint_of
 
 router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
@@ -26,6 +27,7 @@ async def generate(
         raise ServingError(400, "the prompt is empty")
     request.state.access = {"adapter": req.adapter}
     with serving.admitted("generate"):
+        grammar = await serving.grammar(constraint_of(None, req.structured_outputs))
         ref = await serving.resolve(req.adapter)
         ids = await serving.encode(req.prompt)
         params = serving.params(
@@ -34,13 +36,13 @@ async def generate(
         )
     request.state.access = {"adapter": req.adapter, "prompt_tokens": len(ids)}
     if not req.stream:
-        result = await serving.complete(ids, params, ref, "generate", until_disconnect)
+        result = await serving.complete(ids, params, ref, "generate", until_disconnect, grammar)
         request.state.access["completion_tokens"] = result.completion_tokens
         return GenerateResponse(
             text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason, adapter=req.adapter,
             usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
-    submission = serving.submit(ids, params, ref, "generate", until_disconnect)
+    submission = serving.submit(ids, params, ref, "generate", until_disconnect, grammar)
     return EventSourceResponse(_events(submission, req.adapter), ping=15)
 
 

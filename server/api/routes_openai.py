@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.api import tools
 from server.api.dependencies import disconnect_waiter, require_api_key, require_capacity, require_serving
 from server.api.logprobs import CompletionLogprobsWriter, chat_logprobs, merge
 from server.api.protocol import (
@@ -28,11 +29,14 @@ from server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
+    ToolCallDelta,
     Usage,
 )
 from server.api.serving import Result, Serving, ServingError, Submission
+from server.api.structured import constraint_of
 from server.engine.scheduler import Event
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -103,6 +107,7 @@ async def completions(
     name = serving.adapter_name(req.model)
     _track(request, name, None)
     with serving.admitted("completions"):
+        grammar = await serving.grammar(constraint_of(req.response_format, req.structured_outputs))
         ref = await serving.resolve(name)
         ids = [await serving.encode(p) for p in prompts]
         copies = req.best_of or req.n
@@ -118,7 +123,7 @@ async def completions(
         _track(request, name, sum(len(i) for i in ids))
         echoes = [Echo(p if isinstance(p, str) else serving.decode(i), i) if req.echo else None
                   for p, i in zip(prompts, ids, strict=True)]
-    submissions = serving.fan_out(ids, params, copies, ref, "completions", until_disconnect)
+    submissions = serving.fan_out(ids, params, copies, ref, "completions", until_disconnect, grammar)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_completion_chunks(serving, submissions, req, echoes, ids, include_usage))
@@ -220,13 +225,18 @@ async def chat_completions(
     _refuse_unsupported(req)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
+    offered = tools.active(req.tools, req.tool_choice)
+    call = tools.constraint(req.tools or [], req.tool_choice) if offered else None
+    output = constraint_of(req.response_format, req.structured_outputs)
+    if call is not None and output is not None:
+        raise ServingError(400, "tool_choice required or a named function constrains the answer to a call; "
+                                "it cannot be combined with response_format or structured_outputs")
     with serving.admitted("chat"):
+        grammar = await serving.grammar(call or output)
         ref = await serving.resolve(name)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        for m in messages:
-            if isinstance(m.get("content"), list):
-                m["content"] = "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
-        ids = await serving.chat_ids(messages)
+        messages, tool_specs = tools.render(req.messages, req.tools if offered else None,
+                                            getattr(serving.tokenizer, "chat_template", None) or "")
+        ids = await serving.chat_ids(messages, tool_specs)
         params = serving.params(
             len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
@@ -235,21 +245,23 @@ async def chat_completions(
             logit_bias=req.logit_bias, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         _track(request, name, len(ids))
-    submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect)
+    submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect, grammar)
+    answer = Answer(req, offered, call is not None)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_chat_chunks(serving, submissions, req, ids, include_usage))
+        return _sse(_chat_chunks(serving, submissions, req, ids, include_usage, answer))
     results = await serving.complete_all(submissions)
     completion_tokens = sum(r.completion_tokens for r in results)
     request.state.access["completion_tokens"] = completion_tokens
     # Up to 16 choices x max_tokens x 21 logprobs: built off the event loop.
-    return await run_in_threadpool(_chat_response, serving, req, ids, results)
+    return await run_in_threadpool(_chat_response, serving, req, ids, results, answer)
 
 
-def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int], results: list[Result]) -> Response:
+def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int], results: list[Result],
+                   answer: Answer) -> Response:
     return _json(ChatCompletionResponse(
         model=req.model,
-        choices=[ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
+        choices=[ChatChoice(index=i, message=answer.message(r.text), finish_reason=answer.finish(r),
                             logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
                             else None, token_ids=r.token_ids if req.return_token_ids else None)
                  for i, r in enumerate(results)],
@@ -258,8 +270,28 @@ def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int],
     ))
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A chat answer as the client sees it: a message, or tool calls when tools were offered and the model
+    made one (always, when `call`: a tool_choice of required or a named function constrained it to one)."""
+
+    req: ChatCompletionRequest
+    offered: bool
+    call: bool
+
+    def calls(self, text: str) -> list | None:
+        return tools.parse(text, self.req.tools or [], self.call) if self.offered else None
+
+    def message(self, text: str) -> ChatMessageOut:
+        calls = self.calls(text)
+        return ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=text)
+
+    def finish(self, result: Result) -> str | None:
+        return "tool_calls" if self.calls(result.text) else result.finish_reason
+
+
 async def _chat_chunks(serving: Serving, submissions: list[Submission], req: ChatCompletionRequest,
-                       ids: list[int], include_usage: bool) -> AsyncIterator[str]:
+                       ids: list[int], include_usage: bool, answer: Answer) -> AsyncIterator[str]:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None,
@@ -274,15 +306,31 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
                     token_ids=[] if req.return_token_ids else None,
                     prompt_token_ids=ids if req.return_token_ids and index == 0 else None)
     completion_tokens = 0
+    held = [""] * len(submissions)  # with tools offered, an answer is held until it is known to be a call or not
     async for index, event in serving.merged(submissions):
         logprobs = chat_logprobs(event.token_ids, event.logprobs, serving.tokens) if req.logprobs else None
         # With return_token_ids, a token whose text is still held back (half a character) is sent at once.
         token_ids = event.token_ids if req.return_token_ids else None
-        if event.text or (logprobs and logprobs.content) or token_ids:
+        if answer.offered:
+            held[index] += event.text
+        elif event.text or (logprobs and logprobs.content) or token_ids:
             yield chunk(index, ChatDelta(content=event.text), logprobs=logprobs, token_ids=token_ids)
-        if event.finish_reason is not None:
-            completion_tokens += event.completion_tokens
-            yield chunk(index, ChatDelta(), event.finish_reason)
+        if event.finish_reason is None:
+            continue
+        completion_tokens += event.completion_tokens
+        calls = answer.calls(held[index]) if answer.offered else None
+        if calls:
+            for k, c in enumerate(calls):
+                named = FunctionCallDelta(name=c.function.name, arguments="")
+                yield chunk(index, ChatDelta(tool_calls=[ToolCallDelta(index=k, id=c.id, type="function",
+                                                                       function=named)]))
+                yield chunk(index, ChatDelta(tool_calls=[ToolCallDelta(
+                    index=k, function=FunctionCallDelta(arguments=c.function.arguments))]))
+            yield chunk(index, ChatDelta(), "tool_calls")
+            continue
+        if held[index]:
+            yield chunk(index, ChatDelta(content=held[index]))
+        yield chunk(index, ChatDelta(), event.finish_reason)
     if include_usage:
         final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
                                     usage=_usage(len(ids), completion_tokens))

@@ -21,6 +21,7 @@ from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
 from server.engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from server.engine.scheduler import EngineError, Event, GenerationRequest
+from server.engine.structured import CompiledGrammar, Constraint, GrammarError
 from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import UnknownAdapter
 from server.torch_threads import in_own_thread
@@ -182,8 +183,30 @@ class Serving:
             return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode, prompt)
         return self._encode(prompt)
 
-    async def chat_ids(self, messages: list[dict]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._chat_ids, messages)
+    async def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._chat_ids, messages, tools)
+
+    async def grammar(self, constraint: Constraint | None) -> CompiledGrammar | None:
+        """The constraint compiled (off the event loop and the engine thread), before the request is queued:
+        an invalid, too large or too slow one is refused here with a 400/413 that says why."""
+        if constraint is None:
+            return None
+        compiler = self.engine.grammars
+        what = {"json_object": "JSON object grammar", "json_schema": "JSON schema", "regex": "regex",
+                "choice": "choice list", "grammar": "grammar"}[constraint.kind]
+        if constraint.size > compiler.max_spec_bytes:
+            raise ServingError(413, f"the {what} is {constraint.size} bytes; this server accepts at most "
+                                    f"{compiler.max_spec_bytes} (REFT_MAX_GRAMMAR_BYTES)")
+        # Shielded: a request that gives up must not cancel a compile that others may share.
+        waiting = asyncio.shield(asyncio.wrap_future(compiler.compile(constraint)))
+        try:
+            grammar = await asyncio.wait_for(waiting, compiler.timeout_s)
+        except GrammarError as exc:
+            raise ServingError(400, f"invalid {what}: {exc}") from None
+        except TimeoutError:
+            raise ServingError(400, f"compiling the {what} took longer than {compiler.timeout_s:g} s "
+                                    "(REFT_GRAMMAR_COMPILE_SECONDS); simplify it") from None
+        return grammar
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -202,11 +225,12 @@ class Serving:
             ids = ids[1:]
         return ids
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def _chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServingError(400, f"the base model {self.model_id!r} has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
         return self.tokenizer(_checked_text(text), add_special_tokens=False)["input_ids"]
@@ -267,7 +291,7 @@ class Serving:
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
-        until_disconnect: Callable[[], Awaitable[object]] | None = None,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> Submission:
         """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts.
 
@@ -275,11 +299,11 @@ class Serving:
         whether or not anyone is reading its events yet (its slot is free before the next step).
         """
         self.check_capacity(endpoint)
-        return Submission(self, prompt_ids, params, ref, endpoint, until_disconnect)
+        return Submission(self, prompt_ids, params, ref, endpoint, until_disconnect, grammar)
 
     def fan_out(
         self, prompts: list[list[int]], params: SamplingParams, copies: int, ref: AdapterRef | None, endpoint: str,
-        until_disconnect: Callable[[], Awaitable[object]] | None = None,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> list[Submission]:
         """Submit `copies` independent choices of each prompt (seeds derived per copy); choice i*copies + j is
         prompt i's copy j. All or nothing: if one is refused (429), those already submitted are cancelled."""
@@ -298,7 +322,7 @@ class Serving:
             for ids in prompts:
                 for j in range(copies):
                     choice = replace(params, seed=derived_seed(params.seed, j))
-                    submissions.append(self.submit(ids, choice, ref, endpoint, until_disconnect))
+                    submissions.append(self.submit(ids, choice, ref, endpoint, until_disconnect, grammar))
         except BaseException:
             for submission in submissions:
                 submission.close()
@@ -307,9 +331,9 @@ class Serving:
 
     async def complete(
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
-        until_disconnect: Callable[[], Awaitable[object]] | None = None,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> Result:
-        return await self.submit(prompt_ids, params, ref, endpoint, until_disconnect).result()
+        return await self.submit(prompt_ids, params, ref, endpoint, until_disconnect, grammar).result()
 
     async def complete_all(self, submissions: list[Submission]) -> list[Result]:
         """Every submission's result, in order; if one fails, the others are cancelled and its error raised."""
@@ -371,7 +395,7 @@ class Submission:
 
     def __init__(
         self, serving: Serving, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
-        until_disconnect: Callable[[], Awaitable[object]] | None = None,
+        until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -380,7 +404,8 @@ class Submission:
         self.endpoint = endpoint
         self.label = serving.metrics.adapter_label(ref.name if ref else None)
         self.request = GenerationRequest(
-            prompt_ids, params, ref, on_event=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e)
+            prompt_ids, params, ref, on_event=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
+            grammar=grammar,
         )
         try:
             serving.engine.scheduler.submit(self.request)

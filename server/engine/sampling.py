@@ -17,9 +17,13 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from server.engine.structured import TokenMask
 
 MAX_LOGPROBS = 20  # most top alternatives a row may ask for, as OpenAI allows
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value; larger ones are clamped
@@ -202,13 +206,15 @@ class Sampler:
     # ---- one step -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, logits: Tensor, slots: Tensor) -> SampleOutput:
+    def __call__(self, logits: Tensor, slots: Tensor, mask: TokenMask | None = None) -> SampleOutput:
         """Sample row i of logits [B, V] (float32, on the device) for the row at slots[i].
 
+        `mask` (constrained decoding) sinks its rows' disallowed tokens before anything else, so no bias,
+        penalty, greedy pick or draw can choose one; logprobs stay the model's own.
         Advances each row's step and, where penalties are on, its generated-token counts.
         """
         needs = self._needs
-        scores = logits
+        scores = logits if mask is None else mask.apply(logits)
         if needs.bias:
             assert self._bias is not None
             scores = scores + self._bias.index_select(0, slots)

@@ -38,6 +38,7 @@ from server.engine.sampling import (
     TokenLogprobs,
     prompt_logprobs,
 )
+from server.engine.structured import CompiledGrammar, GrammarRows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +90,7 @@ class GenerationRequest:
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    grammar: CompiledGrammar | None = None  # constrained decoding: the output must match it
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; its slot is freed before the next decode step."""
@@ -157,6 +159,7 @@ class Scheduler:
         self._running: list[_Sequence] = []  # decoding
         self.sampler = Sampler(max_batch_size, int(runner.model.config.vocab_size), runner.device)
         self._free_rows = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
+        self.grammars = GrammarRows(int(runner.model.config.vocab_size), sorted(self.eos_token_ids))
         self._tasks: deque[BackgroundTask] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -224,6 +227,8 @@ class Scheduler:
             self.sampler.check(request.params)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
+        if request.grammar is not None and request.params.ignore_eos:
+            raise EngineError("ignore_eos cannot be combined with a structured output: the grammar ends at EOS")
         with self._cv:
             if self._stopping or self._died is not None:
                 reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"
@@ -362,6 +367,8 @@ class Scheduler:
         for request, slot in admitted:
             seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), slot, self._free_rows.pop())
             self.sampler.add(seq.row, request.params, request.prompt_ids)
+            if request.grammar is not None:
+                self.grammars.add(seq.row, request.grammar)
             try:
                 seq.resident = self.adapter_cache.get(request.adapter) if request.adapter else None
             except Exception as exc:  # noqa: BLE001 - the adapter's failure is its request's alone
@@ -440,8 +447,9 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> SampleOutput:
         if not seqs:
             return SampleOutput([], [])
-        rows = torch.tensor([s.row for s in seqs], dtype=torch.long, device=logits.device)
-        return self.sampler(logits, rows)
+        rows = [s.row for s in seqs]
+        mask = self.grammars.mask(rows, logits.device)
+        return self.sampler(logits, torch.tensor(rows, dtype=torch.long, device=logits.device), mask)
 
     def _isolated(self, work: list[tuple[_Sequence, T]], run: Callable[[list[tuple[_Sequence, T]]], None]) -> None:
         """Run `work` as one step; if that raises, run it row by row and fail only the rows that raise alone.
@@ -468,6 +476,9 @@ class Scheduler:
 
     def _advance(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         params = seq.request.params
+        if not self.grammars.accept(seq.row, token):
+            self._fail(seq, f"token {token} does not continue the structured output")
+            return
         seq.token_ids.append(token)
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         if is_stop_token:
@@ -509,6 +520,7 @@ class Scheduler:
         """Give a leaving row's KV slot and Sampler row back."""
         self.cache.free(seq.slot)
         self.sampler.remove(seq.row)
+        self.grammars.remove(seq.row)
         self._free_rows.append(seq.row)
 
     def _drop_cancelled_waiting(self) -> None:
