@@ -7,7 +7,9 @@ The engine's own runner and sampler run in this process (no HTTP): a 64-token pr
 prefilled, then each step is `runner.decode` of one row plus the sampler, as the scheduler runs
 them. Two measurements per mode:
 
-- wall: median time of a step (decode + sample) over `--steps` steps, no profiler attached;
+- wall: median time of a step (decode + sample) over `--steps` steps, no profiler attached, and
+  the calling thread's CPU time for it (with one torch thread, the step's own work: on a machine
+  shared with other load, the part of the wall time that is not waiting for a core);
 - breakdown: the same steps under torch.profiler, each aten op's own (self) CPU time given to the
   innermost model module or engine stage it ran in (module forward hooks push profiler ranges);
   what no op accounts for is the Python between them (transformers' module code, the runner, the
@@ -130,16 +132,17 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     for _ in range(warm):
         step(False)
     # Thread counts alternate in blocks of 4 steps, so that the machine's drift hits each alike.
-    default_threads = torch.get_num_threads()
     times: dict[int, list[float]] = {n: [] for n in threads}
+    cpu: dict[int, list[float]] = {n: [] for n in threads}
     while len(times[threads[-1]]) < steps // len(threads):
         for n in threads:
             torch.set_num_threads(n)
             for _ in range(4):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 step(False)
                 times[n].append(time.perf_counter() - t)
-    torch.set_num_threads(default_threads)
+                cpu[n].append(time.thread_time() - c)
+    torch.set_num_threads(threads[0])  # the profiled run: the first count asked for
     if mode == "eager":
         _instrument(base.model)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -152,8 +155,9 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
                 step(True)
         profiled_ms = (time.perf_counter() - t) * 1000 / profiled_steps
     return {"mode": mode, "wall_ms": {n: 1000 * statistics.median(ts) for n, ts in times.items()},
+            "cpu_ms": {n: 1000 * statistics.median(ts) for n, ts in cpu.items()},
             "profiled_ms": profiled_ms, "breakdown": _attribute(prof, profiled_steps), "compile_s": compile_s,
-            "weight_bytes": _weights_bytes(base.model), "threads": torch.get_num_threads()}
+            "weight_bytes": _weights_bytes(base.model), "threads": threads[0]}
 
 
 def main() -> None:
@@ -173,7 +177,8 @@ def main() -> None:
         print(f"\n== {mode}: weight-read bound {bound:.1f} ms ({r['weight_bytes'] / 1e6:.0f} MB at {args.gbps:g} GB/s)"
               + (f", compiled in {r['compile_s']:.1f} s" if mode == "compiled" else ""))
         for n, ms in r["wall_ms"].items():
-            print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s) with {n} torch threads")
+            print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s) with {n} torch threads; "
+                  f"the calling thread's CPU time {r['cpu_ms'][n]:.1f} ms")
         print(f"   under the profiler ({r['threads']} threads): {r['profiled_ms']:.1f} ms a step")
         ops = sum(r["breakdown"].values())
         for name, ms in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
