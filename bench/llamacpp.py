@@ -105,7 +105,7 @@ class LlamaServer:
         self.proc = None
 
 
-def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict], list[int]]) -> Stream:
+def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict, int], list[int]]) -> Stream:
     sent, times, ids = time.perf_counter(), [], []
     with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
@@ -116,7 +116,7 @@ def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict]
             event = json.loads(line[5:])
             if "error" in event:
                 raise RuntimeError(f"stream failed: {event['error']}")
-            new = tokens_of(event)
+            new = tokens_of(event, len(ids))
             now = time.perf_counter()
             times.extend(now for _ in new)
             ids.extend(new)
@@ -125,14 +125,21 @@ def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict]
 
 def ours(client: httpx.Client, prompt: list[int], new: int) -> Stream:
     body = {"prompt": prompt, "max_new_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True}
-    return _sse(client, "/generate", body, lambda e: e.get("token_ids", []))
+    return _sse(client, "/generate", body, lambda e, _: e.get("token_ids", []))
 
 
 def llama(client: httpx.Client, prompt: list[int], new: int) -> Stream:
     # cache_prompt off: a repeated prompt must be computed again, as ours is
     body = {"prompt": prompt, "n_predict": new, "temperature": 0, "top_k": 1, "ignore_eos": True, "stream": True,
             "cache_prompt": False, "return_tokens": True}
-    return _sse(client, "/completion", body, lambda e: e.get("tokens", []))
+    return _sse(client, "/completion", body, _llama_tokens)
+
+
+def _llama_tokens(event: dict, seen: int) -> list[int]:
+    """The tokens an event of llama.cpp's stream adds: its own, plus any it held back (a partial UTF-8
+    character) and counts in `tokens_predicted` without naming them (-1)."""
+    got = list(event.get("tokens", []))
+    return got + [-1] * max(0, int(event.get("tokens_predicted", seen)) - seen - len(got))
 
 
 def run_streams(pool: ThreadPoolExecutor, client: httpx.Client, side: Callable, prompts: list[list[int]],
@@ -169,6 +176,8 @@ def single_stream(args: argparse.Namespace, report: Report, url: dict[str, str])
 
     def measure(side: str) -> float:
         sent, times, ids = calls[side](clients[side], prompt, SINGLE_NEW)
+        if len(times) != SINGLE_NEW:
+            raise RuntimeError(f"{side}: expected {SINGLE_NEW} tokens, got {len(times)}")
         ttft[side].append(times[0] - sent)
         outputs[side] = ids
         return (SINGLE_NEW - 1) / (times[-1] - times[0])
