@@ -51,7 +51,7 @@ from common import REPO, ServerProcess, free_port, machine_info, median, random_
 from run import Report, log  # noqa: E402
 
 DEFAULT_DIR = REPO / "bench" / ".llamacpp"
-SINGLE_PROMPT, SINGLE_NEW = 64, 128
+SINGLE_PROMPT = 64
 LONG_STREAMS, LONG_PROMPT, LONG_NEW = 16, 1024, 33
 SHORT_STREAMS, SHORT_PROMPT, SHORT_NEW = 32, 64, 32
 
@@ -168,6 +168,7 @@ def blocks(rounds: int, measure: Callable[[str], float], report: Report, name: s
 
 
 def single_stream(args: argparse.Namespace, report: Report, url: dict[str, str]) -> None:
+    new = args.single_new
     prompt = random_prompts(1, SINGLE_PROMPT, seed=18)[0]
     clients = {side: httpx.Client(base_url=u, timeout=600) for side, u in url.items()}
     calls = {"ours": ours, "llama": llama}
@@ -175,12 +176,12 @@ def single_stream(args: argparse.Namespace, report: Report, url: dict[str, str])
     outputs: dict[str, list[int]] = {}
 
     def measure(side: str) -> float:
-        sent, times, ids = calls[side](clients[side], prompt, SINGLE_NEW)
-        if len(times) != SINGLE_NEW:
-            raise RuntimeError(f"{side}: expected {SINGLE_NEW} tokens, got {len(times)}")
+        sent, times, ids = calls[side](clients[side], prompt, new)
+        if len(times) != new:
+            raise RuntimeError(f"{side}: expected {new} tokens, got {len(times)}")
         ttft[side].append(times[0] - sent)
         outputs[side] = ids
-        return (SINGLE_NEW - 1) / (times[-1] - times[0])
+        return (new - 1) / (times[-1] - times[0])
 
     for side in calls:  # warm-up, not counted
         measure(side)
@@ -189,13 +190,13 @@ def single_stream(args: argparse.Namespace, report: Report, url: dict[str, str])
     ratios, sides = blocks(args.rounds, measure, report, "P18")
     pairs = [(ttft["ours"][2 * i : 2 * i + 2], ttft["llama"][2 * i : 2 * i + 2]) for i in range(args.rounds)]
     ttft_ratios = [statistics.fmean(a) / statistics.fmean(b) for a, b in pairs]
-    report.figure("P18", median(ratios), ">=1.0", "ratio (our decode tok/s ÷ llama.cpp's, 1 stream, 64+128 tokens)",
+    report.figure("P18", median(ratios), ">=1.0", f"ratio (our decode tok/s ÷ llama.cpp's, 1 stream, 64+{new} tokens)",
                   blocks=ratios, ours_tok_s=median(sides["ours"]), llama_tok_s=median(sides["llama"]))
     report.figure("P18_TTFT", median(ttft_ratios), "<=1.0", "ratio (our time to first token ÷ llama.cpp's)",
                   blocks=ttft_ratios, ours_ms=1000 * median(ttft["ours"]), llama_ms=1000 * median(ttft["llama"]))
     agree = next((i for i, (a, b) in enumerate(zip(outputs["ours"], outputs["llama"], strict=True)) if a != b),
-                 SINGLE_NEW)
-    report.figure("P18_AGREE", agree, None, f"greedy tokens equal before the first difference, of {SINGLE_NEW}")
+                 new)
+    report.figure("P18_AGREE", agree, None, f"greedy tokens equal before the first difference, of {new}")
     for c in clients.values():
         c.close()
 
@@ -240,6 +241,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one round per figure")
     p.add_argument("--rounds", type=int, default=None, help="ABBA blocks per figure (3 full, 1 quick)")
     p.add_argument("--only", default="single,long,short", help="comma-separated subset of single,long,short")
+    p.add_argument("--single-new", type=int, default=128,
+                   help="new tokens of P18's stream (P18 is defined at 128; fewer only for a smoke run)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "llamacpp.json")
     p.add_argument("--server-env", action="append", default=[], metavar="REFT_X=V",
                    help="a setting for our server (the caller's REFT_* variables are otherwise ignored)")
