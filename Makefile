@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install browser serve test lint bench eval load docker-test clean
+.PHONY: install browser serve test lint bench bench-llamacpp eval load docker-test clean
 
 install: $(STAMP) browser
 
@@ -41,6 +41,14 @@ test: install
 
 bench: install
 	$(PY) bench/run.py
+
+# Optional: builds llama.cpp's llama-server from the llama-cpp-python sdist into bench/.llamacpp/ (once, minutes;
+# needs cmake and ninja) and measures the server against it side by side (bench/llamacpp.py --help).
+LLAMACPP_ARGS ?=
+
+bench-llamacpp: install
+	PY=$(PY) scripts/build_llamacpp.sh
+	$(PY) bench/llamacpp.py $(LLAMACPP_ARGS)
 
 # lm-evaluation-harness through the server: base vs ADAPTER on bench/eval's tasks (bench/eval/run.py --help);
 # EVAL_ARGS adds flags, e.g. EVAL_ARGS="--hf --limit 20".

@@ -11,6 +11,8 @@ the pool:
   the chunk continues a prompt); one call per row, so attention work follows each row's length;
 - decode: one call per block of equal-size slots (`kv_cache.py`), the block's slots as a batch,
   keys up to the longest row in that block, a boolean mask for the shorter ones;
+- decode of a single row (`SingleDecode`): its query against exactly its own columns, no index
+  tensor, no mask and no copy in or out (one person chatting alone runs this at every step);
 - a compiled decode step (`compiled.py`): the same result from index tensors of fixed meaning
   (`DecodeIndex`), so one captured graph serves every mix of rows.
 
@@ -75,9 +77,21 @@ class DecodeIndex:
 
 
 @dataclass(frozen=True)
+class SingleDecode:
+    """A decode step of one row: its keys are columns [start, start + kv_len), nothing beyond them."""
+
+    start: int
+    kv_len: int
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
     decode: tuple[DecodeGroup, ...] = ()
     prefill: tuple[PrefillSpan, ...] = ()
+
+
+# What the runner passes with a forward: which pool columns each query reads.
+Layout = AttentionLayout | SingleDecode | DecodeIndex
 
 
 def install(model: torch.nn.Module) -> None:
@@ -89,8 +103,10 @@ def install(model: torch.nn.Module) -> None:
 
 def decode_layout(
     slots: Sequence[Slot], lengths: Sequence[int], block_tokens: int, device: torch.device
-) -> AttentionLayout:
+) -> AttentionLayout | SingleDecode:
     """Group decode rows by block. `lengths[i]` = row i's keys after this step's token is written."""
+    if len(slots) == 1:
+        return SingleDecode(slots[0].start, lengths[0])
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, slot in enumerate(slots):
         groups[(slot.start, 0) if slot.size >= block_tokens else (slot.block, slot.size)].append(i)
@@ -139,6 +155,11 @@ def attention(
                                       **kwargs)
     if isinstance(layout, DecodeIndex):
         return indexed_decode(query, key, value, layout, scaling), None
+    if isinstance(layout, SingleDecode):  # query [1, heads, 1, dim] -> [1, 1, heads, dim]
+        k = key[:, layout.start : layout.start + layout.kv_len].unsqueeze(0)
+        v = value[:, layout.start : layout.start + layout.kv_len].unsqueeze(0)
+        o = F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=query.shape[1] != key.shape[0])
+        return o.transpose(1, 2), None
     # query [1, heads, N, dim]; key/value: this layer's pool [kv_heads, capacity, dim]
     heads, kv_heads, dim = query.shape[1], key.shape[0], key.shape[2]
     gqa = heads != kv_heads

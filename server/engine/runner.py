@@ -142,7 +142,7 @@ class ModelRunner:
         return self._forward([r.token for r in rows], [r.position for r in rows],
                              [r.slot.start + r.position for r in rows], layout, None, None)
 
-    def _forward(self, ids: list[int], positions: list[int], columns: list[int], layout: attention.AttentionLayout,
+    def _forward(self, ids: list[int], positions: list[int], columns: list[int], layout: attention.Layout,
                  plan: BatchPlan | None, keep: list[int] | None) -> Tensor:
         device = self.device
         return self._model_step(
@@ -156,8 +156,7 @@ class ModelRunner:
         return self._model_step(ids, positions, columns, index, None, 0)
 
     def _model_step(self, ids: Tensor, positions: Tensor, columns: Tensor,
-                    layout: attention.AttentionLayout | attention.DecodeIndex, plan: BatchPlan | None,
-                    keep: Tensor | int) -> Tensor:
+                    layout: attention.Layout, plan: BatchPlan | None, keep: Tensor | int) -> Tensor:
         extra = {PLAN_KWARG: plan} if plan is not None else {}
         out = self.model(
             input_ids=ids, position_ids=positions, cache_position=columns,
