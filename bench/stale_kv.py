@@ -69,11 +69,13 @@ def main() -> None:
 
     names = ("clear", "none", "sanitise")
     blocks: dict[tuple[str, int], list[float]] = {(v, n): [] for v in names for n in rows}
-    for _ in range(args.blocks):
+    for block in range(args.blocks):
         for n, batch in rows.items():
             for name in names:
                 variant(name)
                 blocks[(name, n)].append(median_ms(lambda batch=batch: runner.decode(batch)))
+            print(f"block {block} batch {n}: " + "  ".join(f"{name} {blocks[(name, n)][-1]:.1f} ms" for name in names),
+                  flush=True)
     variant("clear")
     print(f"threads {torch.get_num_threads()}; decode step, median of {args.blocks} block medians of {args.reps}")
     for n in rows:

@@ -34,8 +34,11 @@ previous row (an fp16 overflow, say) makes 0 x NaN = NaN in the next row's outpu
 sanitising the columns read behind the mask copies every group's keys and values at every layer
 of every step. So the runner tells the cache how far each step writes a slot (`writing`), and
 `free` zeroes exactly those columns in every layer: the columns a row reads past its own length
-are then zeros, never an earlier row's values. Cost, measured by bench/stale_kv.py (2-core CPU,
-default model, float32; figures in bench/RESULTS.md).
+are then zeros, never an earlier row's values. Cost (bench/stale_kv.py; bench/RESULTS.md, 2-core
+CPU, default model, float32): a decode step gains a dict update per row, 0.25 us at batch 1 and
+2.6 us at batch 32, nothing measurable beside a step of tens of milliseconds; a free zeroes 46 KB
+per written token, 0.23 ms for a row of 100 tokens and about 2 ms for 1,000, once per request.
+Sanitising in attention instead took 1.66x the batch-32 step in the same run.
 """
 
 from __future__ import annotations
