@@ -18,20 +18,24 @@ would neither pick nor nearly pick.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from server import adapter_file
-from server.engine.sampling import Sampler, SamplingParams, seeded_uniform
+from server.api.serving import derived_seed
+from server.engine.sampling import LOGIT_BIAS_LIMIT, Sampler, SamplingParams, seeded_uniform
 from server.model import BaseModel, load_base_model
-from server.train import plain_logits
+from server.train import hooked, plain_logits
 
 LOGIT_TOLERANCE = 1e-3  # greedy: logits of one row in different batches differed by up to 1e-4 (float32, CPU)
 CDF_TOLERANCE = 1e-4  # sampled: draws that went either way lay within 1.1e-6 of the boundary they crossed
 MAX_RANK = 1024  # only a bound on what the files may hold; the load test writes rank 4
+
+AdapterFiles = str | Path | Sequence[str | Path] | None  # no adapter, one file, or the files of a composition
 
 
 @dataclass
@@ -47,12 +51,19 @@ class Verdict:
         return self.wrong_step is None
 
 
-def sampling_params(endpoint: str, body: dict, max_new_tokens: int) -> SamplingParams:
-    """The sampling options of a load-test request, with each endpoint's defaults."""
+def sampling_params(endpoint: str, body: dict, max_new_tokens: int, copy: int = 0) -> SamplingParams:
+    """The options of a load-test request that choose its tokens, with each endpoint's defaults, for its copy
+    `copy` (choice `copy` of n, or sample `copy` of best_of: each draws with its own seed, as the server derives it).
+    Stops and logprobs only end an answer or describe it; the tokens it has are chosen by these."""
     return SamplingParams(
         max_new_tokens=max(1, max_new_tokens),
         temperature=float(body.get("temperature", 0.0 if endpoint == "generate" else 1.0)),
-        top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
+        top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", 0)),
+        seed=derived_seed(body.get("seed"), copy),
+        presence_penalty=float(body.get("presence_penalty", 0.0)),
+        frequency_penalty=float(body.get("frequency_penalty", 0.0)),
+        repetition_penalty=float(body.get("repetition_penalty", 1.0)),
+        logit_bias=tuple((int(k), float(v)) for k, v in (body.get("logit_bias") or {}).items()),
     )
 
 
@@ -69,33 +80,67 @@ class Reference:
             self._adapters[key] = adapter_file.load(Path(path), self.base.shape, MAX_RANK)
         return self._adapters[key]
 
-    def logits(self, prompt: Sequence[int], answer: Sequence[int], adapter: str | Path | None) -> torch.Tensor:
-        """[len(answer), V]: the logits each answer token was drawn from, given the tokens before it."""
-        ad = self.adapter(adapter) if adapter is not None else None
-        return plain_logits(self.base, list(prompt) + list(answer[:-1]), len(prompt), ad)[len(prompt) - 1 :]
+    def logits(self, prompt: Sequence[int], answer: Sequence[int], adapter: AdapterFiles) -> torch.Tensor:
+        """[len(answer), V]: the logits each answer token was drawn from, given the tokens before it.
+
+        `adapter`: one file, or a list of files composed in that order ("a+b"), each part at its own positions.
+        """
+        ids = list(prompt) + list(answer[:-1])
+        if adapter is None or isinstance(adapter, str | Path):
+            ad = self.adapter(adapter) if adapter is not None else None
+            return plain_logits(self.base, ids, len(prompt), ad)[len(prompt) - 1 :]
+        composite = adapter_file.Composite(tuple(self.adapter(path) for path in adapter))
+        where = [(torch.zeros(len(locs), dtype=torch.long), torch.tensor(locs, dtype=torch.long))
+                 for locs in composite.locations(len(prompt))]
+        with hooked(self.base.layers, composite.interventions, where):
+            out = self.base.model(input_ids=torch.tensor([ids], device=self.base.device), use_cache=False)
+        return out.logits[0].float()[len(prompt) - 1 :]
 
     @torch.inference_mode()
     def explain(self, prompt: Sequence[int], answer: Sequence[int], params: SamplingParams,
-                adapter: str | Path | None) -> Verdict:
+                adapter: AdapterFiles) -> Verdict:
         """Whether `answer` is what the adapter file gives for `prompt`, up to float near-ties (see above)."""
         verdict = Verdict()
         if not answer:
             return verdict
         logits = self.logits(prompt, answer, adapter)
+        # The sampler draws from the scores adjusted along the answer's own tokens (not its picks), so it gets the
+        # request's truncation and seed only.
         sampler = Sampler(1, logits.shape[-1], "cpu")
-        sampler.add(0, params, prompt)
+        sampler.add(0, replace(params, logit_bias=(), presence_penalty=0.0, frequency_penalty=0.0,
+                               repetition_penalty=1.0), prompt)
         slots = torch.tensor([0])
         for step, (row, token) in enumerate(zip(logits, answer, strict=True)):
-            pick = sampler(row[None], slots).token_ids[0]
+            scores = adjusted(row, prompt, answer[:step], params)
+            pick = sampler(scores[None], slots).token_ids[0]
             verdict.checked += 1
             if pick == token:
                 continue
-            if near_tie(row, token, params, step):
+            if near_tie(scores, token, params, step):
                 verdict.near_ties.append(step)
                 continue
             verdict.wrong_step = step
             break
         return verdict
+
+
+def adjusted(row: torch.Tensor, prompt: Sequence[int], generated: Sequence[int],
+             params: SamplingParams) -> torch.Tensor:
+    """The scores a row is drawn from, one rule at a time in sampling.py's order: logit bias (clamped), the
+    repetition penalty on tokens of the prompt or the answer so far, then frequency and presence penalties."""
+    out = row.clone()
+    for token, bias in params.logit_bias:
+        out[token] += max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long)
+        values = out[seen]
+        out[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    counts = Counter(generated)
+    if counts and (params.frequency_penalty or params.presence_penalty):
+        ids = torch.tensor(list(counts), dtype=torch.long)
+        times = torch.tensor(list(counts.values()), dtype=torch.float32)
+        out[ids] -= params.frequency_penalty * times + params.presence_penalty
+    return out
 
 
 def near_tie(row: torch.Tensor, token: int, params: SamplingParams, step: int) -> bool:

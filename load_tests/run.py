@@ -3,13 +3,17 @@
 1. Writes N random LoReFT adapters for the base model's shape (and a pool of further versions) into a fresh
    registry and starts a server on it (127.0.0.1, with an admin key); or, with --url, uploads them to yours.
 2. Runs load_tests/locustfile.py headless, bounded in users and time: inference users (Zipf over the
-   adapters; prompts and outputs of random lengths; completions, chat and /generate; streaming or not;
-   greedy or seeded sampling) and admin users replacing served adapters and uploading/deleting scratch ones.
+   adapters, some composed "a+b"; prompts and outputs of random lengths; completions, chat and /generate;
+   streaming or not; greedy or seeded sampling, with top-k, logit_bias, presence/frequency/repetition
+   penalties, logprobs, n, best_of, echo, stop strings and stop token ids drawn per request, so that the
+   replay alone judges each of them) and admin users replacing served adapters and uploading/deleting
+   scratch ones.
    The server's RSS is sampled throughout.
 3. Checks: every adapter write that was acknowledged is in the registry with its sha256 (deleted ones gone);
    each answer (all, or as many as --verify-seconds allow) equals the same request run alone against the
    idle server with the adapter version that was current when it was sent (each version is uploaded again
-   under its own name for this). A request's version is known from the times of the replacements: a
+   under its own name for this): every choice's text and token ids, and the number of logprob alternatives
+   of each token. A request's version is known from the times of the replacements: a
    version is a candidate if it may have been current between sending and the first token (streaming) or
    the answer (not streaming); almost always there is one. Answers whose adapter was replaced while they
    were still running must equal their starting version. An answer no version gives alone must hold,
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -216,6 +221,21 @@ def replaced_mid_flight(versions: list[dict], version: dict, rec: dict) -> bool:
     return bool(later) and later[0]["t_ack"] <= rec["t_end"]
 
 
+def composed_candidates(timeline: dict[str, list[dict]], rec: dict) -> list[dict]:
+    """`candidates` of rec's adapter, each with its parts [(name, version)]; for a composition ("a+b"), every
+    combination of its parts' candidates, with the versions joined in "k" ("1+0") and the files listed in order."""
+    names = rec["adapter"].split("+")
+    out = []
+    for combo in itertools.product(*(candidates(timeline[name], rec) for name in names)):
+        parts = list(zip(names, combo, strict=True))
+        if len(combo) == 1:
+            out.append({**combo[0], "parts": parts})
+        else:
+            out.append({"k": "+".join(str(v["k"]) for v in combo), "file": [v["file"] for v in combo],
+                        "parts": parts})
+    return out
+
+
 def check_registry(client: httpx.Client, setup: Setup, admin: list[dict], timeline: dict[str, list[dict]]) -> dict:
     """Every acknowledged write is there with its bytes; every acknowledged delete is gone."""
     listed, after = {}, None
@@ -298,7 +318,9 @@ def run_alone(client: httpx.Client, rec: dict, adapter: str) -> dict:
 
 
 def same_answer(a: dict, b: dict) -> bool:
-    return a.get("text") == b.get("text") and a.get("token_ids") == b.get("token_ids")
+    """Every choice's text and token ids, and how many logprob alternatives each token lists."""
+    return (a.get("text") == b.get("text") and a.get("token_ids") == b.get("token_ids")
+            and a.get("choices") == b.get("choices"))
 
 
 def prompt_ids(rec: dict) -> list[int] | None:
@@ -319,9 +341,8 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     ok = [g for g in gens if g["status"] == 200 and g.get("done", True) and "stream_error" not in g]
     jobs = []
     for rec in ok:
-        versions = timeline[rec["adapter"]]
-        cands = candidates(versions, rec)
-        mid = len(cands) == 1 and replaced_mid_flight(versions, cands[0], rec)
+        cands = composed_candidates(timeline, rec)
+        mid = len(cands) == 1 and any(replaced_mid_flight(timeline[name], v, rec) for name, v in cands[0]["parts"])
         jobs.append((0 if mid or len(cands) > 1 else 1, rec, cands, mid))
     random.Random(seed).shuffle(jobs)
     jobs.sort(key=lambda j: j[0])
@@ -332,15 +353,17 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
     judge = functools.cache(reference or Reference)  # the model loads on the first answer that needs it
     wait_idle(client)
 
-    def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict[int, dict]]:
+    def replay(rec: dict, cands: list[dict]) -> tuple[dict | None, dict[int | str, dict]]:
         """The first candidate version whose replay alone gives rec's answer; the replays, by version."""
-        answers: dict[int, dict] = {}
+        answers: dict[int | str, dict] = {}
         for v in cands:
-            ref = f"ref-{rec['adapter']}-{v['k']}"
-            if ref not in uploaded:
-                upload(client, ref, Path(v["file"]), admin_key)
-                uploaded.add(ref)
-            answer = answers[v["k"]] = run_alone(client, rec, ref)
+            refs = []
+            for name, part in v["parts"]:
+                refs.append(f"ref-{name}-{part['k']}")
+                if refs[-1] not in uploaded:
+                    upload(client, refs[-1], Path(part["file"]), admin_key)
+                    uploaded.add(refs[-1])
+            answer = answers[v["k"]] = run_alone(client, rec, "+".join(refs))
             if answer["status"] != 200:
                 result["replay_errors"] += 1
             elif same_answer(rec, answer):
@@ -348,13 +371,29 @@ def verify_answers(client: httpx.Client, gens: list[dict], timeline: dict[str, l
         return None, answers
 
     def explain(rec: dict, cands: list[dict]) -> tuple[dict | None, Verdict]:
-        """The first candidate version whose plain forward explains rec's answer up to near-ties."""
+        """The first candidate version whose plain forward explains every choice of rec's answer up to near-ties.
+
+        Choice i of n draws with the seed of copy i; a choice of best_of may be any copy's."""
         prompt, verdict = prompt_ids(rec), Verdict(wrong_step=0)
-        if not prompt or not rec.get("token_ids"):
+        choices = rec.get("choices") or [{"token_ids": rec.get("token_ids")}]
+        if not prompt or not all(c.get("token_ids") for c in choices):
             return None, verdict
-        params = sampling_params(rec["endpoint"], rec["body"], len(rec["token_ids"]))
+        body = rec["body"]
+        n, copies = int(body.get("n", 1)), int(body.get("best_of") or body.get("n", 1))
         for v in cands:
-            verdict = judge().explain(prompt, rec["token_ids"], params, v["file"])
+            verdict = Verdict()
+            for i, choice in enumerate(choices):
+                ids = choice["token_ids"]
+                for copy in range(copies) if copies > n else [i]:
+                    found = judge().explain(prompt, ids, sampling_params(rec["endpoint"], body, len(ids), copy),
+                                            v["file"])
+                    if found.explained:
+                        break
+                verdict.checked += found.checked
+                verdict.near_ties += found.near_ties
+                if not found.explained:
+                    verdict.wrong_step = found.wrong_step
+                    break
             if verdict.explained:
                 return v, verdict
         return None, verdict

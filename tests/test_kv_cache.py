@@ -80,3 +80,24 @@ def test_a_full_cache_says_so_and_frees_make_room():
     assert len(slots) == cache.num_blocks
     cache.free(slots.pop())
     slots.append(cache.allocate(cache.block_tokens))
+
+
+def test_free_zeroes_the_columns_steps_wrote_and_nothing_else():
+    """What a row wrote (NaN, Inf) is gone when its slot is freed, in every layer, however far its steps wrote;
+    other rows' columns stay."""
+    cache = make(10_000)
+    mine, other = cache.allocate(100), cache.allocate(100)
+    for pool in cache.k + cache.v:
+        pool[:, other.start : other.start + 5] = 1.0
+    cache.writing(mine, 10)
+    cache.writing(mine, 40)
+    cache.writing(mine, 20)  # a later step writing less does not shrink what is cleared
+    for pool in cache.k + cache.v:
+        pool[:, mine.start : mine.start + 20] = float("nan")
+        pool[:, mine.start + 20 : mine.start + 40] = float("inf")
+    cache.free(mine)
+    assert not any(t.isnan().any() or t.isinf().any() for t in cache.k + cache.v)
+    assert all(bool((t[:, other.start : other.start + 5] == 1.0).all()) for t in cache.k + cache.v)
+    again = cache.allocate(100)
+    assert again.start == mine.start
+    cache.free(again)  # nothing written since: nothing to clear, and no error

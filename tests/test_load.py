@@ -1,7 +1,8 @@
 """The short version of the load test (`make load` runs the long one): a real server under locust.
 
-50 random LoReFT adapters with Zipf popularity, completions, chat and /generate, streaming or not, while two
-admin users replace served adapters and upload and delete others. Much smaller than `make load` so it fits
+50 random LoReFT adapters with Zipf popularity (some requests compose two), completions, chat and /generate,
+streaming or not, with every sampling option the API accepts drawn per request (load_tests/workload.py), while
+two admin users replace served adapters and upload and delete others. Much smaller than `make load` so it fits
 a few minutes on an idle 2-core CPU: 16 inference users (not 64), prompts of 16-128 tokens and outputs of 1-32
 (not 1,024 and 256), 60 s of load; requests in flight at the end are waited for, not abandoned, so a slow
 (shared) machine makes the test longer rather than empty. Every answer is then replayed alone against the idle
@@ -12,6 +13,7 @@ write is checked in the registry.
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -19,8 +21,8 @@ import pytest
 import torch
 
 from load_tests import run as load
-from load_tests.reference import Reference, Verdict, sampling_params
-from server.engine.sampling import seeded_uniform
+from load_tests.reference import Reference, Verdict, adjusted, sampling_params
+from server.engine.sampling import Sampler, seeded_uniform
 
 
 @pytest.mark.timeout(1200)
@@ -160,3 +162,42 @@ def _registry() -> dict:
 def _config() -> dict:
     return {"users": 1, "admin_users": 0, "adapters": 1, "zipf_s": 1.0, "prompt_tokens": [1, 1],
             "output_tokens": [1, 1]}
+
+
+def test_the_judge_adjusts_scores_as_the_sampler_does():
+    """reference.adjusted, rule by rule in Python, picks what the Sampler picks under bias and penalties."""
+    vocab, prompt, gen = 40, [1, 2, 3, 2], torch.Generator().manual_seed(3)
+    bodies = [{"logit_bias": {"5": 3.0, "7": -100.0}}, {"repetition_penalty": 1.5}, {"repetition_penalty": 0.7},
+              {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"frequency_penalty": -0.5},
+              {"logit_bias": {"9": 2.0}, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.6}]
+    for body in bodies:
+        params = sampling_params("completions", {"temperature": 0.0, **body}, 25)
+        sampler = Sampler(1, vocab, "cpu")
+        sampler.add(0, params, prompt)
+        generated: list[int] = []
+        for _ in range(25):
+            row = torch.randn(vocab, generator=gen).clamp(-1, 1)  # close logits: the penalties move the pick
+            token = sampler(row[None], torch.tensor([0])).token_ids[0]
+            assert int(adjusted(row, prompt, generated, params).argmax()) == token, (body, generated)
+            generated.append(token)
+        assert len(set(generated)) > 1 or "logit_bias" in body, body
+
+
+def test_streamed_choices_are_kept_apart_with_their_logprob_widths():
+    """Chunks of n choices interleave in a stream; each choice's text, ids and logprob widths are its own."""
+    events = [
+        {"choices": [{"index": 1, "text": "b", "token_ids": [7], "logprobs": {"top_logprobs": [{"b": -1.0}]}}],
+         "prompt_token_ids": [1, 2]},
+        {"choices": [{"index": 0, "text": "a", "token_ids": [5], "logprobs": {"top_logprobs": [{"a": -1, "c": -2}]}}]},
+        {"choices": [{"index": 1, "text": "d", "token_ids": [8], "logprobs": {"top_logprobs": [{"d": -0.5}]}}]},
+        {"choices": [], "usage": {"completion_tokens": 3}},
+    ]
+    rec: dict = {}
+    load.parse_stream([f"data: {json.dumps(e)}" for e in events] + ["data: [DONE]"], "completions", rec)
+    assert rec["choices"] == [{"text": "a", "token_ids": [5], "widths": [2]},
+                              {"text": "bd", "token_ids": [7, 8], "widths": [1, 1]}]
+    assert (rec["text"], rec["token_ids"], rec["prompt_ids"], rec["done"]) == ("a", [5], [1, 2], True)
+    whole: dict = {}
+    load.parse_whole({"choices": [{"index": 0, "message": {"content": "x"}, "token_ids": [4],
+                                   "logprobs": {"content": [{"top_logprobs": [{}, {}, {}]}]}}]}, "chat", whole)
+    assert whole["choices"] == [{"text": "x", "token_ids": [4], "widths": [3]}]

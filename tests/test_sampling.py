@@ -225,6 +225,58 @@ def test_a_slot_reused_starts_fresh(device):
     assert runs[0] == runs[1]
 
 
+# ---- no row state outlives its row --------------------------------------------------------------
+
+# One row of each kind of per-row state: bias, prompt and output penalties, logprob widths, seeds and steps.
+KINDS = {
+    "plain": SamplingParams(),
+    "biased": SamplingParams(logit_bias=((7, 100.0), (8, -5.0))),
+    "repetition": SamplingParams(repetition_penalty=1.8),
+    "frequency": SamplingParams(frequency_penalty=1.0, presence_penalty=0.5),
+    "logprobs": SamplingParams(logprobs=5),
+    "seeded": SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=3),
+    "everything": SamplingParams(temperature=1.1, seed=4, logit_bias=((9, 100.0),), repetition_penalty=0.5,
+                                 frequency_penalty=-0.5, logprobs=MAX_LOGPROBS),
+}
+
+
+def newcomer_run(params: SamplingParams, device: torch.device, before: SamplingParams | None = None) -> list:
+    """(token, logprobs) of a row at slot 2 over STEPS calls on step_logits(0), prompt [1, 2, 3].
+
+    With `before`: three rows with those parameters (another prompt, their own logits) first use slots 0-2
+    for a few steps; those at slots 1 and 2 leave, and the one at slot 0 keeps running beside the new row.
+    """
+    sampler = Sampler(4, VOCAB, device)
+    mine = step_logits(0).to(device)
+    keeper = None
+    if before is not None:
+        for slot in range(3):
+            sampler.add(slot, before, [7, 8, 9, 10])
+        for step in range(4):
+            sampler(step_logits(1)[step : step + 3].to(device), slots_of([0, 1, 2], device))
+        sampler.remove(2)
+        sampler.remove(1)
+        keeper = step_logits(2).to(device)
+    sampler.add(2, params, [1, 2, 3])
+    out = []
+    for step in range(STEPS):
+        if keeper is None:
+            got = sampler(mine[step : step + 1], slots_of([2], device))
+        else:
+            got = sampler(torch.stack([keeper[step], mine[step]]), slots_of([0, 2], device))
+        out.append((got.token_ids[-1], got.logprobs[-1]))
+    return out
+
+
+@pytest.mark.parametrize("before", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_row_inherits_nothing_from_the_rows_that_held_its_slot(device, kind, before):
+    """A row's tokens and logprobs are its own alone, after rows of another kind used its slot while one of
+    them keeps running (so the batch still needs that kind's work: bias, penalties, logprobs)."""
+    alone = newcomer_run(KINDS[kind], device)
+    assert newcomer_run(KINDS[kind], device, KINDS[before]) == alone
+
+
 # ---- penalties and bias --------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ the pool:
 - a prefill chunk: its queries against its own row's columns, causal (lower-right aligned when
   the chunk continues a prompt); one call per row, so attention work follows each row's length;
 - decode: one call per block of equal-size slots (`kv_cache.py`), the block's slots as a batch,
-  keys up to the longest row in that block, a boolean mask for the shorter ones;
+  keys up to the longest row in that block, a boolean mask for the shorter ones (the columns
+  behind it still enter the products, so they must be finite: the cache zeroes a freed slot's);
 - decode of a single row (`SingleDecode`): its query against exactly its own columns, no index
   tensor, no mask and no copy in or out (one person chatting alone runs this at every step);
 - a compiled decode step (`compiled.py`): the same result from index tensors of fixed meaning

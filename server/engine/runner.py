@@ -112,6 +112,7 @@ class ModelRunner:
         echoed: list[tuple[int, int] | None] = []  # per chunk: its prompt logits' (first kept row, count)
         for chunk in chunks:
             offset, n = len(ids), len(chunk.tokens)
+            self.cache.writing(chunk.slot, chunk.start + n)
             ids.extend(chunk.tokens)
             positions.extend(range(chunk.start, chunk.start + n))
             columns.extend(range(chunk.slot.start + chunk.start, chunk.slot.start + chunk.start + n))
@@ -135,6 +136,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> Tensor:
         """One decode step for `rows`: feed each row's last token, return next-token logits [B, V]."""
+        for r in rows:
+            self.cache.writing(r.slot, r.position + 1)
         if self.compiled is not None:
             return self.compiled([(r.token, r.position, r.slot) for r in rows])
         layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],

@@ -90,7 +90,10 @@ class Sampler:
     """Samples the next token of every row of a batch on the model's device.
 
     Per-row parameters live on the device in slot tables [max_rows, ...], written by `add()` when
-    a row joins and never rebuilt per step. Work that no row holding a slot needs (sorting for
+    a row joins and never rebuilt per step. A join rewrites the slot's row of every table, whatever
+    the new row asks for, because a call applies a table to all its rows once any row needs it:
+    nothing a row leaves in its slot (bias, counts, prompt tokens, seed, step, logprob width)
+    reaches the next row there. Work that no row holding a slot needs (sorting for
     top-p, penalties, bias, logprobs) is skipped; rows that do not ask for it pass through the
     shared computation unchanged (bias 0, penalties 0 and 1 are exact no-ops), so greedy rows are
     `logits.argmax(-1)` bit for bit.
@@ -163,22 +166,26 @@ class Sampler:
         self._floats[slot] = torch.tensor(floats, dtype=torch.float32)
         self._ints[slot] = torch.tensor(ints, dtype=torch.int64)
         self._steps[slot] = 0
-        if _has_penalties(params):
-            if self._counts is None or self._prompt_seen is None:
-                self._counts = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.int32, device=self.device)
-                self._prompt_seen = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.bool, device=self.device)
+        # Every table that exists gets the whole row rewritten, whatever this row asks for: a call applies a
+        # table to every row of the batch once any row needs it, so a stale row would act on this one.
+        if _has_penalties(params) and (self._counts is None or self._prompt_seen is None):
+            self._counts = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.int32, device=self.device)
+            self._prompt_seen = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.bool, device=self.device)
+        if self._counts is not None and self._prompt_seen is not None:
             self._counts[slot] = 0
             self._prompt_seen[slot] = False
             if params.repetition_penalty != 1.0 and prompt_ids:
                 index = torch.tensor(list(prompt_ids), dtype=torch.long).to(self.device)
                 self._prompt_seen[slot].index_fill_(0, index, True)
-        if params.logit_bias:
-            if self._bias is None:
-                self._bias = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.float32, device=self.device)
+        if params.logit_bias and self._bias is None:
+            self._bias = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.float32, device=self.device)
+        if self._bias is not None and params.logit_bias:
             ids, values = zip(*params.logit_bias, strict=True)
             row = torch.zeros(self.vocab_size, dtype=torch.float32)
             row[list(ids)] = torch.tensor(values, dtype=torch.float32).clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
             self._bias[slot] = row.to(self.device)
+        elif self._bias is not None:
+            self._bias[slot] = 0.0
         self._rows[slot] = params
         self._needs = self._summarise()
 
