@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from server import adapter_file
 from server.adapter_file import Adapter, AdapterError
@@ -82,6 +83,14 @@ class UnknownAdapter(KeyError):
 
 class AdapterExists(ValueError):
     """The name is taken and replace was not asked for."""
+
+
+class AdapterChanged(ValueError):
+    """The name no longer holds the version the caller saw (another upload or a delete came first)."""
+
+    def __init__(self, name: str, current: AdapterRecord | None) -> None:
+        super().__init__(f"adapter {name!r} changed since it was read")
+        self.current = current
 
 
 class AdapterTooLarge(ValueError):
@@ -563,8 +572,14 @@ class Registry:
             raise AdapterTooLarge(f"{path} is {path.stat().st_size} bytes; the limit is {self.max_adapter_bytes}")
         return adapter_file.loads(path.read_bytes(), self.base, self.max_rank)
 
-    def put(self, name: str, adapter: Adapter, replace: bool) -> AdapterRecord:
-        """Store `adapter` as the new current version of `name`, atomically."""
+    def put(
+        self, name: str, adapter: Adapter, replace: bool, expected: AdapterRecord | None | Literal["any"] = "any"
+    ) -> AdapterRecord:
+        """Store `adapter` as the new current version of `name`, atomically.
+
+        `expected`, when given, is the record the caller read earlier (None: the name was free); if
+        any replica has uploaded or deleted the name since, AdapterChanged is raised and nothing written.
+        """
         self._check_writable()
         adapter_file.validate_name(name)
         data = adapter_file.to_bytes(adapter)
@@ -572,6 +587,8 @@ class Registry:
         with self._write_lock, self._flock(exclusive=True):
             changed = self._sync()
             old = self._records.get(name)
+            if expected != "any" and _identity(old) != _identity(expected):
+                raise AdapterChanged(name, old)
             if old is not None and not replace:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
             st = atomic_write(self.directory / (name + SUFFIX), data)
@@ -698,6 +715,11 @@ def _record(name: str, version: int, sha: str, adapter: Adapter, size: int, st: 
         layers=adapter.layers, rank=adapter.max_rank, positions=str(adapter.positions),
         share_weights=adapter.share_weights, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns,
     )
+
+
+def _identity(record: AdapterRecord | None) -> tuple[int, str, float] | None:
+    """What tells one stored version from another (a rescan's new file stat does not)."""
+    return None if record is None else (record.version, record.sha256, record.created)
 
 
 def _with_stat(record: AdapterRecord, st: os.stat_result) -> AdapterRecord:
