@@ -44,11 +44,11 @@ def upload(client: httpx.Client, name: str, data: bytes = EMOJI, replace: bool =
     return client.post("/v1/adapters", data=form, headers=ADMIN, files={"file": ("a.safetensors", data)})
 
 
-def wait_done(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/adapters/train/{job_id}", headers=ADMIN).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in ("succeeded", "failed", "cancelled", "conflict"):
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish: {job}")
@@ -119,7 +119,7 @@ def test_costly_jobs_are_refused_before_they_start_with_the_numbers(client):
     message = error_of(start(epochs=21, batch_size=1), 400)  # 21 epochs x 3 batches
     assert "63 steps" in message and "60" in message and "REFT_MAX_TRAIN_STEPS" in message
     long = [*EXAMPLES, {"prompt": "Say a lot.", "completion": "word " * 300}]
-    message = error_of(start(data=long, batch_size=2), 413)
+    message = error_of(start(data=long, batch_size=2, epochs=1), 413)
     assert "tokens" in message and "200" in message and "REFT_MAX_TRAIN_STEP_TOKENS" in message
     assert start(data=long, batch_size=1, epochs=1).status_code == 413  # one example alone is too long
     assert "costly" not in client.get("/v1/adapters", headers=ADMIN).text
@@ -142,7 +142,7 @@ def test_jobs_beyond_the_concurrency_bound_get_429(client):
 
 
 def test_an_upload_of_the_name_while_the_job_trains_is_kept_and_reported(client):
-    r = client.post("/v1/adapters/train", json={"name": "contested", "data": EXAMPLES, "epochs": 20,
+    r = client.post("/v1/adapters/train", json={"name": "contested", "data": EXAMPLES, "epochs": 2,
                                                "batch_size": 1}, headers=ADMIN)
     assert r.status_code == 202, r.text
     uploaded = upload(client, "contested")
@@ -150,7 +150,7 @@ def test_an_upload_of_the_name_while_the_job_trains_is_kept_and_reported(client)
     done = wait_done(client, r.json()["id"])
     assert done["status"] == "conflict", done
     assert "contested" in done["error"] and "changed while the job trained" in done["error"]
-    assert done["adapter"] is None and done["step"] == 60
+    assert done["adapter"] is None and done["step"] == 6
     assert client.get("/v1/adapters/contested", headers=ADMIN).json()["sha256"] == uploaded.json()["sha256"]
     trained = client.get(f"/v1/adapters/train/{r.json()['id']}/adapter", headers=ADMIN)
     assert trained.status_code == 200 and trained.content != EMOJI  # the result is not lost: it can be uploaded
@@ -159,7 +159,7 @@ def test_an_upload_of_the_name_while_the_job_trains_is_kept_and_reported(client)
 
 def test_a_delete_of_the_name_while_a_replacing_job_trains_is_not_undone(client):
     assert upload(client, "doomed").status_code == 201
-    r = client.post("/v1/adapters/train", json={"name": "doomed", "data": EXAMPLES, "epochs": 20, "batch_size": 1,
+    r = client.post("/v1/adapters/train", json={"name": "doomed", "data": EXAMPLES, "epochs": 2, "batch_size": 1,
                                                "replace": True}, headers=ADMIN)
     assert r.status_code == 202, r.text
     assert client.delete("/v1/adapters/doomed", headers=ADMIN).status_code == 204
