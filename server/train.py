@@ -416,9 +416,9 @@ class Trainer:
         return self._batches.pop(0)
 
     def _loss_sum(self, batch: Sequence[Example]) -> Tensor:
-        """Summed next-token cross-entropy over the completion tokens (divided by their count, what transformers
-        computes from `labels`), with logits only from the shortest prompt's last token on: the vocabulary
-        projection over prompt tokens would be a large, useless share of a step."""
+        """Summed next-token cross-entropy over the completion tokens of `batch` (divided by the step's count of
+        them, it is the mean transformers computes from `labels`), with logits only from the shortest prompt's
+        last token on: the vocabulary projection over prompt tokens would be a large, useless share of a step."""
         ids, mask, labels = _collate(batch, self.pad, self.base.device)
         where = locations_index([len(e.prompt_ids) for e in batch], self.positions, len(self.modules),
                                 self.share_weights, self.base.device)
