@@ -20,7 +20,7 @@ from server.engine.structured import GrammarCompiler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
 from server.registry import Registry
-from server.training_jobs import TrainingJobs
+from server.training_jobs import JobLimits, TrainingJobs
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # 30 ms of quiet lets the burst share one prefill; on a GPU a prefill takes milliseconds, and a lone
 # request should not wait 30 ms for its first token.
 BATCH_QUIET_MS = {"cpu": 30.0, "cuda": 2.0}
+# Training time per engine iteration while serving, by device, unless REFT_TRAIN_BUDGET_MS says
+# otherwise: a stream's token gap grows by about this much while a job trains, so it is set below
+# one decode step of the default model (about 55 ms on a 2-core CPU, bench/RESULTS.md).
+TRAIN_BUDGET_MS = {"cpu": 40.0, "cuda": 10.0}
 
 
 @dataclass
@@ -84,6 +88,7 @@ def build_engine(settings: Settings) -> Engine:
         batch_wait=settings.batch_wait_ms / 1000,
         batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
                      else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
+        task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
     )
     scheduler.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from
@@ -93,5 +98,6 @@ def build_engine(settings: Settings) -> Engine:
     grammars = GrammarCompiler(base.tokenizer, int(base.model.config.vocab_size), eos_ids,
                                max_entries=settings.grammar_cache_size, max_spec_bytes=settings.max_grammar_bytes,
                                timeout_s=settings.grammar_compile_seconds)
-    return Engine(base, registry, scheduler, cache, TrainingJobs(base, registry, scheduler), settings.max_new_tokens,
-                  grammars, time.perf_counter() - start)
+    limits = JobLimits(settings.max_train_jobs, settings.max_train_steps, settings.max_train_step_tokens)
+    return Engine(base, registry, scheduler, cache, TrainingJobs(base, registry, scheduler, limits),
+                  settings.max_new_tokens, grammars, time.perf_counter() - start)

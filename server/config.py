@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
     max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")
+    # Training jobs (POST /v1/adapters/train): what one may cost, and what it may take from serving
+    max_train_jobs: int = Field(2, ge=1, description="training jobs queued or running at once; more get 429")
+    max_train_steps: int = Field(10_000, ge=1, description="optimisation steps (epochs x batches) per job")
+    max_train_step_tokens: int = Field(
+        16_384, ge=1, description="prompt + completion tokens of a job's largest batch (one optimisation step)"
+    )
+    train_budget_ms: float | None = Field(
+        None, gt=0, le=10_000,
+        description="training time per engine iteration while serving; default 40 on CPU, 10 on GPU",
+    )
     max_adapter_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload accepted")
     max_interventions: int = Field(64, ge=1, description="most interventions in one adapter (each costs a Python "
                                                          "step per prefill chunk)")

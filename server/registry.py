@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import torch
 
@@ -97,6 +98,14 @@ class UnknownAdapter(KeyError):
 
 class AdapterExists(ValueError):
     """The name is taken and replace was not asked for."""
+
+
+class AdapterChanged(ValueError):
+    """The name no longer holds the version the caller saw (another upload or a delete came first)."""
+
+    def __init__(self, name: str, current: AdapterRecord | None) -> None:
+        super().__init__(f"adapter {name!r} changed since it was read")
+        self.current = current
 
 
 class AdapterTooLarge(ValueError):
@@ -638,8 +647,14 @@ class Registry:
         adapter_file.check_range(adapter, self.serving_dtype)
         return adapter
 
-    def put(self, name: str, adapter: Adapter, replace: bool) -> AdapterRecord:
-        """Store `adapter` as the new current version of `name`, atomically."""
+    def put(
+        self, name: str, adapter: Adapter, replace: bool, expected: AdapterRecord | None | Literal["any"] = "any"
+    ) -> AdapterRecord:
+        """Store `adapter` as the new current version of `name`, atomically.
+
+        `expected`, when given, is the record the caller read earlier (None: the name was free); if
+        any replica has uploaded or deleted the name since, AdapterChanged is raised and nothing written.
+        """
         self._check_writable()
         adapter_file.validate_name(name)
         adapter_file.check_count(len(adapter.interventions), self.max_interventions)
@@ -649,6 +664,8 @@ class Registry:
         with self._write_lock, self._flock(exclusive=True):
             changed = self._sync()
             old = self._records.get(name)
+            if expected != "any" and _identity(old) != _identity(expected):
+                raise AdapterChanged(name, old)
             if old is not None and not replace:
                 raise AdapterExists(f"adapter {name!r} exists (version {old.version}); pass replace=true to replace it")
             st = atomic_write(self.directory / (name + SUFFIX), data)
@@ -802,6 +819,11 @@ def _record_of(entry: object) -> AdapterRecord | None:
         return isinstance(value, _FIELD_TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
 
     return AdapterRecord(**entry) if all(fits(entry[f.name], f.type) for f in fields(AdapterRecord)) else None
+
+
+def _identity(record: AdapterRecord | None) -> tuple[int, str, float] | None:
+    """What tells one stored version from another (a rescan's new file stat does not)."""
+    return None if record is None else (record.version, record.sha256, record.created)
 
 
 def _with_stat(record: AdapterRecord, st: os.stat_result) -> AdapterRecord:

@@ -9,7 +9,10 @@ completion tokens (plus an appended EOS) only; AdamW with linear decay to 0, flo
 norm clipped at 1.0 (the transformers Trainer defaults pyreft trains with).
 
 `Trainer.step()` runs one optimisation step and returns its loss, so a caller decides what runs
-between steps: the CLI's progress bar, or a serving engine interleaving its own steps.
+between steps: the CLI's progress bar. `Trainer.accumulate(max_tokens)` runs one micro-step of a
+step (forward and backward over the next few examples of its batch, gradients accumulated), so a
+serving engine can spread a step of any batch size over many of its iterations; the step it
+completes equals the step taken whole (tests/test_train.py checks it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -291,6 +295,48 @@ class TrainConfig:
     seed: int = 0
 
 
+def total_steps(examples: int, config: TrainConfig) -> int:
+    """Optimisation steps of a run: epochs x batches per epoch (the last batch of an epoch may be short)."""
+    return config.epochs * math.ceil(examples / min(config.batch_size, examples))
+
+
+def step_tokens(examples: Sequence[Example], batch_size: int) -> int:
+    """Tokens (prompt + completion) of the largest batch the examples can form: the most one step computes."""
+    lengths = sorted((len(e.prompt_ids) + len(e.completion_ids) for e in examples), reverse=True)
+    return sum(lengths[:batch_size])
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """What one `Trainer.accumulate` call computed."""
+
+    tokens: int  # token positions in its forward (rows x the longest row, padding included)
+    loss: float | None  # the optimisation step's loss when this micro-step completed the step, else None
+
+
+@dataclass
+class _StepInProgress:
+    """The batch of the step being accumulated: what is left of it, and its loss so far."""
+
+    remaining: list[Example]
+    completion_tokens: int  # of the whole batch: the mean loss's denominator
+    loss: float = 0.0
+
+
+def _rows_within(batch: Sequence[Example], max_tokens: int | None) -> int:
+    """How many leading examples of `batch` fit, padded to the longest of them, in `max_tokens` positions (at least
+    one)."""
+    if max_tokens is None:
+        return len(batch)
+    rows, width = 1, len(batch[0].prompt_ids) + len(batch[0].completion_ids)
+    while rows < len(batch):
+        width = max(width, len(batch[rows].prompt_ids) + len(batch[rows].completion_ids))
+        if (rows + 1) * width > max_tokens:
+            break
+        rows += 1
+    return rows
+
+
 def _collate(batch: Sequence[Example], pad: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded input ids, attention mask, and labels with prompt and padding masked out."""
     width = max(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
@@ -340,12 +386,13 @@ class Trainer:
         self.params = [p for p in self.modules.parameters() if p.requires_grad]
         self.batch_size = min(c.batch_size, len(self.examples))
         self.steps_per_epoch = math.ceil(len(self.examples) / self.batch_size)
-        self.total_steps = c.epochs * self.steps_per_epoch
+        self.total_steps = total_steps(len(self.examples), c)
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=0.0)
         total = self.total_steps
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, (total - s) / total))
         self._order = torch.Generator().manual_seed(c.seed)
         self._batches: list[list[Example]] = []
+        self._step: _StepInProgress | None = None
         self.steps_done = 0
         self.pad = eos_id(base)
 
@@ -368,10 +415,10 @@ class Trainer:
                                  for s in range(0, len(order), self.batch_size)]
         return self._batches.pop(0)
 
-    def _loss(self, batch: Sequence[Example]) -> Tensor:
-        """Mean next-token cross-entropy over the completion tokens (what transformers computes from
-        `labels`), with logits only from the shortest prompt's last token on: the vocabulary
-        projection over prompt tokens would be a large, useless share of a step."""
+    def _loss_sum(self, batch: Sequence[Example]) -> Tensor:
+        """Summed next-token cross-entropy over the completion tokens of `batch` (divided by the step's count of
+        them, it is the mean transformers computes from `labels`), with logits only from the shortest prompt's
+        last token on: the vocabulary projection over prompt tokens would be a large, useless share of a step."""
         ids, mask, labels = _collate(batch, self.pad, self.base.device)
         where = locations_index([len(e.prompt_ids) for e in batch], self.positions, len(self.modules),
                                 self.share_weights, self.base.device)
@@ -380,20 +427,42 @@ class Trainer:
         with hooked(self.base.layers, [m.current() for m in self.modules], where):
             logits = self.base.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
         target = labels[:, start:]
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum")
 
-    def step(self) -> float:
-        """One optimisation step on the next batch; returns its loss."""
+    def accumulate(self, max_tokens: int | None = None) -> MicroStep:
+        """Forward and backward over the next examples of the current step's batch, in batch order, as many as
+        fit in `max_tokens` token positions (always at least one; None: the whole rest of the batch).
+
+        Each micro-batch's summed loss is divided by the whole batch's count of completion tokens, so
+        the accumulated gradients are those of the batch's mean loss. The micro-step that ends the
+        batch clips the gradient norm, steps the optimizer and the schedule, and returns the loss.
+        """
         if self.done:
             raise RuntimeError(f"training is finished ({self.total_steps} steps)")
-        loss = self._loss(self._next_batch())
-        self.optimizer.zero_grad()
+        if self._step is None:
+            batch = self._next_batch()
+            self._step = _StepInProgress(batch, sum(len(e.completion_ids) for e in batch))
+            self.optimizer.zero_grad()
+        step = self._step
+        rows = _rows_within(step.remaining, max_tokens)
+        part, step.remaining = step.remaining[:rows], step.remaining[rows:]
+        loss = self._loss_sum(part) / step.completion_tokens
         loss.backward()
+        step.loss += loss.item()
+        tokens = rows * max(len(e.prompt_ids) + len(e.completion_ids) for e in part)
+        if step.remaining:
+            return MicroStep(tokens, None)
+        self._step = None
         nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.schedule.step()
         self.steps_done += 1
-        return loss.item()
+        return MicroStep(tokens, step.loss)
+
+    def step(self) -> float:
+        """One optimisation step (the rest of the batch, when a step was being accumulated); returns its loss."""
+        return cast(float, self.accumulate().loss)  # a whole batch's rest completes the step
 
     def adapter(self) -> Adapter:
         """The interventions as they are now, validated and ready to save (float32)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for
 
 from server.adapter_file import Adapter, build, import_pyreft, make_intervention
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
@@ -994,11 +995,30 @@ class CountingTask:
     def __init__(self, steps: int, raise_at: int | None = None) -> None:
         self.steps, self.raise_at, self.done, self.failed = steps, raise_at, 0, None
 
-    def step(self) -> bool:
+    def step(self, budget: float) -> bool:
         if self.done == self.raise_at:
             raise RuntimeError("task broke")
         self.done += 1
         return self.done >= self.steps
+
+    def fail(self, message: str) -> None:
+        self.failed = message
+
+
+class OverrunningTask:
+    """A background task whose every step takes `seconds`, more than its budget; it records the budget it was given
+    and whether a request was being served at each step."""
+
+    def __init__(self, sch: Scheduler, seconds: float) -> None:
+        self.sch, self.seconds, self.budgets, self.serving = sch, seconds, [], []
+        self.stop, self.finished, self.failed = False, False, None
+
+    def step(self, budget: float) -> bool:
+        self.budgets.append(budget)
+        self.serving.append(self.sch.num_running > 0)
+        time.sleep(self.seconds)
+        self.finished = self.stop
+        return self.finished
 
     def fail(self, message: str) -> None:
         self.failed = message
@@ -1021,6 +1041,24 @@ def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engi
     assert finishing.done == 3 and finishing.failed is None
     assert breaking.done == 2 and "task broke" in breaking.failed
     assert engine.sch.steps - steps_before >= 2  # the tasks took turns with decode steps
+
+
+def test_a_task_step_that_overruns_its_budget_is_paid_back_by_later_iterations(engine):
+    """A step five budgets long runs about once per five decode steps while a request is served, back to back
+    when nothing is."""
+    engine.assert_idle()
+    sch = small_scheduler(engine, task_budget=0.01)
+    with running(sch):
+        task = OverrunningTask(sch, seconds=0.05)
+        sch.add_task(task)
+        assert wait_for(lambda: len(task.budgets) >= 3, timeout=30)  # idle: back to back
+        steps_before, calls_before = sch.steps, len(task.serving)
+        engine.submit(engine.chat_prompts[0], SamplingParams(max_new_tokens=40, ignore_eos=True), sch=sch)[1].wait()
+        decode_steps, task_steps = sch.steps - steps_before, sum(task.serving[calls_before:])
+        task.stop = True
+        assert wait_for(lambda: task.finished, timeout=30)
+    assert set(task.budgets) == {0.01} and task.failed is None
+    assert decode_steps >= 39 and 2 <= task_steps <= decode_steps // 5 + 2, (decode_steps, task_steps)
 
 
 # ---- logprobs --------------------------------------------------------------------------------

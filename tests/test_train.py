@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,9 @@ from server.train import (
     encode,
     load_examples,
     read_records,
+    records_from_rows,
+    step_tokens,
+    total_steps,
 )
 
 PAIRS = [
@@ -194,6 +200,62 @@ def test_bad_settings_are_refused(base, examples, kw, message):
 def test_no_examples_is_refused(base):
     with pytest.raises(ValueError, match="no training examples"):
         Trainer(base, [], _config())
+
+
+# ---- gradient accumulation ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A randomly initialised two-layer Llama (bench/random_model.py's "tiny"): the sums checked below do not
+    depend on the weights, and its steps take milliseconds."""
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "random_model.py"), str(out),
+                    "--shape", "tiny", "--dtype", "float32", "--device", "cpu"], check=True, capture_output=True)
+    return load_base_model(str(out), device="cpu", dtype="float32")
+
+
+def _uneven_examples(base):
+    rows = [{"prompt": "q " * (3 + 5 * i), "completion": "a " * (1 + 3 * (i % 3))} for i in range(7)]
+    return encode(records_from_rows(rows), base)
+
+
+@pytest.mark.parametrize(("kind", "max_tokens"), [("loreft", 1), ("consreft", 40)])
+def test_micro_steps_accumulate_to_the_whole_step(tiny, kind, max_tokens):
+    examples = _uneven_examples(tiny)
+    config = TrainConfig(kind=kind, layers=(0, 1), rank=2, positions="f1+l1", epochs=2, batch_size=4, lr=0.05)
+    whole, parts = Trainer(tiny, examples, config), Trainer(tiny, examples, config)
+    assert whole.total_steps == 4  # batches of 4 and 3 examples, twice
+    for _ in range(whole.total_steps):
+        expected = whole.step()
+        micro = [parts.accumulate(max_tokens)]
+        while micro[-1].loss is None:
+            micro.append(parts.accumulate(max_tokens))
+        assert len(micro) > 1 and all(m.tokens <= max_tokens for m in micro if max_tokens > 1)
+        assert micro[-1].loss == pytest.approx(expected, rel=1e-5)
+        assert parts.steps_done == whole.steps_done
+        for a, b in zip(whole.params, parts.params, strict=True):
+            torch.testing.assert_close(b.grad, a.grad)  # the step's (clipped) gradients, summed in another order
+            # AdamW divides each gradient by its own running magnitude, which magnifies float rounding
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
+    assert whole.done and parts.done
+
+
+def test_step_after_micro_steps_finishes_the_batch(tiny):
+    examples = _uneven_examples(tiny)
+    config = TrainConfig(layers=(1,), rank=1, positions="l1", epochs=1, batch_size=7)
+    whole, parts = Trainer(tiny, examples, config), Trainer(tiny, examples, config)
+    assert parts.accumulate(1).loss is None and parts.steps_done == 0
+    assert parts.step() == pytest.approx(whole.step(), rel=1e-5) and parts.done
+
+
+def test_the_bounds_of_a_run_are_known_before_it_starts(tiny):
+    examples = _uneven_examples(tiny)
+    lengths = sorted((len(e.prompt_ids) + len(e.completion_ids) for e in examples), reverse=True)
+    assert step_tokens(examples, 3) == sum(lengths[:3]) and step_tokens(examples, 99) == sum(lengths)
+    for epochs, batch in ((1, 1), (3, 4), (2, 7), (5, 100)):
+        config = TrainConfig(layers=(1,), rank=1, positions="l1", epochs=epochs, batch_size=batch)
+        assert total_steps(len(examples), config) == Trainer(tiny, examples, config).total_steps
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ class TrainRequest(BaseModel):
 class TrainJob(BaseModel):
     id: str
     name: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "conflict"]
     epoch: int
     epochs: int
     step: int

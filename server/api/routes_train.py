@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from server.adapter_file import validate_name
 from server.api.dependencies import require_admin, require_serving
+from server.api.errors import ERROR_TYPES
 from server.api.protocol import ErrorResponse, TrainJob, TrainRequest
 from server.api.serving import Serving, ServingError
 from server.positions import Positions
@@ -14,7 +15,7 @@ from server.train import TrainConfig
 from server.training_jobs import JobError
 
 router = APIRouter(prefix="/v1/adapters/train", tags=["training"], dependencies=[Depends(require_admin)])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 
 
 @router.post("", status_code=202, response_model=TrainJob, responses=ERRORS)
@@ -37,13 +38,27 @@ async def start_training(req: TrainRequest, serving: Serving = Depends(require_s
     try:
         job = await in_own_thread(serving.engine.training.start, req.name, req.data, config, req.replace)
     except JobError as exc:
-        raise ServingError(400, str(exc)) from None
+        raise ServingError(exc.status, str(exc), ERROR_TYPES[exc.status]) from None
     return TrainJob(**job.describe())
 
 
 @router.get("/{job_id}", response_model=TrainJob, responses=ERRORS)
 def get_training(job_id: str, serving: Serving = Depends(require_serving)) -> TrainJob:
     return TrainJob(**_job(serving, job_id).describe())
+
+
+@router.get("/{job_id}/adapter", response_class=Response, responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "the trained adapter (native safetensors)"},
+    **ERRORS,
+})
+def get_trained_adapter(job_id: str, serving: Serving = Depends(require_serving)) -> Response:
+    """The trained adapter's file, once training is over (kept when its name changed meanwhile: `conflict`)."""
+    job = _job(serving, job_id)
+    if job.result is None:
+        raise ServingError(404, f"training job {job_id!r} has no trained adapter (it is {job.status})",
+                           "not_found_error")
+    return Response(job.result, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{job.name}.safetensors"'})
 
 
 @router.delete("/{job_id}", response_model=TrainJob, responses=ERRORS)

@@ -9,9 +9,9 @@ for more than one chunk; an idle engine prefills a burst up to `max_prefill_toke
 Each row also holds a row of the batched `Sampler`'s tables. Finished and cancelled rows give
 their slots back before the next step. A step that fails is
 retried row by row, so an error fails only the request it belongs to. Callers submit from any
-thread and receive `Event`s through the callback they pass. Background tasks (training jobs) run
-one bounded step per iteration, after the decode step, so they never hold serving up for longer
-than one of their steps.
+thread and receive `Event`s through the callback they pass. Background tasks (training jobs) get
+a time budget per iteration, after the decode step (`_background_step` says how it is kept), so a
+stream's token gap grows by about that budget while a task runs.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ class GenerationRequest:
 class BackgroundTask(Protocol):
     """Work that shares the engine thread with serving, one bounded step at a time."""
 
-    def step(self) -> bool:
-        """Run one step; True once the task is finished."""
+    def step(self, budget: float) -> bool:
+        """Run one step of about `budget` seconds (or its smallest piece of work, if longer); True once finished."""
 
     def fail(self, message: str) -> None:
         """The task cannot go on (its step raised, or the engine stopped)."""
@@ -140,6 +140,7 @@ class Scheduler:
         prefill_chunk_tokens: int = 512,
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
+        task_budget: float = 0.05,
     ) -> None:
         self.runner = runner
         self.cache = runner.cache
@@ -154,6 +155,8 @@ class Scheduler:
         self.max_context = max_context
         self.batch_wait = batch_wait
         self.batch_quiet = batch_quiet
+        self.task_budget = task_budget
+        self._task_credit = 0.0  # seconds of background work the next iterations may still run while serving
         self._waiting: deque[GenerationRequest] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, KV slot held, prompt not yet fully computed
         self._running: list[_Sequence] = []  # decoding
@@ -312,14 +315,30 @@ class Scheduler:
                 self._background_step()
 
     def _background_step(self) -> None:
-        """One step of the first background task; tasks take turns."""
+        """One step of the first background task, asked to last `task_budget` seconds; tasks take turns.
+
+        A step can outlast its budget (a task's smallest piece of work, one long training example,
+        may take longer, or its estimate of its own speed may be off). While requests are being
+        served, what a step overran is paid back by the next iterations, which run no task until
+        the credit (a budget per iteration, never more than one saved up) is positive again: over
+        any stretch, background work takes about `task_budget` per iteration, and most token gaps
+        hold none of an overlong step. An engine with nothing to serve runs tasks back to back.
+        """
+        serving = bool(self._running or self._prefilling or self._waiting)
+        if serving:
+            self._task_credit = min(self._task_credit + self.task_budget, self.task_budget)
+            if self._task_credit <= 0:
+                return
         task = self._tasks[0]
+        started = time.perf_counter()
         try:
-            finished = task.step()
+            finished = task.step(self.task_budget)
         except Exception as exc:  # noqa: BLE001 - the task's failure is its own
             log.exception("a background task failed")
             task.fail(f"{type(exc).__name__}: {exc}")
             finished = True
+        if serving:
+            self._task_credit -= time.perf_counter() - started
         with self._cv:
             self._tasks.popleft()
             if not finished:
