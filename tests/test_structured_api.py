@@ -168,11 +168,11 @@ def test_structured_outputs_choice_regex_json_and_grammar_on_every_endpoint(clie
         for _, kind, r in answers[json.dumps(so)]:
             assert r.status_code == 200, (so, r.text)
             body = r.json()
-            choice = body["choices"][0] if "choices" in body else body
-            text = choice["message"]["content"] if kind == "chat" else choice["text"]
-            if choice["finish_reason"] == "length":  # the one tolerated exception (a long number, say)
+            out = body["choices"][0] if "choices" in body else body
+            text = out["message"]["content"] if kind == "chat" else out["text"]
+            if out["finish_reason"] == "length":  # the one tolerated exception (a long number, say)
                 continue
-            assert choice["finish_reason"] == "stop" and ok(text), (so, kind, body)
+            assert out["finish_reason"] == "stop" and ok(text), (so, kind, body)
             stopped += 1
     assert stopped >= 12  # of 15
     with client.stream("POST", "/generate", json={"prompt": "Answer:", "max_new_tokens": 16, "stream": True,
