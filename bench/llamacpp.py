@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import httpx  # noqa: E402
-from common import REPO, ServerProcess, free_port, machine_info, median, random_prompts, versions  # noqa: E402
+from common import REPO, ServerProcess, machine_info, median, random_prompts, versions  # noqa: E402
 from run import Report, log  # noqa: E402
 
 DEFAULT_DIR = REPO / "bench" / ".llamacpp"
@@ -58,51 +57,16 @@ SHORT_STREAMS, SHORT_PROMPT, SHORT_NEW = 32, 64, 32
 Stream = tuple[float, list[float], list[int]]  # (send time, arrival time of each token, token ids)
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
     """`llama-server` as a subprocess on a free port, with the slots and context a section needs."""
 
     def __init__(self, binary: Path, model: Path, log_path: Path, slots: int, context: int) -> None:
-        self.binary, self.model, self.log_path = binary, model, log_path
-        self.slots, self.context = slots, context
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
+        super().__init__(Path(), log_path)
+        self.binary, self.model_path, self.slots, self.context = binary, model, slots, context
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 300.0) -> float:
-        self.port = free_port()
-        cmd = [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
-               "-np", str(self.slots), "-c", str(self.context)]
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the process, closed by the OS at its exit
-        log_file.write(f"\n==== start {' '.join(cmd)}\n".encode())
-        log_file.flush()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log_file.close()
-        with httpx.Client(timeout=5.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log_path}")
-                try:
-                    if client.get(self.url + "/health").status_code == 200:
-                        return time.perf_counter() - t0
-                except httpx.TransportError:
-                    pass
-                if time.perf_counter() - t0 > timeout:
-                    raise RuntimeError(f"llama-server not healthy after {timeout:.0f}s; see {self.log_path}")
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+    def command(self) -> list[str]:
+        return [str(self.binary), "-m", str(self.model_path), "--host", "127.0.0.1", "--port", str(self.port),
+                "-np", str(self.slots), "-c", str(self.context)]
 
 
 def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict, int], list[int]]) -> Stream:
