@@ -566,5 +566,5 @@ class Scheduler:
         for rows in (self._running, self._prefilling):
             finished = [s for s in rows if s.finish_reason is not None]
             for seq in finished:
+                self._release(seq)  # before it leaves the count: an idle engine holds no row's slot, table or grammar
                 rows.remove(seq)
-                self._release(seq)
