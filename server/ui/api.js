@@ -90,10 +90,10 @@ export function parseMetrics(text) {
   const families = new Map();
   for (const line of text.split("\n")) {
     // A family is declared before its first sample: a counter with labels and none yet counts as 0.
-    const declared = /^# TYPE (\S+) (\S+)/.exec(line);
+    const declared = line.match(/^# TYPE (\S+) (\S+)/);
     if (declared) families.set(declared[1] + (declared[2] === "counter" ? "_total" : ""), []);
     if (!line || line.startsWith("#")) continue;
-    const m = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+    const m = line.match(/^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/);
     if (!m) continue;
     const labels = {};
     for (const l of (m[2] || "").matchAll(/([\w]+)="((?:[^"\\]|\\.)*)"/g)) {
