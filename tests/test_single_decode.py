@@ -32,16 +32,21 @@ def run(layout: attention.Layout, query: torch.Tensor, key: torch.Tensor, value:
     return out
 
 
+
+def fill(key: torch.Tensor, value: torch.Tensor, start: int, length: int, seed: int) -> torch.Tensor:
+    """Random keys and values in a row's first `length` columns; returns a random query for it."""
+    gen = torch.Generator().manual_seed(seed)
+    key[:, start : start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
+    value[:, start : start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
+    return torch.randn(1, HEADS, 1, DIM, generator=gen)
+
 def test_a_lone_row_reads_only_its_own_columns():
     cache, key, value = pools()
     cache.allocate(20)  # slot 0 of the block, left full of NaN: another request's stale columns
     slot = cache.allocate(20)
     assert slot.index == 1
     length = 13
-    gen = torch.Generator().manual_seed(0)
-    key[:, slot.start : slot.start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
-    value[:, slot.start : slot.start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
-    query = torch.randn(1, HEADS, 1, DIM, generator=gen)
+    query = fill(key, value, slot.start, length, seed=0)
 
     layout = attention.decode_layout([slot], [length], cache.block_tokens, CPU)
     assert layout == attention.SingleDecode(slot.start, length)
@@ -61,10 +66,7 @@ def test_a_lone_row_matches_the_grouped_path_bit_for_bit():
     slot = cache.allocate(40)
     assert slot.index == 0
     length = 37
-    gen = torch.Generator().manual_seed(1)
-    key[:, slot.start : slot.start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
-    value[:, slot.start : slot.start + length] = torch.randn(KV_HEADS, length, DIM, generator=gen)
-    query = torch.randn(1, HEADS, 1, DIM, generator=gen)
+    query = fill(key, value, slot.start, length, seed=1)
     grouped = attention.AttentionLayout(decode=(attention.DecodeGroup(
         start=slot.start, slot_size=slot.size, slots=1, kv_len=length, query_index=torch.tensor([0]),
         slot_index=None, mask=None),))
