@@ -270,12 +270,18 @@ def raw_post(url: str, headers: dict[str, str], body_bytes: int = 0, timeout: fl
     return int(answer.split(" ", 2)[1]), elapsed
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory, reft_server_factory):
-    root = tmp_path_factory.mktemp("keyed")
+def server_dirs(root: Path) -> tuple[Path, Path]:
+    """A server's registry and its own temp directory (watched for spooled bodies), both empty."""
     registry, tmpdir = root / "adapters", root / "tmp"
     registry.mkdir()
     tmpdir.mkdir()
+    return registry, tmpdir
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, reft_server_factory):
+    root = tmp_path_factory.mktemp("keyed")
+    registry, tmpdir = server_dirs(root)
     (registry / "emoji.safetensors").write_bytes((REPO / "adapters" / "emoji.safetensors").read_bytes())
     server = reft_server_factory(registry, root / "server.log", {"REFT_ADMIN_KEY": ADMIN, "TMPDIR": str(tmpdir),
                                                                  "REFT_SCAN_INTERVAL": "0"})
@@ -437,9 +443,7 @@ def test_admin_calls_from_this_server_or_no_browser_pass_the_origin_check():
 def open_loopback(tmp_path_factory, reft_server_factory):
     """No keys, on loopback: every caller is an admin, so the Host and Origin checks are all that stops a page."""
     root = tmp_path_factory.mktemp("open")
-    registry, tmpdir = root / "adapters", root / "tmp"
-    registry.mkdir()
-    tmpdir.mkdir()
+    registry, tmpdir = server_dirs(root)
     server = reft_server_factory(registry, root / "server.log", {
         "TMPDIR": str(tmpdir), "REFT_SCAN_INTERVAL": "0", "REFT_ALLOWED_HOSTS": "reft.example",
         "REFT_ALLOWED_ORIGINS": "http://trusted.example"})
