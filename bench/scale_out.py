@@ -66,7 +66,7 @@ def store(n_writes: int, n_records: int) -> dict:
         writes, follows, checks = [], [], []
         for i in range(n_writes):
             t = time.perf_counter()
-            with a._write_lock, a._flock(exclusive=True):
+            with a._write_lock, a._shared.lock(exclusive=True):
                 a._sync()
                 a._apply({f"w{i}": AdapterRecord(**{**record(i), "name": f"w{i}"})})
                 a._journal([{"put": {**record(i), "name": f"w{i}"}}])
