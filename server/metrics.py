@@ -4,6 +4,10 @@ so replicas can sit in an InferencePool with adapter affinity and no custom code
 
 Adapter labels are bounded: the first `max_adapter_labels` adapters seen keep their name, any
 later one is counted as "other", so a registry of 10,000 adapters cannot blow up cardinality.
+The same bound holds for the residency gauge `vllm:lora_adapter_loaded{adapter_name,level,pinned}`
+that the llm-d router's `lora-load-state` scorer reads: level `gpu` is the device adapter cache,
+`cpu` the registry's host cache of parsed adapters; its value is the number of resident versions
+under that label (1, or more for "other", or for a replaced adapter whose old version is still held).
 `vllm:lora_requests_info` lists at most that many running and as many waiting adapter names (the
 endpoint picker needs names there, in vLLM's comma-separated form); deployments that want the
 names private set REFT_METRICS_KEY.
@@ -11,6 +15,7 @@ names private set REFT_METRICS_KEY.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +26,7 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+ADAPTER_LOAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 UNKNOWN_LABEL = "unknown"  # refused before the request named its adapter
@@ -35,6 +41,8 @@ class EngineView:
     running_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
     waiting_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
     resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
+    gpu_adapters: Callable[[], list[tuple[str, bool]]] = staticmethod(lambda: [])  # (name, pinned), a snapshot
+    cpu_adapters: Callable[[], list[str]] = staticmethod(lambda: [])  # names, a snapshot
     registered_adapters: Callable[[], int] = staticmethod(lambda: 0)
     rejected_files: Callable[[], int] = staticmethod(lambda: 0)
     rejections: Callable[[], int] = staticmethod(lambda: 0)
@@ -51,9 +59,10 @@ class EngineView:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, view: EngineView, max_listed: int) -> None:
+    def __init__(self, view: EngineView, max_listed: int, label: Callable[[str], str]) -> None:
         self.view = view
         self.max_listed = max_listed
+        self.label = label
         self._lora_lock = threading.Lock()
         self._lora_labels: tuple[str, str, str] | None = None
         self._lora_since = 0.0
@@ -111,13 +120,33 @@ class _EngineCollector(Collector):
         labels, since = self._lora_info()
         info.add_metric(list(labels), since)
         yield info
+        yield from self._residency()
+
+    def _residency(self) -> Iterable[GaugeMetricFamily]:
+        gpu = self.view.gpu_adapters()
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter(
+            (self.label(name), "gpu", str(pinned).lower()) for name, pinned in gpu
+        )
+        counts.update((self.label(name), "cpu", "false") for name in self.view.cpu_adapters())
+        loaded = GaugeMetricFamily(
+            "vllm:lora_adapter_loaded", "Adapter versions resident, by level: gpu = device cache, cpu = host cache.",
+            labels=["adapter_name", "level", "pinned"],
+        )
+        for key, count in sorted(counts.items()):
+            loaded.add_metric(list(key), count)
+        yield loaded
+        yield GaugeMetricFamily("vllm:num_gpu_loaded_lora_adapters", "Adapter versions in the device cache.",
+                                value=len(gpu))
+        yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "Adapters one batch can mix (max_lora; the device "
+                                "cache is bounded in bytes, REFT_ADAPTER_CACHE_BYTES, and evicts to make room).",
+                                value=self.view.max_lora)
 
 
 class Metrics:
     def __init__(self, max_adapter_labels: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.view = EngineView()
-        self.registry.register(_EngineCollector(self.view, max_adapter_labels))
+        self.registry.register(_EngineCollector(self.view, max_adapter_labels, self.adapter_label))
         self._labels: set[str] = set()
         self._max_labels = max_adapter_labels
         self._lock = threading.Lock()
@@ -141,6 +170,11 @@ class Metrics:
         self.adapter_loads = Counter(
             "reft_adapter_loads", "Adapter reads from the registry (host cache misses); concurrent requests share one.",
             registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "vllm:lora_adapter_load_seconds", "Time to load an adapter into the device cache (a cache miss: its "
+            "forms computed and copied to the device), since the server became ready.",
+            buckets=ADAPTER_LOAD_BUCKETS, registry=r,
         )
 
     def adapter_label(self, adapter: str | None) -> str:

@@ -64,6 +64,9 @@ class AppState:
         view.running_adapters = engine.scheduler.running_adapters
         view.waiting_adapters = engine.scheduler.waiting_adapters
         view.resident_adapters = lambda: len(engine.adapter_cache)
+        view.gpu_adapters = engine.adapter_cache.resident
+        view.cpu_adapters = engine.registry.host_resident
+        engine.adapter_cache.on_load.append(self.metrics.adapter_load_seconds.observe)
         view.registered_adapters = lambda: len(engine.registry)
         view.rejected_files = lambda: len(engine.registry.rejected())
         view.rejections = lambda: engine.registry.rejections
