@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from server import tokens
 from server.adapter_file import AdapterError, Composite, composition
 from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
@@ -219,21 +220,16 @@ class Serving:
             if bad:
                 raise ServingError(400, f"token ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
             return list(prompt)
-        ids = self.tokenizer(_checked_text(prompt), add_special_tokens=True)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the text carried its own BOS already
-            ids = ids[1:]
-        return ids
+        return tokens.text_ids(self.tokenizer, _checked_text(prompt))
 
     def _chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not tokens.has_chat_template(self.tokenizer):
             raise ServingError(400, f"the base model {self.model_id!r} has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = tokens.render_chat(self.tokenizer, messages, tools)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
-        return self.tokenizer(_checked_text(text), add_special_tokens=False)["input_ids"]
+        return tokens.rendered_ids(self.tokenizer, _checked_text(text))
 
     def params(
         self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
@@ -311,10 +307,10 @@ class Serving:
             raise ServingError(400, f"{len(prompts)} prompts x {copies} choices is {len(prompts) * copies}; "
                                     f"a request may ask for at most {MAX_CHOICES}")
         if params.prompt_logprobs is not None:  # each choice echoes its prompt with logprobs
-            tokens, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
-            if tokens * copies * width > self.max_prompt_logprobs:
-                raise ServingError(400, f"echo with logprobs={params.prompt_logprobs} returns {tokens} prompt tokens "
-                                        f"x {copies} choices x {width} logprobs = {tokens * copies * width}; this "
+            count, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
+            if count * copies * width > self.max_prompt_logprobs:
+                raise ServingError(400, f"echo with logprobs={params.prompt_logprobs} returns {count} prompt tokens "
+                                        f"x {copies} choices x {width} logprobs = {count * copies * width}; this "
                                         f"server returns at most {self.max_prompt_logprobs} per request "
                                         f"(REFT_MAX_PROMPT_LOGPROBS)")
         submissions: list[Submission] = []
