@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from server import tokens
 from server.adapter_file import AdapterError, Composite, composition
 from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
-from server.engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.scheduler import EngineError, Event, GenerationRequest
 from server.engine.structured import CompiledGrammar, Constraint, GrammarError
 from server.metrics import UNKNOWN_LABEL, Metrics
@@ -31,12 +30,6 @@ if TYPE_CHECKING:  # the composition root builds the Engine and hands it down; s
     from server.bootstrap import Engine
 
 BASE_ALIASES = ("base",)
-MAX_STOP_STRINGS = 16
-MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
-TOKEN_ID_DIGITS = 9
-TOKEN_ID = re.compile(rf"\s*[0-9]{{1,{TOKEN_ID_DIGITS}}}\s*")  # a logit_bias key
-PENALTY_LIMIT = 2.0  # presence and frequency penalties lie in -2..2, as in OpenAI's API
 TOKENIZER_THREADS = 2  # fast tokenizers release the GIL: tokenising never stalls the event loop
 ENGINE_CHECK_SECONDS = 1.0  # how often a waiting request checks that the engine thread still runs
 
@@ -45,6 +38,15 @@ class ServingError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request's parameters are checked against that only the running server knows."""
+
+    max_new_tokens: int  # REFT_MAX_NEW_TOKENS
+    max_context: int  # the model's: a request's prompt and output together
+    vocab_size: int
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Serving:
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
+        self.limits = Limits(engine.max_new_tokens, engine.scheduler.max_context, self.vocab_size)
         self.tokens = TokenBytes(self.tokenizer)
         self.max_prompt_logprobs = max_prompt_logprobs
         self.draining = False
@@ -231,55 +234,6 @@ class Serving:
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
         return tokens.rendered_ids(self.tokenizer, _checked_text(text))
 
-    def params(
-        self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
-        seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool,
-        presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-        logit_bias: dict[str, float] | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None,
-    ) -> SamplingParams:
-        limit = self.engine.max_new_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(limit, self.engine.scheduler.max_context - prompt_length))
-        if max_tokens > limit:
-            raise ServingError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ServingError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-        bad = [t for t in stop_token_ids or [] if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ServingError(400, f"stop_token_ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
-        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-            if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
-                raise ServingError(400, f"{name} must lie in -{PENALTY_LIMIT}..{PENALTY_LIMIT}; got {value}")
-        if not 0 < repetition_penalty <= 100:
-            raise ServingError(400, f"repetition_penalty must lie in (0, 100]; got {repetition_penalty}")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:  # echo asks for the same count
-            raise ServingError(400, f"logprobs (chat: top_logprobs) must lie in 0..{MAX_LOGPROBS}; got {logprobs}")
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=tuple(stops), stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, logit_bias=self._logit_bias(logit_bias), logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-        """OpenAI's {"token id": bias} → ((id, bias), ...), refusing what is not a token id of this model."""
-        if not bias:
-            return ()
-        if len(bias) > MAX_LOGIT_BIAS:
-            raise ServingError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(bias)}")
-        out = []
-        for key, value in bias.items():
-            # ASCII digits only: str.isdigit and int() accept other scripts' digits and "²", and int() refuses
-            # more than 4,300 digits; a token id has at most TOKEN_ID_DIGITS.
-            token = int(key) if TOKEN_ID.fullmatch(key) else None
-            if token is None or not 0 <= token < self.vocab_size:
-                raise ServingError(400, f"logit_bias keys must be token ids in 0..{self.vocab_size - 1}; "
-                                        f"got {key[:32]!r}{'...' if len(key) > 32 else ''} ({len(key)} characters)")
-            out.append((token, value))
-        return tuple(out)
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -303,9 +257,6 @@ class Serving:
     ) -> list[Submission]:
         """Submit `copies` independent choices of each prompt (seeds derived per copy); choice i*copies + j is
         prompt i's copy j. All or nothing: if one is refused (429), those already submitted are cancelled."""
-        if len(prompts) * copies > MAX_CHOICES:
-            raise ServingError(400, f"{len(prompts)} prompts x {copies} choices is {len(prompts) * copies}; "
-                                    f"a request may ask for at most {MAX_CHOICES}")
         if params.prompt_logprobs is not None:  # each choice echoes its prompt with logprobs
             count, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
             if count * copies * width > self.max_prompt_logprobs:
