@@ -35,9 +35,8 @@ from server.api.protocol import (
     ToolCallDelta,
     Usage,
 )
-from server.api.serving import Result, Serving, ServingError, Submission
+from server.api.serving import Event, Result, Serving, ServingError, Submission
 from server.api.structured import constraint_of
-from server.engine.scheduler import Event
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
@@ -69,7 +68,7 @@ def list_models(serving: Serving = Depends(require_serving)) -> ModelList:
     cards = [ModelCard(id=serving.model_id, created=now, root=serving.model_id)]
     cards += [
         ModelCard(id=r.name, created=int(r.created), parent=serving.model_id, root=serving.model_id)
-        for r in serving.engine.registry.list()
+        for r in serving.registry.list()
     ]
     return ModelList(data=cards)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from server import tokens
-from server.adapter_file import AdapterError, Composite, composition
+from server.adapter_file import AdapterError, Composite, composition, validate_name
 from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
 from server.engine.sampling import SamplingParams, TokenLogprobs
@@ -79,6 +79,8 @@ class Serving:
 
     def __init__(self, engine: Engine, metrics: Metrics, max_prompt_logprobs: int) -> None:
         self.engine = engine
+        self.registry = engine.registry
+        self.training = engine.training
         self.metrics = metrics
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
@@ -91,7 +93,24 @@ class Serving:
         self._loads: dict[tuple[str, int | None], asyncio.Future[AdapterRef]] = {}  # adapter reads in flight
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reft-tokenize")
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died: readiness and liveness report it."""
+        return self.engine.scheduler.alive
+
     # ---- names and prompts ------------------------------------------------------------------
+
+    def new_adapter_name(self, name: str, replace: bool, taken: ServingError | None = None) -> str:
+        """`name`, checked to be a valid adapter name that is free unless `replace` is asked for.
+
+        A name taken is refused with `taken`, by default a 409 that says how to replace it. The registry
+        refuses again (`AdapterExists`) if another request takes the name before this one stores its adapter.
+        """
+        validate_name(name)
+        if name in self.registry and not replace:
+            raise taken or ServingError(409, f"adapter {name!r} exists; pass replace=true to replace it",
+                                        "conflict_error")
+        return name
 
     def adapter_name(self, model: str | None) -> str | None:
         """OpenAI's `model` (or /generate's `adapter`) → adapter name, None for the base model."""
@@ -115,7 +134,7 @@ class Serving:
 
     async def _resolve_one(self, name: str) -> AdapterRef:
         """The adapter's current version; requests that need the same uncached version share one read."""
-        registry = self.engine.registry
+        registry = self.registry
         try:
             return registry.cached(name) or await asyncio.shield(self._load(name))
         except UnknownAdapter:
@@ -130,7 +149,7 @@ class Serving:
 
         Shielded by the caller: a client that leaves does not cancel the read others wait for.
         """
-        registry = self.engine.registry
+        registry = self.registry
         try:
             key = (name, registry.get(name).version)
         except UnknownAdapter:  # perhaps uploaded through another replica a moment ago: resolve looks again
@@ -157,7 +176,7 @@ class Serving:
         Refusals are counted under the adapter label "unknown": they may come before the body is read.
         """
         scheduler = self.engine.scheduler
-        room = scheduler.max_queue + max(scheduler.max_batch_size - scheduler.num_running, 0)
+        room = scheduler.room
         if self.draining or not scheduler.alive:
             reason = "the server is shutting down" if self.draining else "the engine stopped"
             error = ServingError(503, reason, "unavailable", {"Retry-After": "5"})
