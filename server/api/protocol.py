@@ -1,4 +1,9 @@
-"""Request and response models of every endpoint: OpenAI-compatible, native, and adapters."""
+"""Request and response models of every endpoint: OpenAI-compatible, native, and adapters.
+
+A generation request checks its own bounds when it is parsed and turns itself into the engine's
+`SamplingParams` (`to_sampling_params`, as vLLM's protocol models do), checking there what only the
+running server knows: its max_tokens, the model's context and vocabulary. Routes parse, convert, submit.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from server.engine.bounds import (
 )
 from server.engine.sampling import SamplingParams
 
-# Request bounds of the API alone; the sampling parameters' ranges are server/engine/bounds.py's. Fields
-# constrained by pydantic are refused with 422, the rest by the validators below with 400, as always.
+# Request bounds of the API alone; the sampling parameters' ranges are server/engine/bounds.py's. A value
+# outside a pydantic constraint is refused with 422, one the validators below refuse (ServingError) with 400.
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
