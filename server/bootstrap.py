@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from server import tokens
 from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
@@ -65,10 +66,7 @@ def build_engine(settings: Settings) -> Engine:
     registry.on_removed.append(cache.drop)
     for name in settings.pinned_adapters:
         cache.get(registry.resolve(name))
-    eos = base.model.generation_config.eos_token_id
-    if eos is None:
-        eos = base.tokenizer.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = tokens.stop_ids(base.tokenizer, base.model.generation_config)
     max_prompt = min(settings.max_prompt_tokens or base.max_context, base.max_context - 1)
     kv = KVCache.for_model(base.model.config, base.dtype, base.device,
                            settings.kv_cache_bytes or default_budget(base.device))

@@ -1065,8 +1065,8 @@ def test_a_task_step_that_overruns_its_budget_is_paid_back_by_later_iterations(e
 
 
 def reference_logprobs(engine: Engine, ids: list[int], prompt_length: int, adapter: AdapterRef | None) -> torch.Tensor:
-    """log_softmax of a plain transformers forward over `ids` [L', V] (server/train.py's `plain_logits`)."""
-    from server.train import plain_logits
+    """log_softmax of a plain transformers forward over `ids` [L', V] (server/reference.py's `plain_logits`)."""
+    from server.reference import plain_logits
 
     return plain_logits(engine.base, ids, prompt_length, adapter.adapter if adapter else None).log_softmax(-1)
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from server.engine.sampling import MAX_LOGPROBS, Sampler, SamplingParams
+from server.engine.bounds import MAX_LOGPROBS
+from server.engine.sampling import Sampler, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 P_MIN = 1e-4  # a chi-square test fails below this p-value: a correct sampler fails one run in 10,000

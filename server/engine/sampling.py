@@ -22,10 +22,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from server.engine.bounds import (
+    FREQUENCY_PENALTY,
+    LOGPROBS,
+    PRESENCE_PENALTY,
+    PROMPT_LOGPROBS,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+)
+
 if TYPE_CHECKING:
     from server.engine.structured import TokenMask
 
-MAX_LOGPROBS = 20  # most top alternatives a row may ask for, as OpenAI allows
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value; larger ones are clamped
 
 
@@ -124,28 +134,21 @@ class Sampler:
     # ---- rows joining and leaving -------------------------------------------------------
 
     def check(self, params: SamplingParams) -> None:
-        """Raise ValueError, with the offending value, for parameters this sampler cannot honour."""
+        """Raise ValueError, with the offending value, for a parameter outside its range (server/engine/bounds.py)
+        or a token id outside this sampler's vocabulary."""
         p = params
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0; got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1]; got {p.top_p}")
-        if p.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off); got {p.top_k}")
-        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0; got {p.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(p, name)):
-                raise ValueError(f"{name} must be a finite number; got {getattr(p, name)}")
+        ranged = ((TEMPERATURE, p.temperature), (TOP_P, p.top_p), (TOP_K, p.top_k),
+                  (PRESENCE_PENALTY, p.presence_penalty), (FREQUENCY_PENALTY, p.frequency_penalty),
+                  (REPETITION_PENALTY, p.repetition_penalty), (LOGPROBS, p.logprobs),
+                  (PROMPT_LOGPROBS, p.prompt_logprobs))
+        for bound, value in ranged:
+            if value is not None and value not in bound:
+                raise ValueError(bound.refusal(value))
         bad = [t for t, b in p.logit_bias if not 0 <= t < self.vocab_size or not math.isfinite(b)]
         if bad:
             raise ValueError(
                 f"logit_bias keys must be token ids in 0..{self.vocab_size - 1} with finite values; got {bad[:5]}"
             )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(p, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must lie in 0..{MAX_LOGPROBS}; got {value}")
 
     @torch.inference_mode()
     def add(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:

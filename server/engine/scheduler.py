@@ -185,6 +185,11 @@ class Scheduler:
         return len(self._running) + len(self._prefilling)
 
     @property
+    def room(self) -> int:
+        """Requests the queue holds at most now: its own length, plus the batch's free rows that they would start in."""
+        return self.max_queue + max(self.max_batch_size - self.num_running, 0)
+
+    @property
     def alive(self) -> bool:
         """False once the engine thread has died (or before it starts): readiness reports it."""
         return self._thread is not None and self._thread.is_alive() and self._died is None
@@ -236,8 +241,7 @@ class Scheduler:
             if self._stopping or self._died is not None:
                 reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"
                 raise EngineStopped(reason)
-            free_slots = self.max_batch_size - self.num_running
-            if len(self._waiting) >= self.max_queue + max(free_slots, 0):
+            if len(self._waiting) >= self.room:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             request.request_id = request.request_id or f"req-{next(self._ids)}"
             self._waiting.append(request)
