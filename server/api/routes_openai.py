@@ -37,7 +37,7 @@ from server.api.protocol import (
 )
 from server.api.serving import Result, Serving, ServingError, Submission
 from server.api.structured import constraint_of
-from server.engine.scheduler import Event
+from server.engine.output import Event
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
