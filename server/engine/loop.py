@@ -283,10 +283,9 @@ class EngineLoop:
                 self._tasks.append(task)
 
     def _prefill(self, chunks: Iterable[Chunk]) -> None:
-        """One prefill step over the plan's chunks of rows still held."""
         work = [(c.seq, PrefillChunk(c.tokens, c.start, len(c.seq.prompt), c.seq.slot, c.seq.resident,
                                      c.seq.request.params.prompt_logprobs is not None))
-                for c in chunks if not c.seq.finished]
+                for c in chunks]
         started = time.perf_counter()
         self._prefills += 1
         self._isolated(work, self._prefill_part)

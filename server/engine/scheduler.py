@@ -147,10 +147,6 @@ class StepPlan:
     prefill: tuple[Chunk, ...] = ()
     decode: tuple[Sequence, ...] = ()  # skip those that finish during this step's prefill
 
-    @property
-    def empty(self) -> bool:
-        return not (self.cancelled or self.admitted or self.failed or self.retired or self.prefill or self.decode)
-
 
 @dataclass(frozen=True)
 class RowOutput:
