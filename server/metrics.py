@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.engine.loop import EngineStats
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 ADAPTER_LOAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -35,11 +37,8 @@ UNKNOWN_LABEL = "unknown"  # refused before the request named its adapter
 class EngineView:
     """What the engine-state gauges read at scrape time (filled in once the model is loaded)."""
 
-    num_waiting: Callable[[], int] = staticmethod(lambda: 0)
-    num_running: Callable[[], int] = staticmethod(lambda: 0)
+    engine: Callable[[], EngineStats] = staticmethod(lambda: EngineStats())
     max_batch_size: int = 1
-    running_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
-    waiting_adapters: Callable[[], list[str]] = staticmethod(lambda: [])
     resident_adapters: Callable[[], int] = staticmethod(lambda: 0)
     gpu_adapters: Callable[[], list[tuple[str, bool]]] = staticmethod(lambda: [])  # (name, pinned), a snapshot
     cpu_adapters: Callable[[], list[str]] = staticmethod(lambda: [])  # names, a snapshot
@@ -49,11 +48,6 @@ class EngineView:
     max_lora: int = 0
     adapter_cache_hits: Callable[[], int] = staticmethod(lambda: 0)
     adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
-    decode_steps: Callable[[], int] = staticmethod(lambda: 0)
-    prefill_batches: Callable[[], int] = staticmethod(lambda: 0)
-    intervened_positions: Callable[[], int] = staticmethod(lambda: 0)
-    prefill_positions: Callable[[], int] = staticmethod(lambda: 0)
-    kv_cache_usage: Callable[[], float] = staticmethod(lambda: 0.0)
     grammar_compiles: Callable[[], int] = staticmethod(lambda: 0)
     grammar_compile_seconds: Callable[[], float] = staticmethod(lambda: 0.0)
 
@@ -67,15 +61,14 @@ class _EngineCollector(Collector):
         self._lora_labels: tuple[str, str, str] | None = None
         self._lora_since = 0.0
 
-    def _lora_info(self) -> tuple[tuple[str, str, str], float]:
+    def _lora_info(self, stats: EngineStats) -> tuple[tuple[str, str, str], float]:
         """The adapters running and waiting, and when that last changed (not when it was scraped).
 
         The router keeps the series with the highest value, as vLLM stamps each new combination
         with its creation time. A change is stamped when a scrape first sees it, so at most one
         scrape interval late."""
-        v = self.view
-        labels = (",".join(v.running_adapters()[: self.max_listed]), ",".join(v.waiting_adapters()[: self.max_listed]),
-                  str(v.max_lora))
+        labels = (",".join(stats.running_adapters[: self.max_listed]),
+                  ",".join(stats.waiting_adapters[: self.max_listed]), str(self.view.max_lora))
         with self._lora_lock:
             if labels != self._lora_labels:
                 self._lora_labels, self._lora_since = labels, time.time()
@@ -83,8 +76,8 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         v = self.view
-        waiting, running = v.num_waiting(), v.num_running()
-        usage = v.kv_cache_usage()
+        stats = v.engine()
+        waiting, running, usage = stats.waiting, stats.running, stats.kv_usage
         yield GaugeMetricFamily("reft_queue_depth", "Requests waiting to be admitted.", value=waiting)
         yield GaugeMetricFamily("reft_running_batch_size", "Requests in the running batch.", value=running)
         yield GaugeMetricFamily("reft_resident_adapters", "Adapters on the device.", value=v.resident_adapters())
@@ -102,13 +95,13 @@ class _EngineCollector(Collector):
                                   value=v.adapter_cache_hits())
         yield CounterMetricFamily("reft_adapter_cache_misses", "Adapters loaded onto the device.",
                                   value=v.adapter_cache_misses())
-        yield CounterMetricFamily("reft_decode_steps", "Batched decode steps run.", value=v.decode_steps())
+        yield CounterMetricFamily("reft_decode_steps", "Batched decode steps run.", value=stats.steps)
         yield CounterMetricFamily("reft_prefill_batches", "Batched prefills run (a burst should take one).",
-                                  value=v.prefill_batches())
-        yield CounterMetricFamily("reft_prefill_positions", "Token positions computed in prefills (padding included).",
-                                  value=v.prefill_positions())
+                                  value=stats.prefills)
+        yield CounterMetricFamily("reft_prefill_positions", "Prompt positions computed in prefills.",
+                                  value=stats.prefill_positions)
         yield CounterMetricFamily("reft_intervened_positions", "(row, layer-round, position) pairs intervened on.",
-                                  value=v.intervened_positions())
+                                  value=stats.intervened_positions)
         yield CounterMetricFamily("reft_grammar_compiles", "Structured-output grammars compiled (cache misses).",
                                   value=v.grammar_compiles())
         yield CounterMetricFamily("reft_grammar_compile_seconds", "Time spent compiling those grammars.",
@@ -117,7 +110,7 @@ class _EngineCollector(Collector):
             "vllm:lora_requests_info", "Adapters running and waiting; value = time of the last change.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        labels, since = self._lora_info()
+        labels, since = self._lora_info(stats)
         info.add_metric(list(labels), since)
         yield info
         yield from self._residency()

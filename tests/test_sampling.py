@@ -471,14 +471,14 @@ def test_bad_parameters_are_refused(params, message):
     sampler.add(0, SamplingParams(), [1])  # the refused row took nothing
 
 
-def test_slots_are_checked():
+def test_rows_are_checked():
     sampler = Sampler(2, 100, "cpu")
     sampler.add(1, SamplingParams(), [])
     with pytest.raises(ValueError, match="taken"):
         sampler.add(1, SamplingParams(), [])
     with pytest.raises(ValueError, match="outside"):
         sampler.add(2, SamplingParams(), [])
-    with pytest.raises(ValueError, match="no row"):
+    with pytest.raises(ValueError, match="holds no request"):
         sampler.remove(0)
     with pytest.raises(ValueError, match="prompt token ids"):
         sampler.add(0, SamplingParams(repetition_penalty=1.2), [100])

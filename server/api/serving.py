@@ -19,8 +19,9 @@ from server import tokens
 from server.adapter_file import AdapterError, Composite, composition, validate_name
 from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
+from server.engine.output import Event
 from server.engine.sampling import SamplingParams, TokenLogprobs
-from server.engine.scheduler import EngineError, Event, GenerationRequest
+from server.engine.scheduler import EngineError, GenerationRequest
 from server.engine.structured import CompiledGrammar, Constraint, GrammarError
 from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import UnknownAdapter
@@ -85,7 +86,7 @@ class Serving:
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
-        self.limits = Limits(engine.max_new_tokens, engine.scheduler.max_context, self.vocab_size)
+        self.limits = Limits(engine.max_new_tokens, engine.loop.max_context, self.vocab_size)
         self.tokens = TokenBytes(self.tokenizer)
         self.max_prompt_logprobs = max_prompt_logprobs
         self.draining = False
@@ -96,7 +97,7 @@ class Serving:
     @property
     def alive(self) -> bool:
         """False once the engine thread has died: readiness and liveness report it."""
-        return self.engine.scheduler.alive
+        return self.engine.loop.alive
 
     # ---- names and prompts ------------------------------------------------------------------
 
@@ -175,13 +176,13 @@ class Serving:
         work too, and a burst must not start more of it than the queue can take.
         Refusals are counted under the adapter label "unknown": they may come before the body is read.
         """
-        scheduler = self.engine.scheduler
-        room = scheduler.room
-        if self.draining or not scheduler.alive:
+        engine_loop = self.engine.loop
+        room = engine_loop.room
+        if self.draining or not engine_loop.alive:
             reason = "the server is shutting down" if self.draining else "the engine stopped"
             error = ServingError(503, reason, "unavailable", {"Retry-After": "5"})
-        elif scheduler.num_waiting + self.preparing >= room:
-            error = ServingError(429, f"the queue is full ({scheduler.num_waiting} requests waiting and "
+        elif engine_loop.num_waiting + self.preparing >= room:
+            error = ServingError(429, f"the queue is full ({engine_loop.num_waiting} requests waiting and "
                                       f"{self.preparing} being prepared, of {room}); retry shortly",
                                  "overloaded", {"Retry-After": "1"})
         else:
@@ -262,7 +263,7 @@ class Serving:
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
         until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> Submission:
-        """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts.
+        """Hand one request to the engine now, so refusals (400, 429) come before any response starts.
 
         `until_disconnect` returns once the client has gone; the request is then cancelled at once,
         whether or not anyone is reading its events yet (its slot is free before the next step).
@@ -366,7 +367,7 @@ class Submission:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.metrics = serving.metrics
-        self.scheduler = serving.engine.scheduler
+        self.engine_loop = serving.engine.loop
         self.endpoint = endpoint
         self.label = serving.metrics.adapter_label(ref.name if ref else None)
         self.request = GenerationRequest(
@@ -374,7 +375,7 @@ class Submission:
             grammar=grammar,
         )
         try:
-            serving.engine.scheduler.submit(self.request)
+            serving.engine.loop.submit(self.request)
         except EngineError as exc:
             self.metrics.requests.labels(endpoint, self.label, str(exc.status)).inc()
             headers = {"Retry-After": "1"} if exc.status == 429 else {}
@@ -419,7 +420,7 @@ class Submission:
                 try:
                     event = await asyncio.wait_for(self.queue.get(), ENGINE_CHECK_SECONDS)
                 except TimeoutError:
-                    if not self.scheduler.alive:
+                    if not self.engine_loop.alive:
                         status = "503"
                         raise ServingError(503, "the engine stopped", "unavailable") from None
                     continue
