@@ -96,9 +96,9 @@ class LeanDecode:
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
 
-    @torch.inference_mode()
     def __call__(self, ids: Tensor, positions: Tensor, columns: Tensor, layout: attention.Layout) -> Tensor:
-        """ids, positions, columns: [N] (one token per row); logits [N, V] in float32."""
+        """ids, positions, columns: [N] (one token per row); logits [N, V] in float32. Called in inference
+        mode (the runner's decode)."""
         n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         h = F.embedding(ids, self.embed)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
