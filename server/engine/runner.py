@@ -92,8 +92,9 @@ class ModelRunner:
         # --compile: decode steps, which are many and alike, run through one captured graph (compiled.py);
         # prefill stays eager. Compiling happens in warm_up(), at start-up, not on the first request.
         self.compiled: CompiledDecode | None = None
-        # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py).
-        self.lean = LeanDecode(self.model, cache) if supports(self.model) else None
+        # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
+        # step traces transformers' forward, whose graph inductor fuses anyway.
+        self.lean = LeanDecode(self.model, cache) if supports(self.model) and not compile_decode else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
 
