@@ -73,6 +73,19 @@ def test_lean_logits_equal_the_transformers_forward(runner, lengths):
             runner.cache.free(slot)
 
 
+def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
+    """The runner's cache can be another between steps (tests give it a small one): nothing holds the old."""
+    kept = runner.cache
+    runner.cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 25)
+    try:
+        slot = runner.cache.allocate(80)
+        logits = runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)]).logits
+        lean, reference = both_ways(runner, [DecodeRow(int(logits.argmax()), 64, slot)])
+        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+    finally:
+        runner.cache = kept
+
+
 def test_fused_projections_hold_no_second_copy_of_the_weights(base, runner):
     """The modules' q/k/v and gate/up weights are views of the fused tensors the lean forward reads."""
     layer, fused = base.layers[3], runner.lean.layers[3]

@@ -43,8 +43,14 @@ class _Layer:
 
 
 def supports(model: nn.Module) -> bool:
-    """A Llama decoder with no biases, SiLU, plain RoPE and untouched projections."""
+    """A float32 Llama decoder with no biases, SiLU, plain RoPE and untouched projections.
+
+    float32 only: in bfloat16 transformers' RMSNorm rounds before its weight and `torch.rms_norm` after,
+    so the two forwards would part by a rounding step.
+    """
     cfg = model.config
+    if model.dtype != torch.float32:
+        return False
     if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         return False
     if cfg.hidden_act != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
@@ -74,9 +80,8 @@ def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
 class LeanDecode:
     """The base model's decode forward over the engine's KV cache: packed rows in, next-token logits out."""
 
-    def __init__(self, model: nn.Module, cache: KVCache) -> None:
+    def __init__(self, model: nn.Module) -> None:
         cfg, inner = model.config, model.model
-        self.cache = cache
         self.embed = inner.embed_tokens.weight
         self.head = model.get_output_embeddings().weight
         self.final_norm = inner.norm.weight
@@ -96,9 +101,10 @@ class LeanDecode:
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
 
-    def __call__(self, ids: Tensor, positions: Tensor, columns: Tensor, layout: attention.Layout) -> Tensor:
-        """ids, positions, columns: [N] (one token per row); logits [N, V] in float32. Called in inference
-        mode (the runner's decode)."""
+    def __call__(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
+                 layout: attention.Layout) -> Tensor:
+        """ids, positions, columns: [N] (one token per row), written at `columns` of `cache`; logits [N, V] in
+        float32. Called in inference mode (the runner's decode)."""
         n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         h = F.embedding(ids, self.embed)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
@@ -111,7 +117,7 @@ class LeanDecode:
             # rotate_half(x) * sin == flip(halves of x) * (sin with its first half negated)
             qk = qk * cos + qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * sin
             k, v = qk[:, heads:], qkv[:, qk_heads:]
-            pool_k, pool_v = self.cache.k[i], self.cache.v[i]
+            pool_k, pool_v = cache.k[i], cache.v[i]
             pool_k.index_copy_(1, columns, k.transpose(0, 1))
             pool_v.index_copy_(1, columns, v.transpose(0, 1))
             q = qk[:, :heads].transpose(0, 1).unsqueeze(0)  # [1, heads, N, d], as transformers hands it over

@@ -94,7 +94,7 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
         # step traces transformers' forward, whose graph inductor fuses anyway.
-        self.lean = LeanDecode(self.model, cache) if supports(self.model) and not compile_decode else None
+        self.lean = LeanDecode(self.model) if supports(self.model) and not compile_decode else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
 
@@ -148,7 +148,7 @@ class ModelRunner:
                                          self.cache.block_tokens, self.device)
         if self.lean is not None:
             ids, positions = [r.token for r in rows], [r.position for r in rows]
-            return self.lean(self._tensor(ids), self._tensor(positions),
+            return self.lean(self.cache, self._tensor(ids), self._tensor(positions),
                              self._tensor([r.slot.start + r.position for r in rows]), layout)
         return self._forward([r.token for r in rows], [r.position for r in rows],
                              [r.slot.start + r.position for r in rows], layout, None, None)
