@@ -1,4 +1,4 @@
-"""A decode step of a Llama-family base model in about 20 torch calls a layer, not transformers' 60.
+"""A decode step of a Llama-family base model in 36 torch calls a layer, not transformers' 61.
 
 Why: at batch 1 the step computes little (one row against 135M weights), and eagerly through
 transformers' modules a third of its time went to the framework between the matmuls: about 1,840
@@ -9,8 +9,8 @@ hooks, keyword plumbing). This forward computes the same functions with the same
 - q, k and v as one matrix product, gate and up as another: the modules' weights become row views
   of one fused tensor per layer (`fuse_projections`), so prefill, training and the reference
   forwards read the same memory and no weight is held twice;
-- RMSNorm as `torch.rms_norm` (one fused op: float32 throughout, agrees with transformers'
-  five-op form to a few ulps, not bit for bit);
+- RMSNorm as `torch.rms_norm` (one fused op, float32 throughout like transformers' five; the step's
+  logits came out equal to transformers' on the default model, tested to 1e-5);
 - rotary applied to q and k together, `rotate_half` as a flip of the two halves times a sine whose
   first half is negated (the same products and sum as transformers', bit for bit);
 - attention through `attention.attention` with the runner's layout, as every other step.
@@ -61,8 +61,8 @@ def supports(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
     return inner is not None and all(
         type(m) is nn.Linear for layer in inner.layers
-        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                  layer.mlp.up_proj))
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
 
 
 def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
