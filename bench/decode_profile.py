@@ -5,16 +5,19 @@
 
 The engine's own runner and sampler run in this process (no HTTP): a 64-token prompt is
 prefilled, then each step is `runner.decode` of one row plus the sampler, as the scheduler runs
-them. Two measurements per mode:
+them. Per mode:
 
 - wall: median time of a step (decode + sample) over `--steps` steps, no profiler attached, and
   the calling thread's CPU time for it (with one torch thread, the step's own work: on a machine
   shared with other load, the part of the wall time that is not waiting for a core);
-- breakdown: the same steps under torch.profiler, each aten op's own (self) CPU time given to the
-  innermost model module or engine stage it ran in (module forward hooks push profiler ranges);
-  what no op accounts for is the Python between them (transformers' module code, the runner, the
-  layout and index tensors). A compiled step shows inductor's fused kernels as the time inside the
-  compiled region outside any aten op.
+- torch calls: top-level torch ops a step (views included), as the profiler records them;
+- breakdown: the same steps under torch.profiler, each op's self CPU time given to a category by
+  the top-level op it ran under (a matrix product's kernel under `linear`, SDPA's under SDPA),
+  or to the stage it ran in (the runner's input and index tensors, the attention layout, the
+  sampler). What no op accounts for is Python and dispatch between them; in a compiled step that
+  includes inductor's fused C++ kernels (norms, rotary, SiLU × up, adds), which are no torch op;
+- scheduler: one greedy request through the engine's real scheduler thread; its time per token
+  beyond the runner + sampler step is the scheduler's (admission, output events, text).
 
 The bound is the bytes of weights a step reads (every parameter once; the tied embedding once, as
 the LM head) at the memory bandwidth given by `--gbps` (the README's measured 32 GB/s).
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,74 +39,100 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from server.engine import attention  # noqa: E402
+from server.engine.adapter_cache import DeviceAdapterCache  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
 from server.engine.sampling import Sampler, SamplingParams  # noqa: E402
+from server.engine.scheduler import GenerationRequest, Scheduler  # noqa: E402
 from server.model import load_base_model  # noqa: E402
 
-# Innermost module class -> the issue's categories. Linear layers are the matmuls wherever they sit.
+MATMULS = "matmuls (q/k/v, o, gate/up, down, LM head)"
+ELEMENTWISE = "rotary, SiLU x up, residual adds"
+# Top-level op -> category; ops not named here are views, casts and the like.
 CATEGORY = {
-    "Linear": "matmuls (q,k,v,o,gate,up,down, LM head)",
-    "LlamaRMSNorm": "norms",
-    "SiLU": "activations (SiLU, gate*up)",
-    "SiLUActivation": "activations (SiLU, gate*up)",
-    "LlamaMLP": "activations (SiLU, gate*up)",
-    "LlamaRotaryEmbedding": "rotary embedding",
-    "Embedding": "embedding",
-    "LlamaAttention": "attention (rotary apply, KV write, SDPA)",
-    "LlamaDecoderLayer": "residual adds",
-    "LlamaModel": "model glue (masks, positions)",
-    "LlamaForCausalLM": "model glue (masks, positions)",
-    "runner": "runner (layout, index tensors)",
-    "sampler": "sampler",
-    "compiled": "compiled step: fused kernels + wrapper",
+    **dict.fromkeys(("aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+                     "mkl::_mkl_linear"), MATMULS),
+    "aten::scaled_dot_product_attention": "attention (SDPA)",
+    **dict.fromkeys(("aten::matmul", "aten::softmax", "aten::masked_fill", "aten::where", "aten::index",
+                     "aten::_softmax"), "attention (SDPA)"),
+    "aten::index_copy_": "attention: KV write",
+    **dict.fromkeys(("aten::rms_norm", "aten::pow", "aten::mean", "aten::rsqrt"), "norms"),
+    **dict.fromkeys(("aten::mul", "aten::add", "aten::silu", "aten::flip", "aten::neg", "aten::cat", "aten::cos",
+                     "aten::sin", "aten::add_"), ELEMENTWISE),
+    "aten::embedding": "embedding",
 }
+STAGES = {"layout": "attention layout (decode_layout)", "sampler": "sampler",
+          "runner": "runner: input and index tensors"}
 
 
-def _instrument(model: torch.nn.Module) -> None:
-    """A profiler range around every module's forward, named by its class."""
-    for module in model.modules():
-        name = type(module).__name__
-        ranges: list[contextlib.AbstractContextManager] = []
-
-        def pre(_m, _a, name=name, ranges=ranges) -> None:  # noqa: ANN001
-            r = record_function(f"mod::{name}")
-            r.__enter__()
-            ranges.append(r)
-
-        def post(_m, _a, _o, ranges=ranges) -> None:  # noqa: ANN001
-            ranges.pop().__exit__(None, None, None)
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-
-def _attribute(prof: profile, steps: int) -> dict[str, float]:
-    """Self CPU ms per step of every aten op, by the innermost named range above it."""
+def _attribute(prof: profile, steps: int) -> tuple[dict[str, float], float]:
+    """Self CPU ms per step by category, and top-level ops per step."""
     out: dict[str, float] = defaultdict(float)
+    top_level = 0
     for event in prof.events():
-        if event.name.startswith(("mod::", "stage::", "ProfilerStep")):
+        if event.name.startswith(("stage::", "ProfilerStep")) or "Compiled" in event.name:
             continue
-        parent, stage = event.cpu_parent, None
-        while parent is not None and stage is None:
-            if parent.name.startswith("mod::"):
-                stage = parent.name[5:]
-            elif parent.name.startswith("stage::"):
-                stage = parent.name[7:]
+        chain, parent = [event], event.cpu_parent
+        while parent is not None:
+            chain.append(parent)
             parent = parent.cpu_parent
+        stage = next((e.name[7:] for e in chain if e.name.startswith("stage::")), None)
         if stage is None:
-            continue  # ops nested in another op's range are counted in their own event; this is a top-level one
-        out[CATEGORY.get(stage, stage)] += event.self_cpu_time_total / 1000 / steps
-    return out
+            continue
+        ops = [e for e in chain if not e.name.startswith("stage::") and "Compiled" not in e.name
+               and "Torch-Compiled" not in e.name and not e.name.startswith("##")]
+        outermost = ops[-1].name
+        if ops[-1] is event:
+            top_level += 1
+        if stage in ("layout", "sampler"):
+            category = STAGES[stage]
+        elif stage == "runner":
+            category = STAGES["runner"]
+        else:
+            category = CATEGORY.get(outermost, "views and casts")
+        out[category] += event.self_cpu_time_total / 1000 / steps
+    return out, top_level / steps
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+        if p.untyped_storage().data_ptr() not in seen:
+            seen.add(p.untyped_storage().data_ptr())
+            total += p.untyped_storage().nbytes()
     return total
+
+
+def _ranged(name: str, fn):  # noqa: ANN001, ANN202 - any callable
+    def call(*args: object, **kwargs: object) -> object:
+        with record_function(f"stage::{name}"):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _scheduler_ms_per_token(base, runner: ModelRunner, prompt: list[int], tokens: int) -> float:  # noqa: ANN001
+    """Time per generated token of one greedy request through the engine's scheduler thread."""
+    sch = Scheduler(runner, lambda ids: base.tokenizer.decode(ids), DeviceAdapterCache(base.device, base.dtype,
+                    1 << 26, set()), eos_token_ids=[], max_batch_size=1, max_queue=4,
+                    max_prefill_tokens=4096, max_prompt_tokens=4096, max_context=8192)
+    arrivals: list[float] = []
+    done = threading.Event()
+
+    def on_event(event) -> None:  # noqa: ANN001
+        arrivals.extend(time.perf_counter() for _ in event.token_ids)
+        if event.finish_reason is not None:
+            done.set()
+
+    sch.start()
+    try:
+        sch.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=tokens, ignore_eos=True), None, on_event))
+        done.wait(600)
+    finally:
+        sch.stop()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return 1000 * statistics.median(gaps)
 
 
 def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: int, threads: list[int]) -> dict:
@@ -113,7 +143,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     runner.warm_up()
     compile_s = time.perf_counter() - started
     sampler = Sampler(32, int(base.model.config.vocab_size), base.device)
-    slot = cache.allocate(prompt_len + warm + steps + profiled_steps + 8)
+    slot = cache.allocate(prompt_len + warm + steps + 2 * profiled_steps + 8)
     sampler.add(0, SamplingParams(max_new_tokens=10_000), [])
     prompt = torch.randint(0, 49152, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = torch.tensor([0])
@@ -122,8 +152,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
 
     def step(profiled: bool) -> None:
         nonlocal token, position
-        cm = record_function("stage::runner") if profiled and mode == "eager" else contextlib.nullcontext()
-        with cm:
+        with record_function("stage::runner") if profiled else contextlib.nullcontext():
             logits = runner.decode([DecodeRow(token, position, slot)])
         with record_function("stage::sampler") if profiled else contextlib.nullcontext():
             token = sampler(logits, rows).token_ids[0]
@@ -143,21 +172,30 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
                 times[n].append(time.perf_counter() - t)
                 cpu[n].append(time.thread_time() - c)
     torch.set_num_threads(threads[0])  # the profiled run: the first count asked for
-    if mode == "eager":
-        _instrument(base.model)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(profiled_steps):
-            if mode == "compiled":
-                with record_function("stage::compiled"):
-                    step(True)
-            else:
+    # Ranges around the model's forward and the layout, so that the runner's own ops stand apart.
+    kept_layout = attention.decode_layout
+    attention.decode_layout = _ranged("layout", kept_layout)
+    if runner.compiled is not None:
+        runner.compiled._step = _ranged("model", runner.compiled._step)
+    elif runner.lean is not None:
+        runner.lean = _ranged("model", runner.lean)
+    else:
+        runner._forward = _ranged("model", runner._forward)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(profiled_steps):
                 step(True)
-        profiled_ms = (time.perf_counter() - t) * 1000 / profiled_steps
+            profiled_ms = (time.perf_counter() - t) * 1000 / profiled_steps
+    finally:
+        attention.decode_layout = kept_layout
+    breakdown, calls = _attribute(prof, profiled_steps)
+    cache.free(slot)
+    scheduler_ms = _scheduler_ms_per_token(base, runner, prompt, steps)
     return {"mode": mode, "wall_ms": {n: 1000 * statistics.median(ts) for n, ts in times.items()},
-            "cpu_ms": {n: 1000 * statistics.median(ts) for n, ts in cpu.items()},
-            "profiled_ms": profiled_ms, "breakdown": _attribute(prof, profiled_steps), "compile_s": compile_s,
-            "weight_bytes": _weights_bytes(base.model), "threads": threads[0]}
+            "cpu_ms": {n: 1000 * statistics.median(ts) for n, ts in cpu.items()}, "calls": calls,
+            "profiled_ms": profiled_ms, "breakdown": breakdown, "compile_s": compile_s,
+            "scheduler_ms": scheduler_ms, "weight_bytes": _weights_bytes(base.model), "threads": threads[0]}
 
 
 def main() -> None:
@@ -177,13 +215,19 @@ def main() -> None:
         print(f"\n== {mode}: weight-read bound {bound:.1f} ms ({r['weight_bytes'] / 1e6:.0f} MB at {args.gbps:g} GB/s)"
               + (f", compiled in {r['compile_s']:.1f} s" if mode == "compiled" else ""))
         for n, ms in r["wall_ms"].items():
-            print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s) with {n} torch threads; "
-                  f"the calling thread's CPU time {r['cpu_ms'][n]:.1f} ms")
-        print(f"   under the profiler ({r['threads']} threads): {r['profiled_ms']:.1f} ms a step")
+            print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s, {ms / bound:.2f}x the bound) with {n} torch "
+                  f"threads; the calling thread's CPU time {r['cpu_ms'][n]:.1f} ms")
+        print(f"   {r['calls']:.0f} top-level torch ops a step; under the profiler ({r['threads']} threads): "
+              f"{r['profiled_ms']:.1f} ms a step")
         ops = sum(r["breakdown"].values())
         for name, ms in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
-            print(f"   {ms:7.2f} ms  {name}")
-        print(f"   {r['profiled_ms'] - ops:7.2f} ms  Python and dispatch outside any op", flush=True)
+            print(f"   {ms:7.2f} ms {100 * ms / r['profiled_ms']:5.1f}%  {name}")
+        rest = r["profiled_ms"] - ops
+        print(f"   {rest:7.2f} ms {100 * rest / r['profiled_ms']:5.1f}%  Python and dispatch outside any op"
+              + (" (and inductor's fused kernels)" if mode == "compiled" else ""))
+        step_ms = next(iter(r["wall_ms"].values()))
+        print(f"   scheduler: {r['scheduler_ms']:.1f} ms a token through the engine thread against {step_ms:.1f} ms "
+              f"runner + sampler ({r['scheduler_ms'] - step_ms:+.1f} ms)", flush=True)
 
 
 if __name__ == "__main__":

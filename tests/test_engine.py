@@ -922,10 +922,18 @@ def poisoned(engine: Engine, *, position: int | None = None, kill: bool = False)
             raise EngineKilled("injected") if kill else RuntimeError("injected fault")
 
     handle = engine.base.model.register_forward_pre_hook(check, with_kwargs=True)
+    lean = engine.runner.lean  # eager decode steps of the default model run this forward, not the model's
+
+    def lean_checked(cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, *rest: object) -> torch.Tensor:
+        check(engine.base.model, (), {"input_ids": ids, "position_ids": positions})
+        return lean(cache, ids, positions, *rest)
+
+    engine.runner.lean = lean_checked if lean is not None else None
     try:
         yield
     finally:
         handle.remove()
+        engine.runner.lean = lean
 
 
 def test_a_failing_prefill_or_decode_fails_its_own_request_only(engine):

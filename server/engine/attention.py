@@ -1,11 +1,12 @@
 """Attention over the engine's KV cache, plugged into transformers' own attention interface.
 
-The model code is not forked: the engine registers one attention function and runs every step
+Prefill runs transformers' model code unforked: the engine registers one attention function and runs every step
 as a single packed sequence `[1, N]` (each row's tokens one after another, no padding). The
 model computes q, k, v and the rotary embedding as always; `StepCache.update` writes k and v
 into the pool at the step's columns and hands this layer's pool to the function below, which
 reads the `AttentionLayout` the runner passed with the forward call and runs SDPA over views of
-the pool:
+the pool (a Llama model's decode steps come from `lean_decode.py`, which writes the pool itself and
+calls the same function with the same layouts):
 
 - a prefill chunk: its queries against its own row's columns, causal (lower-right aligned when
   the chunk continues a prompt); one call per row, so attention work follows each row's length;

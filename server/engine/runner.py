@@ -22,6 +22,7 @@ from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
 from server.engine.compiled import CompiledDecode
 from server.engine.kv_cache import KVCache, Slot, StepCache
+from server.engine.lean_decode import LeanDecode, supports
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
 from server.model import BaseModel
@@ -91,6 +92,9 @@ class ModelRunner:
         # --compile: decode steps, which are many and alike, run through one captured graph (compiled.py);
         # prefill stays eager. Compiling happens in warm_up(), at start-up, not on the first request.
         self.compiled: CompiledDecode | None = None
+        # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
+        # step traces transformers' forward, whose graph inductor fuses anyway.
+        self.lean = LeanDecode(self.model) if supports(self.model) and not compile_decode else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
 
@@ -142,8 +146,15 @@ class ModelRunner:
             return self.compiled([(r.token, r.position, r.slot) for r in rows])
         layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
                                          self.cache.block_tokens, self.device)
+        if self.lean is not None:
+            ids, positions = [r.token for r in rows], [r.position for r in rows]
+            return self.lean(self.cache, self._tensor(ids), self._tensor(positions),
+                             self._tensor([r.slot.start + r.position for r in rows]), layout)
         return self._forward([r.token for r in rows], [r.position for r in rows],
                              [r.slot.start + r.position for r in rows], layout, None, None)
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, device=self.device)
 
     def _forward(self, ids: list[int], positions: list[int], columns: list[int], layout: attention.Layout,
                  plan: BatchPlan | None, keep: list[int] | None) -> Tensor:

@@ -1,0 +1,131 @@
+"""A decode step of a Llama-family base model in 36 torch calls a layer, not transformers' 61.
+
+Why: at batch 1 the step computes little (one row against 135M weights), and eagerly through
+transformers' modules a third of its time went to the framework between the matmuls: about 1,840
+top-level torch calls a step with the default model (per layer: norms as five ops each, three q/k/v
+and two gate/up products, rotary as slices, negations and concatenations for q and k apart, module
+hooks, keyword plumbing). This forward computes the same functions with the same weights:
+
+- q, k and v as one matrix product, gate and up as another: the modules' weights become row views
+  of one fused tensor per layer (`fuse_projections`), so prefill, training and the reference
+  forwards read the same memory and no weight is held twice;
+- RMSNorm as `torch.rms_norm` (one fused op, float32 throughout like transformers' five; the step's
+  logits came out equal to transformers' on the default model, tested to 1e-5);
+- rotary applied to q and k together, `rotate_half` as a flip of the two halves times a sine whose
+  first half is negated (the same products and sum as transformers', bit for bit);
+- attention through `attention.attention` with the runner's layout, as every other step.
+
+Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
+none runs here. Models this does not fit (`supports` says which) decode through transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from server.engine import attention
+from server.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: Tensor
+    qkv: Tensor  # [q + k + v features, hidden]
+    o: Tensor
+    post_norm: Tensor
+    gate_up: Tensor  # [2 * intermediate, hidden]
+    down: Tensor
+    attn: nn.Module  # the layer's attention module, handed to the attention function as transformers does
+
+
+def supports(model: nn.Module) -> bool:
+    """A float32 Llama decoder with no biases, SiLU, plain RoPE and untouched projections.
+
+    float32 only: in bfloat16 transformers' RMSNorm rounds before its weight and `torch.rms_norm` after,
+    so the two forwards would part by a rounding step.
+    """
+    cfg = model.config
+    if model.dtype != torch.float32:
+        return False
+    if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return False
+    if cfg.hidden_act != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return False
+    inner = getattr(model, "model", None)
+    return inner is not None and all(
+        type(m) is nn.Linear for layer in inner.layers
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+
+
+def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
+    """One weight [sum of out features, in] for `first` and `rest`; each module's weight becomes a view of it."""
+    modules = (first, *rest)
+    fused = torch.cat([m.weight.detach() for m in modules])
+    row = 0
+    for m in modules:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[row : row + rows], requires_grad=False)
+        row += rows
+    return fused
+
+
+class LeanDecode:
+    """The base model's decode forward over the engine's KV cache: packed rows in, next-token logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg, inner = model.config, model.model
+        self.embed = inner.embed_tokens.weight
+        self.head = model.get_output_embeddings().weight
+        self.final_norm = inner.norm.weight
+        self.eps = float(cfg.rms_norm_eps)
+        self.rotary = inner.rotary_emb
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                layer.input_layernorm.weight, fuse_projections(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight,
+                layer.post_attention_layernorm.weight, fuse_projections(m.gate_proj, m.up_proj), m.down_proj.weight,
+                a,
+            ))
+        half = self.head_dim // 2
+        self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
+
+    def __call__(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
+                 layout: attention.Layout) -> Tensor:
+        """ids, positions, columns: [N] (one token per row), written at `columns` of `cache`; logits [N, V] in
+        float32. Called in inference mode (the runner's decode)."""
+        n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
+        h = F.embedding(ids, self.embed)  # [N, hidden]
+        cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
+        cos, sin = cos[0, :, None], (sin[0] * self._sign)[:, None]  # [N, 1, d]: broadcast over heads
+        qk_heads = heads + kv_heads
+        for i, layer in enumerate(self.layers):
+            x = torch.rms_norm(h, h.shape[-1:], layer.input_norm, self.eps)
+            qkv = F.linear(x, layer.qkv).view(n, qk_heads + kv_heads, d)
+            qk = qkv[:, :qk_heads]
+            # rotate_half(x) * sin == flip(halves of x) * (sin with its first half negated)
+            qk = qk * cos + qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * sin
+            k, v = qk[:, heads:], qkv[:, qk_heads:]
+            pool_k, pool_v = cache.k[i], cache.v[i]
+            pool_k.index_copy_(1, columns, k.transpose(0, 1))
+            pool_v.index_copy_(1, columns, v.transpose(0, 1))
+            q = qk[:, :heads].transpose(0, 1).unsqueeze(0)  # [1, heads, N, d], as transformers hands it over
+            o, _ = attention.attention(layer.attn, q, pool_k, pool_v, None, scaling=self.scaling,
+                                       **{attention.LAYOUT_KWARG: layout})
+            h = h + F.linear(o.reshape(n, heads * d), layer.o)
+            x = torch.rms_norm(h, h.shape[-1:], layer.post_norm, self.eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, -1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        h = torch.rms_norm(h, h.shape[-1:], self.final_norm, self.eps)
+        return F.linear(h, self.head).float()

@@ -1,0 +1,118 @@
+"""The lean decode forward (`lean_decode.py`): transformers' decode step in fewer torch calls, same logits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.engine import lean_decode
+from server.engine.kv_cache import KVCache
+from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
+from server.model import BaseModel, load_base_model
+
+# Torch calls of one lone-row decode step of the default model: transformers' modules make 1,840.
+MAX_CALLS_PER_STEP = 1_100
+
+
+class CountCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModel:
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def runner(base: BaseModel) -> ModelRunner:
+    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26))
+
+
+def both_ways(runner: ModelRunner, rows: list[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's logits through the lean forward, then through transformers' modules (same KV columns)."""
+    lean = runner.decode(rows)
+    kept, runner.lean = runner.lean, None
+    try:
+        reference = runner.decode(rows)
+    finally:
+        runner.lean = kept
+    return lean, reference
+
+
+def test_the_default_model_decodes_through_the_lean_forward(runner):
+    assert runner.lean is not None
+
+
+@pytest.mark.parametrize("lengths", [(64,), (7, 40, 130)])
+def test_lean_logits_equal_the_transformers_forward(runner, lengths):
+    """A lone row and rows of different lengths, over several steps (each step's keys written by the last)."""
+    rng = random.Random(len(lengths))
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
+    slots = [runner.cache.allocate(n + 8) for n in lengths]
+    try:
+        logits = runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]).logits
+        tokens = logits.argmax(-1).tolist()
+        for step in range(3):
+            rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
+            lean, reference = both_ways(runner, rows)
+            torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+            assert torch.equal(lean.argmax(-1), reference.argmax(-1))
+            tokens = lean.argmax(-1).tolist()
+    finally:
+        for slot in slots:
+            runner.cache.free(slot)
+
+
+def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
+    """The runner's cache can be another between steps (tests give it a small one): nothing holds the old."""
+    kept = runner.cache
+    runner.cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 25)
+    try:
+        slot = runner.cache.allocate(80)
+        logits = runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)]).logits
+        lean, reference = both_ways(runner, [DecodeRow(int(logits.argmax()), 64, slot)])
+        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+    finally:
+        runner.cache = kept
+
+
+def test_fused_projections_hold_no_second_copy_of_the_weights(base, runner):
+    """The modules' q/k/v and gate/up weights are views of the fused tensors the lean forward reads."""
+    layer, fused = base.layers[3], runner.lean.layers[3]
+    for module, weights in ((layer.self_attn.q_proj, fused.qkv), (layer.self_attn.v_proj, fused.qkv),
+                            (layer.mlp.up_proj, fused.gate_up)):
+        assert module.weight.untyped_storage().data_ptr() == weights.untyped_storage().data_ptr()
+
+
+def test_a_lone_row_step_makes_few_torch_calls(runner):
+    slot = runner.cache.allocate(80)
+    try:
+        runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)])
+        with CountCalls() as count:
+            runner.decode([DecodeRow(7, 64, slot)])
+    finally:
+        runner.cache.free(slot)
+    assert count.calls <= MAX_CALLS_PER_STEP
+
+
+def tiny_llama(**overrides: object) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("overrides", [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"},
+                                       {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
+def test_models_it_does_not_fit_decode_through_transformers(overrides):
+    assert lean_decode.supports(tiny_llama())
+    assert not lean_decode.supports(tiny_llama(**overrides))
