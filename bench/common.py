@@ -196,11 +196,12 @@ class ServerProcess:
     """`reft-serve serve` as a subprocess on a free port, its stdout and stderr appended to `log_path`.
 
     The one server harness of the benchmarks, load_tests/ and tests/ (whose conftest's `ReftServer`
-    adds the suite's settings): it lives here because bench/ and load_tests/ run as scripts with
-    only the repository root on their path, while tests/ import it as `bench.common` like any module
-    of the repository, and nothing under server/ imports it. The port is chosen once, so a stopped
-    and restarted server keeps its URL; `statuses` and `health_bodies` record the /health answers
-    seen while waiting for readiness (the first three, and the 200).
+    adds the suite's settings). It lives here rather than in tests/ because the benchmarks and load
+    tests are scripts that must run without the test suite, while tests/ already import the tools
+    (`bench.common`, `load_tests`: the repository root is on pytest's path); nothing under server/
+    imports it, so the layers still point one way. The port is chosen once, so a stopped and
+    restarted server keeps its URL; `statuses` and `health_bodies` record the /health answers seen
+    while waiting for readiness (the first three JSON ones, and the 200).
     """
 
     def __init__(self, registry: Path, log_path: Path, model: str | None = None,
@@ -243,7 +244,8 @@ class ServerProcess:
                     time.sleep(0.02)
                     continue
                 self.statuses.append(r.status_code)
-                if len(self.health_bodies) < 3 or r.status_code == 200:
+                json_body = "json" in r.headers.get("content-type", "")
+                if json_body and (len(self.health_bodies) < 3 or r.status_code == 200):
                     self.health_bodies.append((r.status_code, dict(r.headers), r.json()))
                 if r.status_code == 200:
                     return time.perf_counter() - t0

@@ -1,9 +1,11 @@
 """Shared fixtures: a real `reft-serve serve` subprocess for the HTTP tests, and the guard on `slow`.
 
 `make test-fast` runs `pytest -m "not slow"`: every test that starts a server or loads the base model
-must carry the `slow` marker. `pytest_runtest_protocol` below remembers which test is running, and
-`ReftServer.start` and the base model's loader refuse to run inside a test without the marker, in
-every session, so a missing mark fails the test that lacks it instead of slowing the fast loop.
+must carry the `slow` marker. A test that uses `reft_server_factory` (itself or through a fixture) is
+marked here at collection; the others say it in their module (`pytestmark`) or on the test.
+`pytest_runtest_protocol` below remembers which test is running, and `ReftServer.start` and the base
+model's loader refuse to run inside a test without the marker, in every session, so a missing mark
+fails the test that lacks it instead of slowing the fast loop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 
 _running: pytest.Item | None = None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "reft_server_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -36,6 +36,8 @@ from server.engine.scheduler import (
 )
 from server.model import BaseModel, load_base_model
 
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
 GENERATIONS = EXPECTED["generations"]

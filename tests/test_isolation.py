@@ -23,6 +23,8 @@ from server.engine.scheduler import GenerationRequest, Scheduler
 from server.model import BaseModel, load_base_model
 from tests.test_engine import EOS, Result, random_adapter
 
+pytestmark = pytest.mark.slow
+
 MAX_ROWS = 4
 MAX_CONTEXT = 2048
 
