@@ -387,6 +387,7 @@ def write_pyreft_dir(path: Path, modules: list[tuple[str, int, nn.Module, int]],
 SYNTH = [(kind, r, b) for kind in INTERVENTION_TYPES for r, b in ((3, False), (8, True))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "rank", "add_bias"), SYNTH)
 def test_import_synthesised_pyreft_save(tmp_path, kind, rank, add_bias):
     module = trained_module(kind, D, rank, add_bias, seed=zlib.crc32(f"{kind}{rank}".encode()))
@@ -410,6 +411,7 @@ def test_import_synthesised_pyreft_save(tmp_path, kind, rank, add_bias):
     assert_same_adapter(adapter, loads(to_bytes(adapter), SHAPE, MAX_RANK))
 
 
+@pytest.mark.slow
 def test_import_synthesised_mixed_save_keeps_order(tmp_path):
     modules = []
     plan = [("direft", 2, 4), ("noreft", 2, 2), ("loreft", 9, 5), ("consreft", 20, 3), ("lobireft", 20, 1),
@@ -855,6 +857,7 @@ def test_import_refuses_unsupported_component(tmp_path, component):
     refuse_import(src, f"component '{component}' is not supported")
 
 
+@pytest.mark.slow
 def test_import_synthesised_component_refused(tmp_path):
     module = trained_module("direft", D, 2, False, seed=1)
     src = write_pyreft_dir(tmp_path / "save", [("direft", 1, module, 2)], component="mlp_output")
@@ -944,6 +947,7 @@ def test_import_refuses_key_escaping_the_directory(tmp_path):
     refuse_import(src, "key")
 
 
+@pytest.mark.slow
 def test_import_bfloat16_consreft_save(tmp_path):
     module = trained_module("consreft", D, 4, False, seed=21)
     with torch.no_grad():  # what module.to(torch.bfloat16) would have saved
