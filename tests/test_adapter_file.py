@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from bench import common
 from server.adapter_file import (
     METADATA_KEY,
     Adapter,
@@ -47,19 +48,9 @@ def gen_for(*key) -> torch.Generator:
 
 def random_tensors(kind: str, rank: int, gen: torch.Generator, d: int = D, proj_bias: bool = False,
                    dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """Native tensors for one intervention; rotate_layer [d, r] with orthonormal columns."""
-    dt = TORCH_DTYPES[dtype]
-    t = {"bias": torch.randn(rank, generator=gen).to(dt)}
-    if kind in ("loreft", "consreft", "lobireft", "direft"):
-        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
-        t["rotate_layer"] = q.to(dt).contiguous()
-    if kind in ("loreft", "direft", "noreft", "nodireft"):
-        t["weight"] = (torch.randn(rank, d, generator=gen) / d**0.5).to(dt)
-    if kind in ("noreft", "nodireft"):
-        t["proj_weight"] = (torch.randn(rank, d, generator=gen) / d**0.5).to(dt)
-        if proj_bias:
-            t["proj_bias"] = torch.randn(rank, generator=gen).to(dt)
-    return t
+    """`bench.common.random_tensors` stored in `dtype`, as a file of that dtype would hold them."""
+    tensors = common.random_tensors(kind, rank, d, gen, proj_bias=proj_bias)
+    return {k: v.to(TORCH_DTYPES[dtype]) for k, v in tensors.items()}
 
 
 # (type, layer, rank, proj_bias): every type, several ranks, layers at both ends, a shared layer.
