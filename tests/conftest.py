@@ -66,8 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 class ReftServer(ServerProcess):
     """`bench.common.ServerProcess` with the suite's settings: on the CPU in float32 (pyreft's fixture
-    outputs were made so) unless REFT_TEST_DEVICE says otherwise, logging at info; `start` returns the
-    server and refuses to run in a test not marked `slow`."""
+    outputs were made so) unless REFT_TEST_DEVICE says otherwise, logging at info; `start` refuses to
+    run in a test not marked `slow`."""
 
     def __init__(self, registry: Path, log_path: Path, env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:
@@ -75,10 +75,9 @@ class ReftServer(ServerProcess):
                     "REFT_LOG_LEVEL": "info"}
         super().__init__(registry, log_path, env={**defaults, **(env or {})}, args=args or ())
 
-    def start(self, timeout: float = 180.0) -> ReftServer:
+    def start(self, timeout: float = 180.0) -> float:
         require_slow("starts a server")
-        super().start(timeout)
-        return self
+        return super().start(timeout)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +95,9 @@ def reft_server_factory():
              args: list[str] | None = None, start: bool = True) -> ReftServer:
         server = ReftServer(registry, log_path, env, args)
         started.append(server)
-        return server.start() if start else server
+        if start:
+            server.start()
+        return server
 
     yield make
     for server in started:
