@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install browser serve test lint bench bench-llamacpp eval load docker-test docs clean
+.PHONY: install browser serve test test-fast lint bench bench-llamacpp eval load docker-test docs clean
 
 install: $(STAMP) browser
 
@@ -38,6 +38,12 @@ serve: install
 test: install
 	.venv/bin/ruff check server tests bench load_tests
 	$(PY) -m pytest -q tests
+
+# The unit tests alone: no server process, no base model (tests/conftest.py fails a test that needs
+# either without the `slow` marker). Under a minute; `make test` (CI) runs everything.
+test-fast: install
+	.venv/bin/ruff check server tests bench load_tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install
 	$(PY) bench/run.py

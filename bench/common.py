@@ -112,28 +112,57 @@ def base_config(model: str | None):  # noqa: ANN201 - a transformers PretrainedC
     return AutoConfig.from_pretrained(str(source))
 
 
+def random_tensors(kind: str, rank: int, d: int, gen: torch.Generator, weight_scale: float = 1.0,
+                   bias_scale: float = 1.0, proj_bias: bool = False) -> dict[str, torch.Tensor]:
+    """One intervention's native tensors, drawn from `gen` in float64 and stored in float32.
+
+    R has orthonormal columns (QR); the rows of W (and of the projection) have norm ~weight_scale, so
+    W h is of the order of R h; b ~ N(0, bias_scale²). The draws come in a fixed order (b, R, W,
+    projection), so one seed gives one adapter whatever the caller.
+    """
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
+
+    t = {"bias": randn(rank) * bias_scale}
+    if kind in ("loreft", "consreft", "lobireft", "direft"):
+        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+        t["rotate_layer"] = q.float().contiguous()
+    if kind in ("loreft", "direft", "noreft", "nodireft"):
+        t["weight"] = randn(rank, d) * (weight_scale / d**0.5)
+    if kind in ("noreft", "nodireft"):
+        t["proj_weight"] = randn(rank, d) / d**0.5
+        if proj_bias:
+            t["proj_bias"] = randn(rank)
+    return t
+
+
+def random_adapter(shape: ModelShape, specs: Sequence[tuple[str, int, int]], positions: str = "f2+l2",
+                   share_weights: bool = True, seed: int = 0, weight_scale: float = 1.0, bias_scale: float = 1.0,
+                   proj_bias: bool = False, max_rank: int = 64) -> adapter_file.Adapter:
+    """A validated float32 adapter with random weights; `specs` is (type, layer, rank) per intervention,
+    in adapter order. The one random-adapter builder of the benchmarks, load tests and tests."""
+    gen = torch.Generator().manual_seed(seed)
+    ivs = [
+        adapter_file.make_intervention(
+            i, kind, layer, rank,
+            random_tensors(kind, rank, shape.hidden_size, gen, weight_scale, bias_scale, proj_bias),
+            shape, max_rank, "float32",
+        )
+        for i, (kind, layer, rank) in enumerate(specs)
+    ]
+    return adapter_file.build(ivs, Positions.parse(positions), share_weights, shape, "float32")
+
+
 def random_loreft(
     shape: ModelShape, seed: int, rank: int = 4, layers: Sequence[int] = (4, 10, 20), positions: str = "f2+l2",
     share_weights: bool = True, weight_scale: float = 1.0, bias_scale: float = 2.0,
 ) -> adapter_file.Adapter:
-    """A LoReFT adapter with a random orthonormal R (QR) and weights large enough to change outputs.
-
-    W rows have norm ~weight_scale, so W h is of the order of R h and the edit Rᵀ(W h + b − R h)
-    moves the hidden state by about its own size within the rank-r subspace.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    d = shape.hidden_size
+    """LoReFT on `layers` (those the model has; layer 0 if none), strong enough to change outputs:
+    the edit Rᵀ(W h + b − R h) moves the hidden state by about its own size within the rank-r subspace."""
     layers = [layer for layer in layers if layer < shape.num_layers] or [0]
-    ivs = []
-    for i, layer in enumerate(layers):
-        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
-        tensors = {
-            "rotate_layer": q.float().contiguous(),
-            "weight": (torch.randn(rank, d, generator=gen) * (weight_scale / d**0.5)).contiguous(),
-            "bias": torch.randn(rank, generator=gen) * bias_scale,
-        }
-        ivs.append(adapter_file.make_intervention(i, "loreft", layer, rank, tensors, shape, 64, "float32"))
-    return adapter_file.build(ivs, Positions.parse(positions), share_weights, shape, "float32")
+    return random_adapter(shape, [("loreft", layer, rank) for layer in layers], positions, share_weights, seed,
+                          weight_scale, bias_scale)
 
 
 def write_adapters(directory: Path, shape: ModelShape, names: Sequence[str], seed0: int) -> None:
@@ -164,15 +193,25 @@ def server_env(overrides: dict[str, str]) -> dict[str, str]:
 
 
 class ServerProcess:
-    """`reft-serve serve` as a subprocess on a free port; `start()` returns seconds until /health is 200."""
+    """`reft-serve serve` as a subprocess on a free port, its stdout and stderr appended to `log_path`.
 
-    def __init__(self, adapters: Path, log_path: Path, model: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.adapters, self.log_path, self.model = adapters, log_path, model
-        self.env = server_env(env or {})
-        self.port = 0
+    The one server harness of the benchmarks, load_tests/ and tests/ (whose conftest's `ReftServer`
+    adds the suite's settings). It lives here rather than in tests/ because the benchmarks and load
+    tests are scripts that must run without the test suite, while tests/ already import the tools
+    (`bench.common`, `load_tests`: the repository root is on pytest's path); nothing under server/
+    imports it, so the layers still point one way. The port is chosen once, so a stopped and
+    restarted server keeps its URL; `statuses` and `health_bodies` record the /health answers seen
+    while waiting for readiness (the first three JSON ones, and the 200).
+    """
+
+    def __init__(self, registry: Path, log_path: Path, model: str | None = None,
+                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+        self.registry, self.log_path, self.model = Path(registry), Path(log_path), model
+        self.env, self.args = server_env(env or {}), list(args)
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.statuses: list[int] = []
+        self.health_bodies: list[tuple[int, dict, dict]] = []
 
     @property
     def url(self) -> str:
@@ -181,44 +220,53 @@ class ServerProcess:
     def command(self) -> list[str]:
         exe = VENV_BIN / "reft-serve"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
-        cmd += ["serve", "--adapters", str(self.adapters), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["serve", "--adapters", str(self.registry), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.model:
             cmd += ["--model", self.model]
-        return cmd
+        return cmd + self.args
 
     def start(self, timeout: float = 900.0) -> float:
-        self.port = free_port()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._log.write(f"\n==== start {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
-        self._log.flush()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        """Start the process and wait for /health 200; the seconds that took."""
+        self.statuses, self.health_bodies = [], []
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== start {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
+            log.flush()
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         with httpx.Client(timeout=5.0) as client:
-            while True:
+            while time.perf_counter() - t0 < timeout:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
                 try:
-                    if client.get(self.url + "/health").status_code == 200:
-                        return time.perf_counter() - t0
+                    r = client.get(self.url + "/health")
                 except httpx.TransportError:
-                    pass
-                if time.perf_counter() - t0 > timeout:
-                    raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-                time.sleep(0.05)
+                    time.sleep(0.02)
+                    continue
+                self.statuses.append(r.status_code)
+                json_body = "json" in r.headers.get("content-type", "")
+                if json_body and (len(self.health_bodies) < 3 or r.status_code == 200):
+                    self.health_bodies.append((r.status_code, dict(r.headers), r.json()))
+                if r.status_code == 200:
+                    return time.perf_counter() - t0
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """SIGTERM: in-flight requests drain (up to the server's drain period), then it exits."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up runs in the server."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
     def peak_rss(self) -> int:
         """The server's peak resident set size so far (VmHWM), in bytes."""
@@ -227,11 +275,15 @@ class ServerProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmHWM in /proc/PID/status")
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log(self) -> str:
+        """Everything the server (every start of it) has written so far."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
 
 
 class BaselineWorker:

@@ -1,96 +1,83 @@
-"""Shared fixtures: a real `reft-serve serve` subprocess for the HTTP tests."""
+"""Shared fixtures: a real `reft-serve serve` subprocess for the HTTP tests, and the guard on `slow`.
+
+`make test-fast` runs `pytest -m "not slow"`: every test that starts a server or loads the base model
+must carry the `slow` marker. A test that uses `reft_server_factory` (itself or through a fixture) is
+marked here at collection; the others say it in their module (`pytestmark`) or on the test.
+`pytest_runtest_protocol` below remembers which test is running, and `ReftServer.start` and the base
+model's loader refuse to run inside a test without the marker, in every session, so a missing mark
+fails the test that lacks it instead of slowing the fast loop.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.common import ServerProcess
+from server import model as server_model
+
 REPO = Path(__file__).resolve().parent.parent
-REFT_SERVE = Path(sys.executable).with_name("reft-serve")
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_running: pytest.Item | None = None
 
 
-class ReftServer:
-    """One `reft-serve serve` process on a free port; its stderr goes to `log_path`.
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "reft_server_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
-    Runs on the CPU in float32 (pyreft's fixture outputs were made so) unless REFT_TEST_DEVICE
-    says otherwise. `statuses` records every /health status seen while waiting for readiness.
-    """
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201 - a hook wrapper
+    global _running
+    _running = item
+    try:
+        yield
+    finally:
+        _running = None
+
+
+def require_slow(what: str) -> None:
+    """Fail unless the running test is marked `slow`: outside a test (collection) nothing heavy runs."""
+    if _running is None or _running.get_closest_marker("slow") is None:
+        where = _running.nodeid if _running is not None else "collection"
+        pytest.fail(f"{where} {what} but is not marked slow: add `pytestmark = pytest.mark.slow` to its "
+                    "module (or @pytest.mark.slow to the test) so that `make test-fast` leaves it out", pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every use of the base model's GGUF (loading it, dequantising it, its tokenizer) hashes the file
+    # first, through this module-level name: the one place that sees them all.
+    hash_gguf = server_model.file_sha256
+
+    def guarded(path: Path, *args, **kwargs) -> str:
+        require_slow(f"opens the base model ({Path(path).name})")
+        return hash_gguf(path, *args, **kwargs)
+
+    server_model.file_sha256 = guarded
+    config.add_cleanup(lambda: setattr(server_model, "file_sha256", hash_gguf))
+
+
+class ReftServer(ServerProcess):
+    """`bench.common.ServerProcess` with the suite's settings: on the CPU in float32 (pyreft's fixture
+    outputs were made so) unless REFT_TEST_DEVICE says otherwise, logging at info; `start` refuses to
+    run in a test not marked `slow`."""
 
     def __init__(self, registry: Path, log_path: Path, env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:
-        self.registry, self.log_path = Path(registry), Path(log_path)
-        self.extra_env, self.args = dict(env or {}), list(args or [])
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.statuses: list[int] = []
-        self.health_bodies: list[tuple[int, dict, dict]] = []
+        defaults = {"REFT_DEVICE": os.environ.get("REFT_TEST_DEVICE", "cpu"), "REFT_DTYPE": "float32",
+                    "REFT_LOG_LEVEL": "info"}
+        super().__init__(registry, log_path, env={**defaults, **(env or {})}, args=args or ())
 
-    def start(self, timeout: float = 180.0) -> ReftServer:
-        import httpx
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REFT_")}
-        env.update({"REFT_DEVICE": os.environ.get("REFT_TEST_DEVICE", "cpu"), "REFT_DTYPE": "float32",
-                    "REFT_LOG_LEVEL": "info"})
-        if os.environ.get("REFT_CACHE_DIR"):
-            env["REFT_CACHE_DIR"] = os.environ["REFT_CACHE_DIR"]
-        env.update(self.extra_env)
-        self.statuses, self.health_bodies = [], []
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(REFT_SERVE), "serve", "--adapters", str(self.registry), "--port", str(self.port), *self.args],
-                env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-            )
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"reft-serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-                try:
-                    r = client.get(self.url + "/health")
-                except httpx.TransportError:
-                    time.sleep(0.02)
-                    continue
-                self.statuses.append(r.status_code)
-                if len(self.health_bodies) < 3 or r.status_code == 200:
-                    self.health_bodies.append((r.status_code, dict(r.headers), r.json()))
-                if r.status_code == 200:
-                    return self
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"reft-serve was not ready within {timeout}s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up runs in the server."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def start(self, timeout: float = 180.0) -> float:
+        require_slow("starts a server")
+        return super().start(timeout)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +95,9 @@ def reft_server_factory():
              args: list[str] | None = None, start: bool = True) -> ReftServer:
         server = ReftServer(registry, log_path, env, args)
         started.append(server)
-        return server.start() if start else server
+        if start:
+            server.start()
+        return server
 
     yield make
     for server in started:

@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from bench import common
 from server.adapter_file import (
     METADATA_KEY,
     Adapter,
@@ -47,19 +48,9 @@ def gen_for(*key) -> torch.Generator:
 
 def random_tensors(kind: str, rank: int, gen: torch.Generator, d: int = D, proj_bias: bool = False,
                    dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """Native tensors for one intervention; rotate_layer [d, r] with orthonormal columns."""
-    dt = TORCH_DTYPES[dtype]
-    t = {"bias": torch.randn(rank, generator=gen).to(dt)}
-    if kind in ("loreft", "consreft", "lobireft", "direft"):
-        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
-        t["rotate_layer"] = q.to(dt).contiguous()
-    if kind in ("loreft", "direft", "noreft", "nodireft"):
-        t["weight"] = (torch.randn(rank, d, generator=gen) / d**0.5).to(dt)
-    if kind in ("noreft", "nodireft"):
-        t["proj_weight"] = (torch.randn(rank, d, generator=gen) / d**0.5).to(dt)
-        if proj_bias:
-            t["proj_bias"] = torch.randn(rank, generator=gen).to(dt)
-    return t
+    """`bench.common.random_tensors` stored in `dtype`, as a file of that dtype would hold them."""
+    tensors = common.random_tensors(kind, rank, d, gen, proj_bias=proj_bias)
+    return {k: v.to(TORCH_DTYPES[dtype]) for k, v in tensors.items()}
 
 
 # (type, layer, rank, proj_bias): every type, several ranks, layers at both ends, a shared layer.
@@ -387,6 +378,7 @@ def write_pyreft_dir(path: Path, modules: list[tuple[str, int, nn.Module, int]],
 SYNTH = [(kind, r, b) for kind in INTERVENTION_TYPES for r, b in ((3, False), (8, True))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "rank", "add_bias"), SYNTH)
 def test_import_synthesised_pyreft_save(tmp_path, kind, rank, add_bias):
     module = trained_module(kind, D, rank, add_bias, seed=zlib.crc32(f"{kind}{rank}".encode()))
@@ -410,6 +402,7 @@ def test_import_synthesised_pyreft_save(tmp_path, kind, rank, add_bias):
     assert_same_adapter(adapter, loads(to_bytes(adapter), SHAPE, MAX_RANK))
 
 
+@pytest.mark.slow
 def test_import_synthesised_mixed_save_keeps_order(tmp_path):
     modules = []
     plan = [("direft", 2, 4), ("noreft", 2, 2), ("loreft", 9, 5), ("consreft", 20, 3), ("lobireft", 20, 1),
@@ -855,6 +848,7 @@ def test_import_refuses_unsupported_component(tmp_path, component):
     refuse_import(src, f"component '{component}' is not supported")
 
 
+@pytest.mark.slow
 def test_import_synthesised_component_refused(tmp_path):
     module = trained_module("direft", D, 2, False, seed=1)
     src = write_pyreft_dir(tmp_path / "save", [("direft", 1, module, 2)], component="mlp_output")
@@ -944,6 +938,7 @@ def test_import_refuses_key_escaping_the_directory(tmp_path):
     refuse_import(src, "key")
 
 
+@pytest.mark.slow
 def test_import_bfloat16_consreft_save(tmp_path):
     module = trained_module("consreft", D, 4, False, seed=21)
     with torch.no_grad():  # what module.to(torch.bfloat16) would have saved

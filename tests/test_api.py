@@ -40,7 +40,7 @@ USER_KEY = "sk-user-" + secrets.token_hex(12)
 ADMIN_KEY = "sk-admin-" + secrets.token_hex(12)
 NO_TEMPLATE_ID = "smollm2-no-template"
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from server.model import load_base_model
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def random_model(*args: str) -> subprocess.CompletedProcess:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 from server.bootstrap import build_engine
 from server.config import Settings
+
+pytestmark = pytest.mark.slow
 
 
 def test_build_engine_freezes_what_it_loaded(tmp_path):

@@ -32,7 +32,7 @@ DATA = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
 MAX_ROWS = 4
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import wait_for
 
-from server.adapter_file import Adapter, build, import_pyreft, make_intervention
+from bench import common
+from server.adapter_file import Adapter, import_pyreft
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
@@ -28,7 +29,8 @@ from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineError, EngineStopped, GenerationRequest, PromptTooLong, QueueFull
 from server.model import BaseModel, load_base_model
-from server.positions import Positions
+
+pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
@@ -144,26 +146,9 @@ class Engine:
 
 def random_adapter(base: BaseModel, specs: list[tuple[str, int, int]], positions: str, share: bool, seed: int,
                    strength: float) -> Adapter:
-    d = base.shape.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
-
-    ivs = []
-    for i, (kind, layer, rank) in enumerate(specs):
-        t = {"bias": randn(rank) * strength}
-        if kind in ("loreft", "consreft", "lobireft", "direft"):
-            q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
-            t["rotate_layer"] = q.float().contiguous()
-        if kind in ("loreft", "direft", "noreft", "nodireft"):
-            t["weight"] = randn(rank, d) * (strength / d**0.5)
-        if kind in ("noreft", "nodireft"):
-            t["proj_weight"] = randn(rank, d) / d**0.5
-            if kind == "noreft":
-                t["proj_bias"] = randn(rank)
-        ivs.append(make_intervention(i, kind, layer, rank, t, base.shape, 64, "float32"))
-    return build(ivs, Positions.parse(positions), share, base.shape, "float32")
+    """`bench.common.random_adapter` for the real model, W and b scaled alike by `strength`."""
+    return common.random_adapter(base.shape, specs, positions, share, seed, weight_scale=strength,
+                                 bias_scale=strength, proj_bias=True)
 
 
 QUESTIONS = ["Tell me a joke about the sea.", "List three colors.", "Why is the sky blue?", "Hi!"]

@@ -15,6 +15,8 @@ from lm_eval.tasks import TaskManager
 
 from server.model import converted_gguf_dir, default_gguf_path
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 6
 

@@ -239,6 +239,7 @@ def gzipped_tar_with_header(kind: bytes, claimed: int) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                                   tarfile.XGLTYPE])
 def test_tar_extension_header_bomb_is_refused_before_it_is_read(tmp_path, kind):

@@ -22,7 +22,7 @@ from server.interventions import Intervention
 from server.model import ModelShape
 from tests.conftest import REPO, error_of
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ROOM = 8  # REFT_MAX_BATCH_SIZE 4 + REFT_MAX_QUEUE 4
 MAX_PROMPT_LOGPROBS = 262_144  # the default
 

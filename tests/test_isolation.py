@@ -24,6 +24,8 @@ from server.engine.scheduler import GenerationRequest
 from server.model import BaseModel, load_base_model
 from tests.test_engine import EOS, Result, random_adapter
 
+pytestmark = pytest.mark.slow
+
 MAX_ROWS = 4
 MAX_CONTEXT = 2048
 

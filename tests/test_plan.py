@@ -1,16 +1,18 @@
 """The batch plan against a plain per-example reference, on a fake stack of layers (no model).
 
-The batched side does exactly what `ModelRunner._hook` does with a `BatchPlan`: per layer, per
-round, index_select the planned pairs from the flattened [B * T, d] hidden states, run
-`batched_apply`, index_copy_ the result back. The reference side takes every row on its own,
-without padding, and applies each intervention of its adapter, in adapter order, with
-`reference_apply` (pyreft's formulas) at the positions given by the contract's rules, which
-this file transcribes itself rather than calling `Positions.locations`.
+The batched side runs the runner's own hook: each fake layer is a module with
+`server.engine.runner._intervene` installed as `ModelRunner` installs it, and the plan reaches it
+through the forward's keyword arguments. Per layer, per round, the hook gathers the planned pairs
+from the flattened [B * T, d] hidden states, applies `batched_apply` in float32 and writes the
+result back in the hidden states' dtype. The reference side takes every row on its own, without
+padding, and applies each intervention of its adapter, in adapter order, with `reference_apply`
+(pyreft's formulas) at the positions given by the contract's rules, which this file transcribes
+itself rather than calling `Positions.locations`.
 
 The fake layers are element-wise and built only from correctly rounded operations (a leaky
 ReLU of an affine map), so what happens at one position never depends on the batch, the
 padding or the other rows: untouched positions must match the reference bit for bit,
-intervened ones to float64 rounding.
+intervened ones to float32 rounding (the hook's precision).
 """
 
 from __future__ import annotations
@@ -21,52 +23,18 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from server.adapter_file import Adapter, build, make_intervention
+from bench.common import random_adapter
+from server.adapter_file import Adapter, build
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.plan import PlanRow, build_plan
-from server.interventions import INTERVENTION_TYPES, Intervention, batched_apply, reference_apply
+from server.engine.runner import PLAN_KWARG, _intervene
+from server.interventions import INTERVENTION_TYPES, Intervention, reference_apply
 from server.model import ModelShape
-from server.positions import Positions
 
 D = 16
 N_LAYERS = 4
 SHAPE = ModelShape("llama", D, N_LAYERS)
-MAX_RANK = 8
 CPU = torch.device("cpu")
-
-
-# ---- building random adapters ------------------------------------------------------------------
-
-
-def random_tensors(kind: str, rank: int, gen: torch.Generator, proj_bias: bool = False) -> dict[str, torch.Tensor]:
-    """Native tensors of one intervention with non-trivial float32 values."""
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
-
-    t: dict[str, torch.Tensor] = {"bias": randn(rank)}
-    if kind in ("loreft", "consreft", "lobireft", "direft"):
-        q, _ = torch.linalg.qr(torch.randn(D, rank, generator=gen, dtype=torch.float64))
-        t["rotate_layer"] = q.float().contiguous()  # [d, r], orthonormal columns
-    if kind in ("loreft", "direft", "noreft", "nodireft"):
-        t["weight"] = randn(rank, D) / D**0.5
-    if kind in ("noreft", "nodireft"):
-        t["proj_weight"] = randn(rank, D) / D**0.5
-        if proj_bias:
-            t["proj_bias"] = randn(rank)
-    return t
-
-
-def make_adapter(
-    specs: list[tuple[str, int, int]], positions: str, share_weights: bool, seed: int, proj_bias: bool = False
-) -> Adapter:
-    """`specs`: (type, layer, rank) per intervention, in adapter order."""
-    gen = torch.Generator().manual_seed(seed)
-    ivs = [
-        make_intervention(i, kind, layer, rank, random_tensors(kind, rank, gen, proj_bias), SHAPE, MAX_RANK, "float32")
-        for i, (kind, layer, rank) in enumerate(specs)
-    ]
-    return build(ivs, Positions.parse(positions), share_weights, SHAPE, "float32")
 
 
 # ---- the contract's position rules, transcribed ------------------------------------------------
@@ -95,7 +63,7 @@ def contract_positions(positions: str, share_weights: bool, length: int, n: int)
     return [prefix for _ in range(n // 2)] + [suffix for _ in range(n // 2)]
 
 
-# ---- the fake stack: element-wise layers, hooks as in ModelRunner ---------------------------------
+# ---- the fake stack: element-wise layers with the runner's hook -----------------------------------
 
 
 def layer_scales(seed: int = 1234) -> list[torch.Tensor]:
@@ -107,6 +75,18 @@ def layer_scales(seed: int = 1234) -> list[torch.Tensor]:
 def fake_layer(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     y = x * params[0] + params[1]
     return torch.maximum(y, y * 0.25)
+
+
+class FakeLayer(torch.nn.Module):
+    """`fake_layer` as a decoder layer, with the runner's intervention hook installed as ModelRunner does."""
+
+    def __init__(self, index: int, params: torch.Tensor) -> None:
+        super().__init__()
+        self.params = params
+        self.register_forward_hook(_intervene(index), with_kwargs=True)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return fake_layer(x, self.params)
 
 
 def as_dtype(iv: Intervention, dtype: torch.dtype) -> Intervention:
@@ -147,7 +127,7 @@ def batched_rows(
     gen = torch.Generator().manual_seed(garbage_seed)
     # Padding slots hold garbage: nothing may read or write them.
     hidden = torch.randn(len(rows), width, D, generator=gen, dtype=torch.float64).to(dtype) * 100
-    cache = DeviceAdapterCache(CPU, dtype, 1 << 30, set())
+    cache = DeviceAdapterCache(CPU, torch.float32, 1 << 30, set())  # as build_engine: forms in float32
     plan_rows = []
     for i, row in enumerate(rows):
         length = row.hidden.shape[0]
@@ -159,15 +139,8 @@ def batched_rows(
             resident = cache.get(AdapterRef(f"a{id(row.adapter)}", 1, row.adapter))
             plan_rows.append(PlanRow(resident.adapter, resident.forms, length, i * width + pad))
     plan = build_plan(plan_rows, CPU) if use_plan else None
-    for layer in range(N_LAYERS):
-        hidden = fake_layer(hidden, scales[layer]).contiguous()
-        if plan is None or layer not in plan.rounds:
-            continue
-        # Exactly ModelRunner._hook:
-        flat = hidden.view(-1, hidden.shape[-1])
-        for step in plan.rounds[layer]:
-            x = flat.index_select(0, step.flat_index)
-            flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots))
+    for layer in [FakeLayer(i, params) for i, params in enumerate(scales)]:
+        hidden = layer(hidden, **{PLAN_KWARG: plan})
     return hidden, plan
 
 
@@ -175,7 +148,7 @@ def random_hidden(length: int, gen: torch.Generator, dtype: torch.dtype) -> torc
     return torch.randn(length, D, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def check_batch(rows: list[Row], dtype: torch.dtype = torch.float64, atol: float = 1e-10) -> None:
+def check_batch(rows: list[Row], dtype: torch.dtype = torch.float64, atol: float = 1e-5) -> None:
     scales = [s.to(dtype) for s in layer_scales()]
     out, plan = batched_rows(rows, scales, dtype)
     plain, _ = batched_rows(rows, scales, dtype, use_plan=False)
@@ -223,13 +196,13 @@ def test_all_six_types_mixed_in_one_batch():
     gen = torch.Generator().manual_seed(0)
     rows = []
     for j, kind in enumerate(INTERVENTION_TYPES):
-        adapter = make_adapter([(kind, j % N_LAYERS, 1 + j)], ["f2+l2", "f3", "l4", "f1+l3"][j % 4], True, seed=j,
-                               proj_bias=(kind == "noreft"))
+        adapter = random_adapter(SHAPE, [(kind, j % N_LAYERS, 1 + j)], ["f2+l2", "f3", "l4", "f1+l3"][j % 4], True,
+                                 seed=j, proj_bias=(kind == "noreft"))
         rows.append(Row(adapter, random_hidden(5 + 3 * j, gen, torch.float64)))
         if j % 2:
             rows.append(Row(None, random_hidden(4 + j, gen, torch.float64)))
     # One row carrying every type at once, on the same layer and on others.
-    every = make_adapter([(k, (i * 3) % N_LAYERS, 1 + i % 4) for i, k in enumerate(INTERVENTION_TYPES)],
+    every = random_adapter(SHAPE, [(k, (i * 3) % N_LAYERS, 1 + i % 4) for i, k in enumerate(INTERVENTION_TYPES)],
                          "f2+l2", True, seed=99, proj_bias=True)
     rows.append(Row(every, random_hidden(9, gen, torch.float64)))
     check_batch(rows)
@@ -239,8 +212,8 @@ def test_same_layer_interventions_apply_in_adapter_order_on_overlapping_position
     gen = torch.Generator().manual_seed(1)
     # Three interventions on layer 1 (all share every position), one on layer 2, one more on layer 1 last.
     specs = [("loreft", 1, 3), ("direft", 1, 2), ("noreft", 1, 4), ("consreft", 2, 2), ("nodireft", 1, 1)]
-    adapter = make_adapter(specs, "f3+l2", True, seed=5, proj_bias=True)
-    other = make_adapter([("lobireft", 1, 2), ("loreft", 1, 5)], "l3", True, seed=6)
+    adapter = random_adapter(SHAPE, specs, "f3+l2", True, seed=5, proj_bias=True)
+    other = random_adapter(SHAPE, [("lobireft", 1, 2), ("loreft", 1, 5)], "l3", True, seed=6)
     rows = [Row(adapter, random_hidden(n, gen, torch.float64)) for n in (12, 5, 3, 2)]
     rows += [Row(other, random_hidden(7, gen, torch.float64)), Row(None, random_hidden(10, gen, torch.float64))]
     check_batch(rows)
@@ -260,7 +233,7 @@ def test_unshared_first_and_last_split_the_interventions():
     gen = torch.Generator().manual_seed(2)
     # Unshared f+l: the first half (ivs 0, 1) gets the prefix, the second half (ivs 2, 3) the suffix.
     # iv 0 and iv 2 share layer 1, iv 1 and iv 3 share layer 3.
-    adapter = make_adapter([("loreft", 1, 4), ("noreft", 3, 2), ("direft", 1, 3), ("loreft", 3, 1)],
+    adapter = random_adapter(SHAPE, [("loreft", 1, 4), ("noreft", 3, 2), ("direft", 1, 3), ("loreft", 3, 1)],
                            "f3+l2", False, seed=11)
     assert [iv.layer for iv in adapter.interventions] == [1, 3, 1, 3]
     shared = build(list(adapter.interventions), adapter.positions, True, SHAPE, "float32")
@@ -280,7 +253,7 @@ def test_unshared_first_and_last_split_the_interventions():
 @pytest.mark.parametrize("share_weights", [True, False])
 def test_prompts_shorter_than_both_counts_are_capped(share_weights):
     gen = torch.Generator().manual_seed(3)
-    adapter = make_adapter([("loreft", 0, 2), ("consreft", 2, 3)], "f3+l3", share_weights, seed=21)
+    adapter = random_adapter(SHAPE, [("loreft", 0, 2), ("consreft", 2, 3)], "f3+l3", share_weights, seed=21)
     lengths = [1, 2, 3, 4, 5, 6, 7, 8]
     rows = [Row(adapter, random_hidden(n, gen, torch.float64)) for n in lengths]
     check_batch(rows)
@@ -291,17 +264,17 @@ def test_prompts_shorter_than_both_counts_are_capped(share_weights):
 
 def test_only_rows_without_positions_give_no_plan():
     gen = torch.Generator().manual_seed(4)
-    adapter = make_adapter([("loreft", 0, 2)], "f3+l3", True, seed=22)
+    adapter = random_adapter(SHAPE, [("loreft", 0, 2)], "f3+l3", True, seed=22)
     rows = [Row(adapter, random_hidden(1, gen, torch.float64)), Row(None, random_hidden(5, gen, torch.float64))]
     check_batch(rows)  # asserts the plan is None
-    single = make_adapter([("loreft", 0, 2)], "l1", True, seed=22)
+    single = random_adapter(SHAPE, [("loreft", 0, 2)], "l1", True, seed=22)
     rows = [Row(single, random_hidden(1, gen, torch.float64))]
     check_batch(rows)  # l1 on length 1: 1 // 2 == 0, nothing
 
 
 def test_rows_without_adapter_are_untouched_bit_for_bit():
     gen = torch.Generator().manual_seed(5)
-    adapter = make_adapter([("loreft", 0, 4), ("noreft", 0, 4), ("direft", 3, 2)], "f4+l4", True, seed=23)
+    adapter = random_adapter(SHAPE, [("loreft", 0, 4), ("noreft", 0, 4), ("direft", 3, 2)], "f4+l4", True, seed=23)
     rows = []
     for n in (30, 1, 17, 2, 8):
         rows.append(Row(None, random_hidden(n, gen, torch.float64)))
@@ -314,7 +287,7 @@ def test_rows_without_adapter_are_untouched_bit_for_bit():
 
 def test_different_ranks_in_one_round():
     gen = torch.Generator().manual_seed(6)
-    adapters = [make_adapter([(kind, 2, rank)], "f2+l2", True, seed=30 + rank)
+    adapters = [random_adapter(SHAPE, [(kind, 2, rank)], "f2+l2", True, seed=30 + rank)
                 for kind, rank in [("loreft", 1), ("noreft", 8), ("direft", 3), ("consreft", 5), ("nodireft", 2)]]
     rows = [Row(a, random_hidden(6 + i, gen, torch.float64)) for i, a in enumerate(adapters)]
     _, plan = batched_rows(rows, layer_scales(), torch.float64)
@@ -325,7 +298,7 @@ def test_different_ranks_in_one_round():
 
 def test_one_adapter_in_many_rows_and_the_same_position_in_different_rounds():
     gen = torch.Generator().manual_seed(7)
-    adapter = make_adapter([("loreft", 1, 2), ("loreft", 1, 2), ("loreft", 1, 2)], "f1+l1", True, seed=40)
+    adapter = random_adapter(SHAPE, [("loreft", 1, 2), ("loreft", 1, 2), ("loreft", 1, 2)], "f1+l1", True, seed=40)
     rows = [Row(adapter, random_hidden(n, gen, torch.float64)) for n in (2, 3, 9, 9)]
     _, plan = batched_rows(rows, layer_scales(), torch.float64)
     assert plan is not None and len(plan.rounds[1]) == 3
@@ -345,7 +318,8 @@ POOL_SPECS = [
 @pytest.mark.parametrize("seed", range(12))
 def test_random_batches_match_per_example_reference(seed):
     rng = random.Random(seed)
-    pool = [make_adapter(s, p, sh, seed=100 + i, proj_bias=bool(i % 2)) for i, (s, p, sh) in enumerate(POOL_SPECS)]
+    pool = [random_adapter(SHAPE, s, p, sh, seed=100 + i, proj_bias=bool(i % 2))
+            for i, (s, p, sh) in enumerate(POOL_SPECS)]
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(rng.randint(1, 9)):
@@ -353,3 +327,29 @@ def test_random_batches_match_per_example_reference(seed):
         length = rng.choice([1, 2, 3, rng.randint(1, 12), rng.randint(1, 40)])
         rows.append(Row(adapter, random_hidden(length, gen, torch.float64)))
     check_batch(rows)
+
+
+def test_bfloat16_hidden_states_are_intervened_in_float32():
+    """A bfloat16 model with float32 forms (as build_engine makes them): each round reads its positions
+    in float32 and writes back in bfloat16, so the result is the float64 reference rounded at the
+    same points, to one bfloat16 step; without the hook's upcast the mixed dtypes do not even run."""
+    gen = torch.Generator().manual_seed(8)
+    adapter = random_adapter(SHAPE, [("loreft", N_LAYERS - 1, 4), ("noreft", N_LAYERS - 1, 2)], "f2+l2", True, seed=50)
+    rows = [Row(adapter, random_hidden(n, gen, torch.bfloat16)) for n in (9, 4)]
+    rows.append(Row(None, random_hidden(6, gen, torch.bfloat16)))
+    scales = [s.to(torch.bfloat16) for s in layer_scales()]
+    out, plan = batched_rows(rows, scales, torch.bfloat16)
+    plain, _ = batched_rows(rows, scales, torch.bfloat16, use_plan=False)
+    assert out.dtype == torch.bfloat16 and plan is not None
+    width = out.shape[1]
+    for i, row in enumerate(rows):
+        pad = width - row.hidden.shape[0]
+        if row.adapter is None:
+            assert torch.equal(out[i], plain[i])
+            continue
+        # The last layer's interventions see what the plain run computed; each applies to the previous one's result.
+        want = plain[i, pad:].double()
+        for iv in row.adapter.interventions:
+            for p in contract_positions(str(row.adapter.positions), True, row.hidden.shape[0], 1)[0]:
+                want[p] = reference_apply(as_dtype(iv, torch.float64), want[p].to(torch.bfloat16).double())
+        torch.testing.assert_close(out[i, pad:].double(), want.to(torch.bfloat16).double(), rtol=2**-8, atol=1e-6)

@@ -29,6 +29,8 @@ from server.interventions import reference_apply
 from server.model import BaseModel, load_base_model
 from server.positions import Positions
 
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
 GENERATIONS = EXPECTED["generations"]

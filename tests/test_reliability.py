@@ -309,6 +309,7 @@ def test_sigkill_under_load_keeps_every_acknowledged_adapter(tmp_path, reft_serv
     server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_engine_thread_death_turns_readiness_and_liveness_503(tmp_path):
     from server.api.app import create_app

@@ -98,6 +98,7 @@ def test_draws_follow_the_softmax_across_seeds(device, temperature):
     assert chi_square_p(counts, (LOGITS / temperature).softmax(-1)) > P_MIN
 
 
+@pytest.mark.slow
 def test_draws_follow_the_softmax_across_steps(device):
     """One seeded row over many steps: the uniforms of successive steps are independent."""
     sampler = Sampler(1, len(LOGITS), device)
@@ -140,6 +141,7 @@ def test_truncation_never_leaves_the_kept_set_and_keeps_its_proportions(device, 
     assert chi_square_p(counts, want) > P_MIN
 
 
+@pytest.mark.slow
 def test_truncation_on_a_large_vocabulary(device):
     """Both candidate paths (top-k, full sort) on a real vocabulary size; nothing outside the kept set."""
     vocab = 49152
@@ -186,6 +188,7 @@ def run_rows(rows: list[tuple[SamplingParams, int, int, int]], device: torch.dev
     return tokens
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_tokens_in_any_batch_slot_and_order(device):
     alone = run_rows([(SEEDED, 0, 0, STEPS)], device)[0]
     assert len(alone) == STEPS and len(set(alone)) > 1

@@ -187,6 +187,7 @@ def mutated_emoji(draw) -> bytes:
 adapter_files = safetensors_files() | mutated_emoji() | st.binary(max_size=512)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=400)
 @given(data=adapter_files)
 def test_parsing_accepts_or_refuses_with_adapter_error(data):

@@ -37,6 +37,8 @@ from server.engine.structured import (
 from server.model import load_base_model
 from tests.test_engine import DATA, EOS, EXPECTED, Result, random_adapter
 
+pytestmark = pytest.mark.slow
+
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "structured_schemas.json").read_text())
 MAX_NEW = 64
 # Answers that hit max_tokens inside the JSON are the one allowed exception; a few are tolerated, not many

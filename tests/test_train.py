@@ -92,6 +92,7 @@ def test_missing_file_is_a_data_error(tmp_path):
         read_records(tmp_path / "nope.jsonl")
 
 
+@pytest.mark.slow
 def test_example_longer_than_the_context_is_refused_with_its_line_number(base, tmp_path):
     path = tmp_path / "d.jsonl"
     _write_jsonl(path, [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "word " * base.max_context}])
@@ -99,6 +100,7 @@ def test_example_longer_than_the_context_is_refused_with_its_line_number(base, t
         load_examples(path, base)
 
 
+@pytest.mark.slow
 def test_prompts_are_tokenized_as_the_server_tokenizes_them(base, tmp_path):
     path = tmp_path / "d.jsonl"
     _write_jsonl(path, [{"prompt": "<|im_start|>user\nhi<|im_end|>\n", "completion": "yo"},
@@ -116,6 +118,7 @@ def test_prompts_are_tokenized_as_the_server_tokenizes_them(base, tmp_path):
 # ---- the trainer ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_steps_lower_the_loss_and_the_result_round_trips(base, examples, tmp_path):
     trainer = Trainer(base, examples, _config())
     assert (trainer.total_steps, trainer.steps_per_epoch) == (6, 1)
@@ -138,6 +141,7 @@ def test_steps_lower_the_loss_and_the_result_round_trips(base, examples, tmp_pat
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_bytes(base, examples):
     def run(seed: int) -> bytes:
         trainer = Trainer(base, examples, _config(epochs=2, batch_size=2, seed=seed))
@@ -150,6 +154,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(base, examples):
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
 
 
+@pytest.mark.slow
 def test_minibatches_shuffle_and_count_epochs(base, examples):
     trainer = Trainer(base, examples, _config(epochs=2, batch_size=2))
     assert (trainer.steps_per_epoch, trainer.total_steps) == (2, 4)
@@ -159,6 +164,7 @@ def test_minibatches_shuffle_and_count_epochs(base, examples):
     assert trainer.epoch == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"])
 def test_every_type_trains_one_step_into_a_valid_adapter(base, examples, kind):
     trainer = Trainer(base, examples, _config(kind=kind, epochs=1, layers=(3,)))
@@ -166,6 +172,7 @@ def test_every_type_trains_one_step_into_a_valid_adapter(base, examples, kind):
     assert trainer.adapter().types == [kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"])
 def test_every_type_builds_tensors_the_format_accepts(base, kind):
     torch.manual_seed(0)
@@ -174,6 +181,7 @@ def test_every_type_builds_tensors_the_format_accepts(base, kind):
     assert adapter_file.make_intervention(0, kind, 3, 4, tensors, base.shape, 4, "float32").type == kind
 
 
+@pytest.mark.slow
 def test_unshared_prefix_suffix_doubles_the_layers(base, examples):
     trainer = Trainer(base, examples[:1], _config(layers=(2,), rank=1, share_weights=False, epochs=1))
     trainer.step()
@@ -185,6 +193,7 @@ def test_default_layers():
     assert default_layers(2) == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kw", "message"), [
     ({"kind": "nope"}, "unknown intervention type"),
     ({"layers": (99,)}, "layers"),
@@ -197,6 +206,7 @@ def test_bad_settings_are_refused(base, examples, kw, message):
         Trainer(base, examples, _config(**kw))
 
 
+@pytest.mark.slow
 def test_no_examples_is_refused(base):
     with pytest.raises(ValueError, match="no training examples"):
         Trainer(base, [], _config())
@@ -220,6 +230,7 @@ def _uneven_examples(base):
     return encode(records_from_rows(rows), base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "max_tokens"), [("loreft", 1), ("consreft", 40)])
 def test_micro_steps_accumulate_to_the_whole_step(tiny, kind, max_tokens):
     examples = _uneven_examples(tiny)
@@ -241,6 +252,7 @@ def test_micro_steps_accumulate_to_the_whole_step(tiny, kind, max_tokens):
     assert whole.done and parts.done
 
 
+@pytest.mark.slow
 def test_step_after_micro_steps_finishes_the_batch(tiny):
     examples = _uneven_examples(tiny)
     config = TrainConfig(layers=(1,), rank=1, positions="l1", epochs=1, batch_size=7)
@@ -249,6 +261,7 @@ def test_step_after_micro_steps_finishes_the_batch(tiny):
     assert parts.step() == pytest.approx(whole.step(), rel=1e-5) and parts.done
 
 
+@pytest.mark.slow
 def test_the_bounds_of_a_run_are_known_before_it_starts(tiny):
     examples = _uneven_examples(tiny)
     lengths = sorted((len(e.prompt_ids) + len(e.completion_ids) for e in examples), reverse=True)
@@ -261,6 +274,7 @@ def test_the_bounds_of_a_run_are_known_before_it_starts(tiny):
 # ---- the command ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_a_loadable_adapter(base, tmp_path):
     data, out = tmp_path / "d.jsonl", tmp_path / "sub" / "a.safetensors"
     _write_jsonl(data, _chat_rows()[:2])

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from conftest import error_of
 
+pytestmark = pytest.mark.slow
+
 ADMIN = {"Authorization": "Bearer admin-secret"}
 EXAMPLES = [
     {"prompt": "Say hi.", "completion": "HI THERE!"},

@@ -31,7 +31,7 @@ except ImportError:  # the browser tests skip and say why; the page's own checks
     sync_api = None
 
 CHROMIUM = Path(os.environ.get("REFT_CHROMIUM", "/usr/bin/chromium"))
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 expect = sync_api.expect if sync_api else None
 
 API_KEY, ADMIN_KEY = "ui-user-key", "ui-admin-key"
