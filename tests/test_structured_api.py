@@ -21,6 +21,8 @@ import pydantic
 import pytest
 
 from server import adapter_file
+from server.api.protocol import ChatDelta, Tool
+from server.api.tools import StreamedAnswer
 from tests.conftest import error_of
 from tests.test_api import emoji_bytes, sse_data
 from tests.test_registry import emoji, variant
@@ -204,6 +206,15 @@ def test_structured_outputs_choice_regex_json_and_grammar_on_every_endpoint(clie
      400, "'nope', which is not among the tools (get_weather)"),
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required",
                               "response_format": {"type": "json_object"}}, 400, "cannot be combined"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 2}]}}}}}}, 400,
+     "invalid JSON schema: allOf is not supported (at #/properties/a)"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}, "stop": ["}"]}, 400,
+     "stop cannot be combined with a structured output"),
+    ("/generate", {"structured_outputs": {"choice": ["a", "b"]}, "stop_token_ids": [5]}, 400,
+     "stop_token_ids cannot be combined with a structured output"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required", "stop": "\n"}, 400,
+     "stop cannot be combined with a structured output"),
 ])
 def test_refusals_say_what_is_wrong_before_queueing(client, path, body, status, words):
     base = ({"model": "emoji", "messages": messages("x")} if "chat" in path else
@@ -265,3 +276,50 @@ def test_tool_choice_auto_answers_in_text_or_a_call_and_says_which(oai):
         assert answer.message.tool_calls[0].function.name == "get_weather"
     else:
         assert answer.message.content and not answer.message.tool_calls
+
+
+def test_a_streamed_call_comes_as_it_is_written_with_every_token_s_logprob(oai):
+    """The first delta names the call, the arguments follow in fragments, they add up to the non-streamed answer's
+    arguments, and each generated token's logprob is sent once; `auto` (held to the end) keeps its logprobs too."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = {"model": "emoji", "messages": [{"role": "user", "content": "Weather in Paris, in celsius?"}],
+              "tools": [WEATHER, TIME], "max_tokens": 64, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = oai.chat.completions.create(tool_choice=named, **kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls", whole
+    for choice in (named, "auto"):
+        chunks = list(oai.chat.completions.create(tool_choice=choice, stream=True,
+                                                  stream_options={"include_usage": True}, **kwargs))
+        deltas = [d for c in chunks for ch in c.choices for d in ch.delta.tool_calls or []]
+        logprobs = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content or []]
+        assert len(logprobs) == chunks[-1].usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in logprobs)
+        if choice == "auto":
+            continue
+        assert deltas[0].id.startswith("call_") and deltas[0].type == "function"
+        assert deltas[0].function.name == "get_weather" and deltas[0].function.arguments == ""
+        fragments = [d.function.arguments for d in deltas[1:]]
+        assert len(fragments) >= 3 and all(d.id is None and d.function.name is None for d in deltas[1:])
+        assert "".join(fragments) == whole.message.tool_calls[0].function.arguments
+        assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["tool_calls"]
+        assert [e.token for e in logprobs] == [e.token for e in whole.logprobs.content]
+
+
+def test_streamed_call_deltas_add_up_to_the_arguments_however_the_text_is_cut():
+    """Every way of cutting a constrained call into pieces gives the same deltas' sum; a `}` inside a string or
+    closing the arguments is held back only until the next piece shows it is not the call's own."""
+    arguments = '{"city":"Pa}ris \\"x\\"}","unit":"celsius"}'
+    text = '{"name":"get_weather","arguments":' + arguments + "}"
+    tools = [Tool(**WEATHER), Tool(**TIME)]
+    for size in range(1, len(text) + 1):
+        stream, deltas, finish = StreamedAnswer(tools, constrained=True), [], None
+        pieces = [text[i:i + size] for i in range(0, len(text), size)] + [""]
+        for k, piece in enumerate(pieces):
+            out, finish = stream.feed(piece, "stop" if k == len(pieces) - 1 else None)
+            deltas += [d.tool_calls[0] for d in out]
+        assert finish == "tool_calls" and deltas[0].function.name == "get_weather" and deltas[0].id
+        assert "".join(d.function.arguments for d in deltas) == arguments, size
+    cut = StreamedAnswer(tools, constrained=True)
+    assert cut.feed(text[:12], "length") == ([ChatDelta(content=text[:12])], "length")
+    cut = StreamedAnswer(tools, constrained=True)
+    out, finish = cut.feed(text[:50], "length")
+    assert finish == "length" and out[0].tool_calls[0].function.name == "get_weather"
+    assert "".join(d.tool_calls[0].function.arguments for d in out) == text[34:50]

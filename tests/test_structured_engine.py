@@ -44,6 +44,7 @@ MAX_NEW = 64
 # Answers that hit max_tokens inside the JSON are the one allowed exception; a few are tolerated, not many
 # (most come from the rows given a repetition penalty, which steers the model away from closing quotes).
 MOST_LENGTH = 0.2
+FORMATS = jsonschema.FormatChecker()
 
 
 class Engine:
@@ -104,7 +105,7 @@ def check(result: Result, schema: dict, what: str) -> bool:
         return False
     assert result.finish == "stop", (what, result.events[-1])
     value = json.loads(result.text)
-    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)
+    jsonschema.Draft202012Validator(schema, format_checker=FORMATS).validate(value)
     return True
 
 
@@ -156,9 +157,12 @@ def test_invalid_constraints_fail_their_compile_with_the_library_s_reason(engine
     assert not engine.compiler.cached(constraint)  # a failure is not kept
 
 
-def test_every_schema_alone_with_the_base_model(engine):
+@pytest.mark.parametrize("adapter", [None, "emoji", "lo"])
+def test_every_schema_alone_with_the_base_model_and_each_adapter(engine, adapter):
+    """One request at a time: each answer is the only row in its batch."""
     finished = sum(check(engine.submit(engine.prompt(s["ask"]), SamplingParams(max_new_tokens=MAX_NEW),
-                                       engine.grammar(Constraint.json_schema(s["schema"]))), s["schema"], s["name"])
+                                       engine.grammar(Constraint.json_schema(s["schema"])), adapter),
+                         s["schema"], f"{s['name']} / {adapter}")
                    for s in SCHEMAS)
     assert finished >= len(SCHEMAS) * (1 - MOST_LENGTH)
     assert engine.idle() and len(engine.sch.grammars) == 0  # no matcher outlives its request
@@ -214,7 +218,7 @@ def test_choice_regex_and_grammar_constraints(engine):
     assert re.fullmatch(r"hi( hi)?( hi)?!", ebnf.wait().text) and ebnf.finish == "stop"
 
 
-def test_a_cancelled_constrained_row_leaves_no_matcher_and_ignore_eos_is_refused(engine):
+def test_a_cancelled_constrained_row_leaves_no_matcher_and_other_stopping_rules_are_refused(engine):
     grammar = engine.grammar(Constraint.json_schema(SCHEMAS[0]["schema"]))
     result = Result()
     request = GenerationRequest(engine.prompt("x"), SamplingParams(max_new_tokens=200), None, result, grammar=grammar)
@@ -223,11 +227,96 @@ def test_a_cancelled_constrained_row_leaves_no_matcher_and_ignore_eos_is_refused
     engine.sch.submit(request)
     assert started.wait(60)
     assert result.wait().finish == "cancelled"
-    with pytest.raises(EngineError, match="ignore_eos"):
-        engine.sch.submit(GenerationRequest([1, 2, 3], SamplingParams(ignore_eos=True), None, Result(),
-                                            grammar=grammar))
+    for params, words in ((SamplingParams(ignore_eos=True), "ignore_eos"), (SamplingParams(stop=("}",)), "stop "),
+                          (SamplingParams(stop_token_ids=(7,)), "stop_token_ids")):
+        with pytest.raises(EngineError, match=f"^{words}"):
+            engine.sch.submit(GenerationRequest([1, 2, 3], params, None, Result(), grammar=grammar))
     assert engine.idle() and len(engine.sch.grammars) == 0
 
 
 def test_an_unconstrained_batch_builds_no_mask(engine):
     assert engine.sch.grammars.mask([0, 1, 2], torch.device("cpu")) is None
+
+
+# Schemas whose keyword xgrammar 0.2.9 compiles without enforcing, each with an instance the library's grammar
+# accepts and the schema rejects: refused, so that every accepted schema's answer validates.
+_OBJ_AB = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+UNENFORCED = [
+    ("allOf", {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                         {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"a":1}'),
+    ("allOf", {"type": "object", "properties": {"x": {"allOf": [{"type": "integer"}, {"minimum": 2}]}}}, '{"x":1}'),
+    ("not", {"type": "integer", "not": {"const": 3}}, "3"),
+    ("if", {**_OBJ_AB, "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a":1}'),
+    ("oneOf", {"oneOf": [{"type": "integer"}, {"type": "number"}]}, "5"),
+    ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1,1]"),
+    ("multipleOf", {"type": "number", "multipleOf": 0.5}, "0.3"),
+    ("multipleOf", {"type": "integer", "multipleOf": 1.5}, "2"),
+    ("dependentRequired", {**_OBJ_AB, "dependentRequired": {"a": ["b"]}}, '{"a":1}'),
+    ("dependentSchemas", {**_OBJ_AB, "dependentSchemas": {"a": {"required": ["b"]}}}, '{"a":1}'),
+    ("contains", {"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}}, "[2]"),
+    ("required", {"type": "object", "required": ["a"]}, "{}"),
+    ("required", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"],
+                  "additionalProperties": True}, '{"a":1}'),
+    ("minimum", {"minimum": 5}, "1"),
+    ("minLength", {"minLength": 3}, '"a"'),
+    ("maxItems", {"maxItems": 1}, "[1,2]"),
+    ("minimum beside $ref", {"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a", "minimum": 5}, "1"),
+    ("properties beside anyOf", {**_OBJ_AB, "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, "{}"),
+    ("type beside anyOf", {"type": "string", "anyOf": [{"maxLength": 1}]}, '"abc"'),
+    ("the value 1 fails", {"type": "string", "enum": ["a", 1]}, "1"),
+    ("$dynamicRef", {"$defs": {"a": {"$dynamicAnchor": "x", "type": "integer"}}, "$dynamicRef": "#x"}, '"s"'),
+    ("$ref '#x'", {"$defs": {"a": {"$anchor": "x", "type": "integer"}}, "$ref": "#x"}, '"s"'),
+    ("format regex", {"type": "string", "format": "regex"}, '"("'),
+    ("format idn-email", {"type": "string", "format": "idn-email"}, '"abc"'),
+]
+
+
+@pytest.fixture(scope="module")
+def bytes_compiler() -> xgr.GrammarCompiler:
+    """The library alone, on a vocabulary of single characters: enough to feed it any ASCII instance."""
+    vocab = [chr(i) for i in range(32, 127)] + ["</s>"]
+    return xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1]), cache_enabled=False)
+
+
+@pytest.mark.parametrize(("words", "schema", "instance"), UNENFORCED, ids=[u[0] for u in UNENFORCED])
+def test_schemas_the_library_would_not_enforce_are_refused_naming_the_keyword(engine, bytes_compiler, words, schema,
+                                                                                instance):
+    """The library's own grammar accepts an instance the schema rejects (if it ever stops, lift the refusal), and
+    the compiler refuses the schema naming the keyword."""
+    compiled = bytes_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
+    matcher = xgr.GrammarMatcher(compiled)
+    assert matcher.accept_string(instance) and matcher.accept_token(95), "the library enforces it now"
+    assert not jsonschema.Draft202012Validator(schema, format_checker=FORMATS).is_valid(json.loads(instance))
+    with pytest.raises(GrammarError, match=re.escape(words)):
+        engine.compiler.compile(Constraint.json_schema(schema)).result(timeout=60)
+
+
+@pytest.mark.parametrize("schema", [
+    {"oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}], "discriminator": {"propertyName": "pet"},
+     "$defs": {"cat": {"type": "object", "properties": {"pet": {"const": "cat"}, "lives": {"type": "integer"}},
+                       "required": ["pet", "lives"]},
+               "dog": {"type": "object", "properties": {"pet": {"const": "dog"}}, "required": ["pet"]}}},
+    {"type": "string", "enum": ["a", "b"], "maxLength": 1, "title": "x"},
+    {"type": "array", "items": {"type": "integer", "multipleOf": 3}, "uniqueItems": False},
+    {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Maybe", "x-vendor": {"allOf": 1}},
+])
+def test_schemas_it_enforces_exactly_compile(engine, schema):
+    engine.compiler.compile(Constraint.json_schema(schema)).result(timeout=60)
+
+
+@pytest.mark.parametrize(("fmt", "loose", "good"), [
+    ("date", ["2024-02-30", "2023-02-29", "0000-01-01"], ["2024-02-29", "2000-02-29", "0001-12-31"]),
+    ("ipv4", ["100.00.00.10", "01.2.3.4"], ["0.0.0.0", "255.255.255.255", "10.0.0.1"]),
+])
+def test_formats_the_library_checks_loosely_are_compiled_exactly(engine, bytes_compiler, fmt, loose, good):
+    """The library's own format allows values the validator rejects; the compiled grammar allows exactly the valid."""
+    schema = {"type": "string", "format": fmt}
+    library = bytes_compiler.compile_json_schema(json.dumps(schema))
+    grammar = engine.grammar(Constraint.json_schema(schema))
+    for value in loose + good:
+        theirs = xgr.GrammarMatcher(library)
+        ours = xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=[EOS])
+        valid = FORMATS.conforms(value, fmt)
+        assert valid == (value in good)
+        assert theirs.accept_string(json.dumps(value)) or valid, "the library checks it exactly now"
+        assert ours.accept_string(json.dumps(value)) == valid, value

@@ -29,10 +29,8 @@ from server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
-    FunctionCallDelta,
     ModelCard,
     ModelList,
-    ToolCallDelta,
     Usage,
 )
 from server.api.serving import Event, Result, Serving, ServingError, Submission
@@ -249,6 +247,10 @@ class Answer:
     def finish(self, result: Result) -> str | None:
         return "tool_calls" if self.calls(result.text) else result.finish_reason
 
+    def stream(self) -> tools.StreamedAnswer | None:
+        """A choice's stream of deltas when tools are offered; None for plain text, sent as it comes."""
+        return tools.StreamedAnswer(self.req.tools or [], self.call) if self.offered else None
+
 
 async def _chat_chunks(serving: Serving, submissions: list[Submission], req: ChatCompletionRequest,
                        ids: list[int], include_usage: bool, answer: Answer) -> AsyncIterator[str]:
@@ -266,31 +268,35 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
                     token_ids=[] if req.return_token_ids else None,
                     prompt_token_ids=ids if req.return_token_ids and index == 0 else None)
     completion_tokens = 0
-    held = [""] * len(submissions)  # with tools offered, an answer is held until it is known to be a call or not
+    streams = [answer.stream() for _ in submissions]
+    # A token's logprobs and id go with the chunk that carries its text or, while that is held back (a call not
+    # yet known to be one), with the next chunk sent; with return_token_ids, a token whose text is still held back
+    # (half a character) has its id sent at once.
+    waiting: list[list] = [[] for _ in submissions]
+    waiting_ids: list[list[int]] = [[] for _ in submissions]
+
+    def flush(index: int) -> tuple[ChatLogprobs | None, list[int] | None]:
+        entries, token_ids = waiting[index], waiting_ids[index]
+        waiting[index], waiting_ids[index] = [], []
+        return (ChatLogprobs(content=entries) if req.logprobs else None), (token_ids if req.return_token_ids else None)
+
     async for index, event in serving.merged(submissions):
-        logprobs = chat_logprobs(event.token_ids, event.logprobs, serving.tokens) if req.logprobs else None
-        # With return_token_ids, a token whose text is still held back (half a character) is sent at once.
-        token_ids = event.token_ids if req.return_token_ids else None
-        if answer.offered:
-            held[index] += event.text
-        elif event.text or (logprobs and logprobs.content) or token_ids:
-            yield chunk(index, ChatDelta(content=event.text), logprobs=logprobs, token_ids=token_ids)
-        if event.finish_reason is None:
-            continue
-        completion_tokens += event.completion_tokens
-        calls = answer.calls(held[index]) if answer.offered else None
-        if calls:
-            for k, c in enumerate(calls):
-                named = FunctionCallDelta(name=c.function.name, arguments="")
-                yield chunk(index, ChatDelta(tool_calls=[ToolCallDelta(index=k, id=c.id, type="function",
-                                                                       function=named)]))
-                yield chunk(index, ChatDelta(tool_calls=[ToolCallDelta(
-                    index=k, function=FunctionCallDelta(arguments=c.function.arguments))]))
-            yield chunk(index, ChatDelta(), "tool_calls")
-            continue
-        if held[index]:
-            yield chunk(index, ChatDelta(content=held[index]))
-        yield chunk(index, ChatDelta(), event.finish_reason)
+        if req.logprobs:
+            waiting[index] += chat_logprobs(event.token_ids, event.logprobs, serving.tokens).content
+        waiting_ids[index] += event.token_ids if req.return_token_ids else []
+        if streams[index] is not None:
+            deltas, finish = streams[index].feed(event.text, event.finish_reason)
+        else:
+            deltas = [ChatDelta(content=event.text)] if event.text or waiting[index] or waiting_ids[index] else []
+            finish = event.finish_reason
+        for delta in deltas:
+            logprobs, token_ids = flush(index)
+            yield chunk(index, delta, logprobs=logprobs, token_ids=token_ids)
+        if finish is not None:
+            completion_tokens += event.completion_tokens
+            logprobs, token_ids = flush(index)
+            yield chunk(index, ChatDelta(), finish, logprobs=logprobs if logprobs and logprobs.content else None,
+                        token_ids=token_ids or None)
     if include_usage:
         final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
                                     usage=_usage(len(ids), completion_tokens))

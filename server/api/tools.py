@@ -7,6 +7,10 @@ parses. With `auto` nothing is constrained: the answer is a call only if the mod
 in <tool_call>...</tool_call> (the Hermes convention that Qwen and SmolLM templates use) or as the
 bare object naming a known tool; a template that does not take `tools` itself gets them, and that
 convention, in a system message.
+
+Streamed, a constrained call goes out as it is written: OpenAI's first tool-call delta (id, type, name)
+once the name is complete, then the arguments' text in fragments. An `auto` answer is held until it
+ends, since only then is it known to be a call or text.
 """
 
 from __future__ import annotations
@@ -15,11 +19,22 @@ import json
 import re
 import uuid
 
-from server.api.protocol import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
+from server.api.protocol import (
+    ChatDelta,
+    ChatMessage,
+    FunctionCall,
+    FunctionCallDelta,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 from server.api.serving import ServingError
 from server.engine.structured import Constraint
 
 _TAGGED = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+# A constrained call's text up to its arguments: compact JSON, properties in the call schema's order.
+_HEAD = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
 ANY_ARGUMENTS = {"type": "object"}  # a function declared without parameters takes any object
 
 
@@ -102,17 +117,104 @@ def _arguments(text: str) -> dict:
 
 
 def parse(text: str, tools: list[Tool], constrained: bool) -> list[ToolCall] | None:
-    """The calls in an answer, or None if it is not a call (auto) or stopped inside one (max_tokens)."""
+    """The calls in an answer, or None if it is not a call (auto) or stopped inside one (max_tokens).
+
+    A constrained call's arguments are its own text, as streamed; a call the model wrote freely has them
+    written out again compactly."""
+    if constrained:
+        call = _constrained(text)
+        return [_call(*call)] if call else None
     names = {t.function.name for t in tools}
-    candidates = [text] if constrained else (_TAGGED.findall(text) or [text.strip()])
     calls = []
-    for candidate in candidates:
+    for candidate in _TAGGED.findall(text) or [text.strip()]:
         try:
             value = json.loads(candidate)
         except json.JSONDecodeError:
             return None
         if not (isinstance(value, dict) and value.get("name") in names and isinstance(value.get("arguments"), dict)):
             return None
-        calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                              function=FunctionCall(name=value["name"], arguments=json.dumps(value["arguments"]))))
+        calls.append(_call(value["name"], json.dumps(value["arguments"], separators=(",", ":"), ensure_ascii=False)))
     return calls
+
+
+def _call(name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=_call_id(), function=FunctionCall(name=name, arguments=arguments))
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _constrained(text: str) -> tuple[str, str] | None:
+    """A complete constrained call's name and arguments text; None if the answer stopped inside it."""
+    head = _HEAD.match(text)
+    if head is None or not text.endswith("}"):
+        return None
+    try:
+        value, arguments = json.loads(text), json.loads(text[head.end():-1])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or value.get("arguments") != arguments:
+        return None
+    return value["name"], text[head.end():-1]
+
+
+class StreamedAnswer:
+    """One streamed chat choice with tools offered: its text in, OpenAI's deltas out.
+
+    Constrained (`required` or a named function): the call's first delta (id, type, name) as soon as the
+    name is complete, then each new piece of the arguments, holding back a last `}` that may be the
+    call's own closing brace. The deltas add up to exactly the arguments a non-streamed answer carries.
+    `auto`: held until the end, then sent as one call per call found, or as text.
+    """
+
+    def __init__(self, tools: list[Tool], constrained: bool) -> None:
+        self.tools = tools
+        self.constrained = constrained
+        self.text = ""
+        self.arguments_at: int | None = None  # where the arguments begin in `text`, once the name is sent
+        self.sent = 0  # characters of the arguments sent
+
+    def feed(self, piece: str, finish_reason: str | None) -> tuple[list[ChatDelta], str | None]:
+        """The deltas that `piece` releases, and the finish reason to send (None until the answer ends)."""
+        self.text += piece
+        if finish_reason is None:
+            return (self._progress() if self.constrained else []), None
+        calls = parse(self.text, self.tools, self.constrained)
+        if self.constrained:
+            deltas = self._progress()
+            if calls:
+                return deltas + self._release(self.text[self.arguments_at:-1]), "tool_calls"
+            if self.arguments_at is None:  # stopped by max_tokens before the name was complete
+                return ([ChatDelta(content=self.text)] if self.text else []), finish_reason
+            return deltas + self._release(self.text[self.arguments_at:]), finish_reason
+        if calls:
+            deltas = [(_named(k, c.id, c.function.name), _arguments_delta(k, c.function.arguments))
+                      for k, c in enumerate(calls)]
+            return [d for pair in deltas for d in pair], "tool_calls"
+        return ([ChatDelta(content=self.text)] if self.text else []), finish_reason
+
+    def _progress(self) -> list[ChatDelta]:
+        deltas = []
+        if self.arguments_at is None:
+            head = _HEAD.match(self.text)
+            if head is None:
+                return []
+            self.arguments_at = head.end()
+            deltas.append(_named(0, _call_id(), json.loads(head.group(1))))
+        arguments = self.text[self.arguments_at:]
+        return deltas + self._release(arguments[:-1] if arguments.endswith("}") else arguments)
+
+    def _release(self, arguments: str) -> list[ChatDelta]:
+        """The arguments' text not yet sent, as one delta (none if nothing is new)."""
+        fresh, self.sent = arguments[self.sent:], max(self.sent, len(arguments))
+        return [_arguments_delta(0, fresh)] if fresh else []
+
+
+def _arguments_delta(index: int, text: str) -> ChatDelta:
+    return ChatDelta(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=text))])
+
+
+def _named(index: int, call_id: str, name: str) -> ChatDelta:
+    return ChatDelta(tool_calls=[ToolCallDelta(index=index, id=call_id, type="function",
+                                               function=FunctionCallDelta(name=name, arguments=""))])

@@ -39,7 +39,7 @@ from server.engine.scheduler import (
     Sequence,
     StepPlan,
 )
-from server.engine.structured import GrammarRows
+from server.engine.structured import GrammarRows, conflict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,8 +158,9 @@ class EngineLoop:
             self.sampler.check(request.params)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
-        if request.grammar is not None and request.params.ignore_eos:
-            raise EngineError("ignore_eos cannot be combined with a structured output: the grammar ends at EOS")
+        why = request.grammar and conflict(request.params)
+        if why:
+            raise EngineError(why)
         with self._cv:
             if self._stopping or self._died is not None:
                 reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"

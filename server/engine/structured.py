@@ -38,6 +38,9 @@ import xgrammar as xgr
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from server.engine.sampling import SamplingParams
+from server.engine.structured_schema import exact, unenforced
+
 Kind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 KINDS: tuple[Kind, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
 _SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -141,19 +144,41 @@ class GrammarCompiler:
                                                    strict_mode=False)
             elif constraint.kind == "json_schema":
                 # Compact JSON: with free whitespace a small model may emit newlines until max_tokens.
-                compiled = c.compile_json_schema(spec, any_whitespace=False, separators=(",", ":"))
+                schema = json.loads(spec)
+                compiled = c.compile_json_schema(json.dumps(exact(schema)), any_whitespace=False,
+                                                 separators=(",", ":"))
+                why = unenforced(schema)
+                if why:
+                    raise GrammarError(why)
             elif constraint.kind == "regex":
                 compiled = c.compile_regex(spec)
             elif constraint.kind == "choice":
                 compiled = c.compile_grammar(_choice_grammar(json.loads(spec)))
             else:
                 compiled = c.compile_grammar(spec)
+        except GrammarError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the library reports bad input as RuntimeError; say what it said
             raise GrammarError(library_message(exc)) from None
         seconds = time.perf_counter() - started
         with self._lock:
             self.compile_seconds += seconds
         return CompiledGrammar(constraint, compiled, seconds)
+
+
+def conflict(params: SamplingParams) -> str | None:
+    """Why these stopping rules cannot go with a structured output (None if they can): the grammar alone says
+    where the answer ends, so nothing may end it earlier (a stop string or token inside it would cut it short of
+    the grammar) or later (ignore_eos)."""
+    if params.ignore_eos:
+        return "ignore_eos cannot be combined with a structured output: the grammar ends at EOS"
+    if params.stop:
+        return (f"stop cannot be combined with a structured output: the answer ends where its grammar does, and a "
+                f"stop string inside it would cut it short ({len(params.stop)} stop strings given)")
+    if params.stop_token_ids:
+        return (f"stop_token_ids cannot be combined with a structured output: the answer ends where its grammar "
+                f"does ({len(params.stop_token_ids)} stop tokens given)")
+    return None
 
 
 def library_message(exc: BaseException) -> str:
