@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.engine import attention  # noqa: E402
 from server.engine.adapter_cache import DeviceAdapterCache  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.loop import EngineLoop  # noqa: E402
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
 from server.engine.sampling import Sampler, SamplingParams  # noqa: E402
-from server.engine.scheduler import GenerationRequest, Scheduler  # noqa: E402
+from server.engine.scheduler import GenerationRequest  # noqa: E402
 from server.model import load_base_model  # noqa: E402
 
 MATMULS = "matmuls (q/k/v, o, gate/up, down, LM head)"
@@ -114,7 +115,7 @@ def _ranged(name: str, fn):  # noqa: ANN001, ANN202 - any callable
 
 def _scheduler_ms_per_token(base, runner: ModelRunner, prompt: list[int], tokens: int) -> float:  # noqa: ANN001
     """Time per generated token of one greedy request through the engine's scheduler thread."""
-    sch = Scheduler(runner, lambda ids: base.tokenizer.decode(ids), DeviceAdapterCache(base.device, base.dtype,
+    sch = EngineLoop(runner, lambda ids: base.tokenizer.decode(ids), DeviceAdapterCache(base.device, base.dtype,
                     1 << 26, set()), eos_token_ids=[], max_batch_size=1, max_queue=4,
                     max_prefill_tokens=4096, max_prompt_tokens=4096, max_context=8192)
     arrivals: list[float] = []
