@@ -14,6 +14,7 @@ import torch
 from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.structured import GrammarCompiler
@@ -89,6 +90,8 @@ def build_engine(settings: Settings) -> Engine:
         batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
                      else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
         task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
+        prefix_cache=PrefixCache(min(settings.prefix_block_tokens, kv.block_tokens)) if settings.prefix_cache else None,
+        prefix_keyed_by_adapter=settings.prefix_cache_scope == "adapter",
     )
     scheduler.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from

@@ -29,6 +29,7 @@ import torch
 
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
+from server.engine.prefix_cache import Acting, PrefixCache, acting, block_keys
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import (
     SampleOutput,
@@ -74,6 +75,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
     error_status: int = 500  # 503 when the engine stopped under the request, 500 when its own step failed
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token of token_ids, when the request asked for logprobs
@@ -115,6 +117,10 @@ class _Sequence:
     row: int  # the Sampler's tables
     resident: ResidentAdapter | None = None
     computed: int = 0  # prompt tokens already in the KV cache
+    cached: int = 0  # of those, copied from the prefix cache
+    acts: Acting | None = None  # the request's interventions, as the prefix cache keys them
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    stored: int = 0  # leading blocks of this row known to the prefix cache
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # gathered chunk by chunk (echo)
@@ -141,6 +147,8 @@ class Scheduler:
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
         task_budget: float = 0.05,
+        prefix_cache: PrefixCache[Slot] | None = None,
+        prefix_keyed_by_adapter: bool = False,
     ) -> None:
         self.runner = runner
         self.cache = runner.cache
@@ -156,6 +164,8 @@ class Scheduler:
         self.batch_wait = batch_wait
         self.batch_quiet = batch_quiet
         self.task_budget = task_budget
+        self.prefix = prefix_cache
+        self.prefix_keyed_from = 0 if prefix_keyed_by_adapter else None
         self._task_credit = 0.0  # seconds of background work the next iterations may still run while serving
         self._waiting: deque[GenerationRequest] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, KV slot held, prompt not yet fully computed
@@ -190,7 +200,9 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive() and self._died is None
 
     def kv_usage(self) -> float:
-        return self.cache.usage
+        """Fraction of the pool that rows hold: cached prefix blocks are free space, evicted on demand."""
+        cached = self.prefix.tokens if self.prefix is not None else 0
+        return (self.cache.used_tokens - cached) / self.cache.capacity
 
     def running_adapters(self) -> list[str]:
         seqs = list(self._running) + list(self._prefilling)
@@ -365,26 +377,102 @@ class Scheduler:
                 return
             self._cv.wait(remaining)
 
-    def _admit(self) -> list[tuple[GenerationRequest, Slot]]:
+    def _admit(self) -> list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]]:
         """Take waiting requests in arrival order while the batch has room and their KV slot is free."""
-        admitted: list[tuple[GenerationRequest, Slot]] = []
+        admitted: list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]] = []
         while self._waiting and self.num_running + len(admitted) < self.max_batch_size:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
                 self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
                 continue
+            acts, keys = self._prompt_keys(request)
             try:
-                slot = self.cache.allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens))
+                slot = self._allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens),
+                                      keep=frozenset(keys), last_resort=True)
             except CacheFull:
                 break  # it waits, first in line, until running rows give their slots back
-            admitted.append((self._waiting.popleft(), slot))
+            admitted.append((self._waiting.popleft(), slot, acts, keys))
         return admitted
 
-    def _start(self, admitted: list[tuple[GenerationRequest, Slot]]) -> None:
+    def _prompt_keys(self, request: GenerationRequest) -> tuple[Acting | None, list[bytes]]:
+        """How the prefix cache knows this request's interventions, and the keys of its prompt's full blocks."""
+        if self.prefix is None:
+            return None, []
+        ref = request.adapter
+        acts = None
+        if ref is not None:
+            acts = acting(f"{ref.name}@{ref.version}:{ref.sha256}", ref.adapter.locations(len(request.prompt_ids)))
+        keys = list(block_keys(request.prompt_ids, self.prefix.block_tokens, acts, keyed_from=self.prefix_keyed_from))
+        return acts, keys
+
+    def _allocate(self, tokens: int, keep: frozenset[bytes], last_resort: bool) -> Slot:
+        """A KV slot for `tokens`, evicting cached prefix blocks, least recently used first, while none is free.
+
+        Blocks in `keep` (the ones the caller is about to reuse or store after) go last, and only
+        when `last_resort`: so the prefix cache never refuses or delays an admission that would
+        succeed without it, and storing never evicts what it stores beside.
+        """
+        while True:
+            try:
+                return self.cache.allocate(tokens)
+            except CacheFull:
+                place = self.prefix.evict(keep) if self.prefix is not None else None
+                if place is None and last_resort and self.prefix is not None:
+                    place = self.prefix.evict(frozenset())
+                if place is None:
+                    raise
+                self.cache.free(place)
+
+    def _reuse(self, seq: _Sequence) -> None:
+        """Copy the longest cached prefix of the row's prompt into its slot; its prefill starts after it."""
+        if self.prefix is None:
+            return
+        size = self.prefix.block_tokens
+        # The prompt's last token is always computed (its logits are sampled); an echo needs every position's logits.
+        usable = [] if seq.request.params.prompt_logprobs is not None else seq.keys[: (len(seq.prompt) - 1) // size]
+        found = self.prefix.match(usable)
+        self.prefix.count(len(seq.prompt), len(found) * size)
+        if found:
+            self.cache.copy([(place.start, seq.slot.start + i * size) for i, place in enumerate(found)], size)
+            self.cache.writing(seq.slot, len(found) * size)
+        seq.computed = seq.cached = len(found) * size
+        seq.stored = len(found)
+
+    def _store(self, seq: _Sequence, keys: list[bytes]) -> None:
+        """Copy the row's full blocks that the prefix cache lacks out of its slot into blocks of their own."""
+        assert self.prefix is not None
+        size = self.prefix.block_tokens
+        keep = frozenset(keys)
+        pairs: list[tuple[int, int]] = []
+        for index in range(seq.stored, len(keys)):
+            if keys[index] not in self.prefix:
+                try:
+                    place = self._allocate(size, keep=keep, last_resort=False)
+                except CacheFull:
+                    break  # a chain is only found from its start: the blocks after a missing one would never match
+                self.cache.writing(place, size)
+                self.prefix.insert(keys[index], place)
+                pairs.append((seq.slot.start + index * size, place.start))
+            seq.stored = index + 1
+        self.cache.copy(pairs, size)
+        self.prefix.match(keys[: seq.stored])
+
+    def _sequence_keys(self, seq: _Sequence) -> list[bytes]:
+        """Keys of the row's full blocks whose KV is written: its prompt and every generated token fed back."""
+        assert self.prefix is not None
+        if seq.computed < len(seq.prompt):
+            return seq.keys[: seq.computed // self.prefix.block_tokens]
+        tokens = seq.prompt + seq.token_ids[:-1]  # the last sampled token was never fed: its KV does not exist
+        more = block_keys(tokens, self.prefix.block_tokens, seq.acts, start=len(seq.keys),
+                          parent=seq.keys[-1] if seq.keys else b"", keyed_from=self.prefix_keyed_from)
+        return seq.keys + list(more)
+
+    def _start(self, admitted: list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]]) -> None:
         """Make the admitted requests' adapters resident; one that cannot be loaded fails alone."""
-        for request, slot in admitted:
-            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), slot, self._free_rows.pop())
+        for request, slot, acts, keys in admitted:
+            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), slot, self._free_rows.pop(),
+                            acts=acts, keys=keys)
             self.sampler.add(seq.row, request.params, request.prompt_ids)
             if request.grammar is not None:
                 self.grammars.add(seq.row, request.grammar)
@@ -394,6 +482,7 @@ class Scheduler:
                 log.exception("loading adapter %s failed", request.adapter.name if request.adapter else None)
                 self._fail(seq, f"the adapter could not be loaded: {exc}")
                 continue
+            self._reuse(seq)
             self._prefilling.append(seq)
 
     def _prefill(self) -> None:
@@ -411,6 +500,10 @@ class Scheduler:
         started = time.perf_counter()
         self.prefills += 1
         self._isolated(work, self._prefill_part)
+        if self.prefix is not None:  # prompts completed here: later requests may share them while these rows decode
+            for seq, chunk in work:
+                if chunk.completes_prompt and seq.finish_reason is None:
+                    self._store(seq, seq.keys)
         log.debug("prefill: %d chunks, %d running, %.0f ms", len(work), len(self._running),
                   1000 * (time.perf_counter() - started))
         self._retire()
@@ -435,7 +528,7 @@ class Scheduler:
             self._running.append(seq)
             if seq.request.params.max_new_tokens == 0:
                 seq.finish_reason = "length"
-                self._emit(seq, Event("", (), "length", len(seq.prompt), 0,
+                self._emit(seq, Event("", (), "length", len(seq.prompt), 0, cached_tokens=seq.cached,
                                       prompt_logprobs=tuple(seq.prompt_logprobs)))
         for seq, token, logprobs in zip(generating, sampled.token_ids, sampled.logprobs, strict=True):
             self._advance(seq, token, logprobs)
@@ -513,7 +606,7 @@ class Scheduler:
                 delta += seq.tracker.add(None)[0]
                 seq.finish_reason = "length"
         echoed = tuple(seq.prompt_logprobs) if params.prompt_logprobs is not None and len(seq.token_ids) == 1 else None
-        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids),
+        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids), seq.cached,
                               logprobs=(logprobs,) if logprobs is not None else (), prompt_logprobs=echoed))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
@@ -535,8 +628,10 @@ class Scheduler:
         else:
             self._retire()
 
-    def _release(self, seq: _Sequence) -> None:
-        """Give a leaving row's KV slot and Sampler row back."""
+    def _release(self, seq: _Sequence, keep: bool = False) -> None:
+        """Give a leaving row's KV slot and Sampler row back; with `keep`, its full blocks go to the prefix cache."""
+        if keep and self.prefix is not None:
+            self._store(seq, self._sequence_keys(seq))
         self.cache.free(seq.slot)
         self.sampler.remove(seq.row)
         self.grammars.remove(seq.row)
@@ -566,5 +661,6 @@ class Scheduler:
         for rows in (self._running, self._prefilling):
             finished = [s for s in rows if s.finish_reason is not None]
             for seq in finished:
-                self._release(seq)  # before it leaves the count: an idle engine holds no row's slot, table or grammar
+                # Before it leaves the count: an idle engine holds no row's slot, table or grammar.
+                self._release(seq, keep=seq.finish_reason != "error")
                 rows.remove(seq)
