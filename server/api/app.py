@@ -77,6 +77,15 @@ class AppState:
         view.kv_cache_usage = engine.scheduler.kv_usage
         view.grammar_compiles = lambda: engine.grammars.compiles
         view.grammar_compile_seconds = lambda: engine.grammars.compile_seconds
+        prefix = engine.scheduler.prefix
+        if prefix is not None:
+            view.prefix_queries = lambda: prefix.queried_tokens
+            view.prefix_hits = lambda: prefix.hit_tokens
+            view.prefix_cached_blocks = lambda: len(prefix)
+        kv = engine.scheduler.cache
+        view.prefix_caching = prefix is not None
+        view.block_size = prefix.block_tokens if prefix is not None else kv.block_tokens
+        view.num_blocks = kv.capacity // view.block_size
         self.engine = engine
         self.serving = Serving(engine, self.metrics, self.settings.max_prompt_logprobs)
         self.serving.draining = self.draining

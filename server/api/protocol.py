@@ -148,10 +148,15 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = Field(None, description="accepted; at most one call is made per answer")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens whose KV came from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

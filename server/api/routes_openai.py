@@ -32,6 +32,7 @@ from server.api.protocol import (
     FunctionCallDelta,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ToolCallDelta,
     Usage,
 )
@@ -43,8 +44,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
-def _usage(prompt: int, completion: int) -> Usage:
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _usage(prompt: int, completion: int, cached: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
@@ -147,7 +149,8 @@ def _completion_response(serving: Serving, req: CompletionRequest, ids: list[lis
                 choice.prompt_token_ids, choice.token_ids = ids[p], result.token_ids
             choices.append(choice)
     response = CompletionResponse(model=req.model, choices=choices,
-                                  usage=_usage(sum(len(i) for i in ids), sum(r.completion_tokens for r in results)))
+                                  usage=_usage(sum(len(i) for i in ids), sum(r.completion_tokens for r in results),
+                                               sum(r.cached_tokens for r in results[::copies])))
     return _json(response)
 
 
@@ -182,6 +185,7 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     writers = [CompletionLogprobsWriter(serving.tokens) for _ in submissions]
     started, given, completion_tokens = set(), set(), 0  # choices begun; choices given their prompt's ids
+    cached: dict[int, int] = {}  # choice -> its prompt tokens reused from the prefix cache
 
     def chunk(index: int, event: Event, echo: Echo | None) -> str | None:
         text, logprobs = (echo.text + event.text if echo else event.text), None
@@ -206,6 +210,7 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
         started.add(index)
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
+            cached[index] = event.cached_tokens
         # The piece with an echoed prompt's logprobs may be large: built off the event loop.
         data = (await run_in_threadpool(chunk, index, event, echo) if echo and req.logprobs is not None
                 else chunk(index, event, echo))
@@ -213,7 +218,8 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
             yield data
     if include_usage:
         final = CompletionResponse(id=cid, created=created, model=req.model, choices=[],
-                                   usage=_usage(sum(len(i) for i in ids), completion_tokens))
+                                   usage=_usage(sum(len(i) for i in ids), completion_tokens,
+                                                sum(cached.get(p * req.n, 0) for p in range(len(ids)))))
         yield final.model_dump_json()
 
 
@@ -265,7 +271,7 @@ def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int],
                             logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
                             else None, token_ids=r.token_ids if req.return_token_ids else None)
                  for i, r in enumerate(results)],
-        usage=_usage(len(ids), sum(r.completion_tokens for r in results)),
+        usage=_usage(len(ids), sum(r.completion_tokens for r in results), results[0].cached_tokens),
         prompt_token_ids=ids if req.return_token_ids else None,
     ))
 
@@ -305,7 +311,7 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
         yield chunk(index, ChatDelta(role="assistant", content=""),
                     token_ids=[] if req.return_token_ids else None,
                     prompt_token_ids=ids if req.return_token_ids and index == 0 else None)
-    completion_tokens = 0
+    completion_tokens, cached = 0, 0
     held = [""] * len(submissions)  # with tools offered, an answer is held until it is known to be a call or not
     async for index, event in serving.merged(submissions):
         logprobs = chat_logprobs(event.token_ids, event.logprobs, serving.tokens) if req.logprobs else None
@@ -318,6 +324,7 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
         if event.finish_reason is None:
             continue
         completion_tokens += event.completion_tokens
+        cached = event.cached_tokens if index == 0 else cached
         calls = answer.calls(held[index]) if answer.offered else None
         if calls:
             for k, c in enumerate(calls):
@@ -333,5 +340,5 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
         yield chunk(index, ChatDelta(), event.finish_reason)
     if include_usage:
         final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
-                                    usage=_usage(len(ids), completion_tokens))
+                                    usage=_usage(len(ids), completion_tokens, cached))
         yield final.model_dump_json()
