@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: install browser serve test lint bench bench-llamacpp eval load docker-test clean
+.PHONY: install browser serve test lint bench bench-llamacpp eval load docker-test docs clean
 
 install: $(STAMP) browser
 
@@ -66,5 +66,11 @@ load: install
 docker-test:
 	scripts/docker-test.sh
 
+# The documentation site (mkdocs.yml) into site/; the `docs` extra is installed on first use. Strict: a broken
+# link, anchor or nav entry fails the build.
+docs: install
+	$(PY) -c "import material" 2>/dev/null || $(PIP) install --quiet -e ".[docs]" "$(TORCH)"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf .venv
+	rm -rf .venv site

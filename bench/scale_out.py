@@ -66,7 +66,7 @@ def store(n_writes: int, n_records: int) -> dict:
         writes, follows, checks = [], [], []
         for i in range(n_writes):
             t = time.perf_counter()
-            with a._write_lock, a._flock(exclusive=True):
+            with a._write_lock, a._shared.lock(exclusive=True):
                 a._sync()
                 a._apply({f"w{i}": AdapterRecord(**{**record(i), "name": f"w{i}"})})
                 a._journal([{"put": {**record(i), "name": f"w{i}"}}])
@@ -111,13 +111,13 @@ def store(n_writes: int, n_records: int) -> dict:
         # cold read of n_records
         big = Registry(Path(tmp) / "big", SHAPE, max_rank=64, max_adapter_bytes=1 << 20)
         big.open()
-        with big._write_lock, big._flock(exclusive=True):
+        with big._write_lock, big._shared.lock(exclusive=True):
             big._apply({f"r{i:05d}": AdapterRecord(**record(i)) for i in range(n_records)})
             big._compact()
         t = time.perf_counter()
         fresh = Registry(Path(tmp) / "big", SHAPE, max_rank=64, max_adapter_bytes=1 << 20)
-        with fresh._write_lock, fresh._flock(exclusive=False):
-            fresh._reload()
+        with fresh._write_lock, fresh._shared.lock(exclusive=False):
+            fresh._adopt(fresh._shared.reload(), whole=True)
         json_s = time.perf_counter() - t
         w.execute("BEGIN")
         w.executemany("INSERT OR REPLACE INTO adapters VALUES (?, 0, ?)",

@@ -29,7 +29,7 @@ from server import adapter_file
 from server.api.serving import derived_seed
 from server.engine.sampling import LOGIT_BIAS_LIMIT, Sampler, SamplingParams, seeded_uniform
 from server.model import BaseModel, load_base_model
-from server.train import hooked, plain_logits
+from server.reference import hooked, plain_logits
 
 LOGIT_TOLERANCE = 1e-3  # greedy: logits of one row in different batches differed by up to 1e-4 (float32, CPU)
 CDF_TOLERANCE = 1e-4  # sampled: draws that went either way lay within 1.1e-6 of the boundary they crossed

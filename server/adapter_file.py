@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -55,6 +56,30 @@ _PYREFT_CLASSES = {
 
 class AdapterError(ValueError):
     """An adapter file or directory that cannot be served; the message says why."""
+
+
+@runtime_checkable
+class ServedAdapter(Protocol):
+    """What the engine applies for a request: one `Adapter`, or a `Composite` of several.
+
+    The batch plan reads the interventions in order and, per intervention, the prompt positions it
+    acts on; records and logs read the layers, types and rank. Which version is applied (name,
+    version, sha256) is the `AdapterRef` that holds it, for one adapter and a composition alike.
+    """
+
+    @property
+    def interventions(self) -> tuple[Intervention, ...]: ...
+
+    @property
+    def layers(self) -> list[int]: ...
+
+    @property
+    def types(self) -> list[str]: ...
+
+    @property
+    def max_rank(self) -> int: ...
+
+    def locations(self, prompt_length: int) -> list[list[int]]: ...
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The composition root: load the base model and the registry, start the scheduler, and hand
+"""The composition root: load the base model and the registry, start the engine loop, and hand
 the assembled `Engine` to the API. Only the app factory and the CLI import this module."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from server import tokens
 from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
+from server.engine.loop import EngineLoop
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import Scheduler
 from server.engine.structured import GrammarCompiler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
@@ -42,7 +43,7 @@ class Engine:
 
     base: BaseModel
     registry: Registry
-    scheduler: Scheduler
+    loop: EngineLoop
     adapter_cache: DeviceAdapterCache
     training: TrainingJobs
     max_new_tokens: int
@@ -51,7 +52,7 @@ class Engine:
 
 
 def build_engine(settings: Settings) -> Engine:
-    """Load the base model and the registry, and start the scheduler: everything behind the API."""
+    """Load the base model and the registry, and start the engine loop: everything behind the API."""
     start = time.perf_counter()
     base = load_base_model(settings.model, settings.device, settings.dtype)
     if base.device.type == "cpu":
@@ -66,16 +67,13 @@ def build_engine(settings: Settings) -> Engine:
     registry.on_removed.append(cache.drop)
     for name in settings.pinned_adapters:
         cache.get(registry.resolve(name))
-    eos = base.model.generation_config.eos_token_id
-    if eos is None:
-        eos = base.tokenizer.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = tokens.stop_ids(base.tokenizer, base.model.generation_config)
     max_prompt = min(settings.max_prompt_tokens or base.max_context, base.max_context - 1)
     kv = KVCache.for_model(base.model.config, base.dtype, base.device,
                            settings.kv_cache_bytes or default_budget(base.device))
     log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
-    scheduler = Scheduler(
+    loop = EngineLoop(
         ModelRunner(base, kv, compile_decode=settings.compile, max_rows=settings.max_batch_size),
         lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
         cache,
@@ -90,10 +88,10 @@ def build_engine(settings: Settings) -> Engine:
         batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
                      else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
         task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
-        prefix_cache=PrefixCache(min(settings.prefix_block_tokens, kv.block_tokens)) if settings.prefix_cache else None,
+        prefix=PrefixCache(min(settings.prefix_block_tokens, kv.block_tokens)) if settings.prefix_cache else None,
         prefix_keyed_by_adapter=settings.prefix_cache_scope == "adapter",
     )
-    scheduler.start()
+    loop.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from
     # walking it again: a full collection over it paused the event loop for about 190 ms.
     gc.collect()
@@ -102,5 +100,5 @@ def build_engine(settings: Settings) -> Engine:
                                max_entries=settings.grammar_cache_size, max_spec_bytes=settings.max_grammar_bytes,
                                timeout_s=settings.grammar_compile_seconds)
     limits = JobLimits(settings.max_train_jobs, settings.max_train_steps, settings.max_train_step_tokens)
-    return Engine(base, registry, scheduler, cache, TrainingJobs(base, registry, scheduler, limits),
+    return Engine(base, registry, loop, cache, TrainingJobs(base, registry, loop, limits),
                   settings.max_new_tokens, grammars, time.perf_counter() - start)

@@ -137,9 +137,6 @@ class StackedForms:
             A=torch.stack([f.A for f in forms]),
         )
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> StackedForms:
-        return StackedForms(*(x.to(device=device, dtype=dtype) for x in (self.WP, self.bp, self.A)))
-
 
 def batched_apply(x: Tensor, stacked: StackedForms, slots: Tensor) -> Tensor:
     """Apply, to each row of x [N, d], the intervention in slot `slots[i]`: one gather, two bmm."""

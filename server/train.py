@@ -4,9 +4,10 @@ Each intervention holds its parameters exactly as pyreft's classes do (an orthog
 parametrised [d, r] `rotate_layer`, `nn.Linear` learned sources and projections), and its
 forward is `interventions.reference_apply` on the current tensors, so what is trained is what
 the server computes. Interventions act, through forward hooks, on a decoder layer's output
-(pyvene's `block_output`) at the adapter's prompt positions. The loss is cross-entropy on the
-completion tokens (plus an appended EOS) only; AdamW with linear decay to 0, float32, gradient
-norm clipped at 1.0 (the transformers Trainer defaults pyreft trains with).
+(pyvene's `block_output`) at the adapter's prompt positions (`reference.hooked`). The loss is
+cross-entropy on the completion tokens (plus the id that ends a completion, server/tokens.py)
+only; AdamW with linear decay to 0, float32, gradient norm clipped at 1.0 (the transformers
+Trainer defaults pyreft trains with).
 
 `Trainer.step()` runs one optimisation step and returns its loss, so a caller decides what runs
 between steps: the CLI's progress bar. `Trainer.accumulate(max_tokens)` runs one micro-step of a
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -28,10 +28,12 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from server import tokens
 from server.adapter_file import Adapter, build, make_intervention
-from server.interventions import INTERVENTION_TYPES, ORTHONORMAL_TYPES, Intervention, reference_apply
+from server.interventions import INTERVENTION_TYPES, ORTHONORMAL_TYPES, Intervention
 from server.model import BaseModel
 from server.positions import Positions
+from server.reference import hooked, locations_index
 
 IGNORE_INDEX = -100
 
@@ -84,65 +86,6 @@ class TrainableIntervention(nn.Module):
         return Intervention(type=self.kind, layer=self.layer, rank=self.rank, tensors=t)
 
 
-@contextmanager
-def hooked(
-    layers: nn.ModuleList, interventions: Sequence[Intervention], where: Sequence[tuple[Tensor, Tensor]]
-) -> Iterator[None]:
-    """Apply `interventions[i]` after its layer at the (row, position) pairs `where[i]`.
-
-    Several interventions on one layer apply in order, each reading what the previous wrote.
-    """
-
-    def hook_for(items: list[int]) -> Callable:
-        def hook(_module: nn.Module, _inputs: object, output: Tensor | tuple) -> Tensor | tuple:
-            h = output[0] if isinstance(output, tuple) else output
-            for i in items:
-                rows, cols = where[i]
-                new = reference_apply(interventions[i], h[rows, cols].float()).to(h.dtype)
-                h = h.index_put((rows, cols), new)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return hook
-
-    by_layer: dict[int, list[int]] = {}
-    for i, iv in enumerate(interventions):
-        by_layer.setdefault(iv.layer, []).append(i)
-    handles = [layers[layer].register_forward_hook(hook_for(items)) for layer, items in by_layer.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.inference_mode()
-def plain_logits(base: BaseModel, ids: Sequence[int], prompt_length: int, adapter: Adapter | None) -> Tensor:
-    """[len(ids), V] float32 logits of one plain forward (no KV cache, no packing), the adapter's interventions
-    applied by hooks at its positions in the first `prompt_length` tokens: the reference the engine is checked
-    against, in tests and by the load test."""
-    ivs = adapter.interventions if adapter else ()
-    where = locations_index([prompt_length], adapter.positions, len(ivs), adapter.share_weights,
-                            base.device) if adapter else []
-    with hooked(base.layers, ivs, where):
-        out = base.model(input_ids=torch.tensor([list(ids)], device=base.device), use_cache=False)
-    return out.logits[0].float()
-
-
-def locations_index(
-    prompt_lengths: Sequence[int], positions: Positions, count: int, share_weights: bool, device: torch.device
-) -> list[tuple[Tensor, Tensor]]:
-    """Per intervention, the (row, position) index tensors it acts on across a batch."""
-    pairs: list[list[tuple[int, int]]] = [[] for _ in range(count)]
-    for row, length in enumerate(prompt_lengths):
-        for i, locs in enumerate(positions.locations(length, count, share_weights)):
-            pairs[i].extend((row, p) for p in locs)
-    return [
-        (torch.tensor([r for r, _ in p], dtype=torch.long, device=device),
-         torch.tensor([c for _, c in p], dtype=torch.long, device=device))
-        for p in pairs
-    ]
-
-
 # ---- data ---------------------------------------------------------------------------------------
 
 
@@ -158,7 +101,7 @@ class Record:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example; `completion_ids` ends with EOS and is what the loss scores."""
+    """One tokenized example; `completion_ids` ends with its end id and is what the loss scores."""
 
     line: int
     prompt_ids: list[int]
@@ -221,46 +164,23 @@ def records_from_rows(rows: Sequence[object], source: str = "data") -> list[Reco
     return [_record(row, f"{source}[{i}]", i) for i, row in enumerate(rows)]
 
 
-def prompt_ids(tokenizer: object, text: str) -> list[int]:
-    """Text prompt to ids the way the server's completion endpoints do: the tokenizer's special
-    tokens added, but a BOS the text already carries not doubled."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if len(ids) >= 2 and ids[0] == ids[1] == bos:
-        ids = ids[1:]
-    return ids
-
-
-def chat_ids(tokenizer: object, messages: list[dict]) -> list[int]:
-    """Chat messages to prompt ids the way the server's chat endpoint does."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def eos_id(base: BaseModel) -> int:
-    eos = base.model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    if eos is None:
-        raise ValueError("the base model's generation_config has no eos_token_id")
-    return int(eos)
-
-
 def encode(records: Sequence[Record], base: BaseModel, source: str = "data") -> list[Example]:
     """Tokenize records; refuse (with the line number) any example that does not fit the context."""
-    tok, eos = base.tokenizer, eos_id(base)
+    tok, generation = base.tokenizer, base.model.generation_config
+    ends = {chat: tokens.completion_end_id(tok, generation, chat) for chat in (False, True)}
     out = []
     for r in records:
         where = f"{source}:{r.line}"
         if r.messages is not None:
-            if not getattr(tok, "chat_template", None):
+            if not tokens.has_chat_template(tok):
                 raise DataError(f"{where}: the base model has no chat template; use 'prompt' and 'completion'")
             try:
-                prompt = chat_ids(tok, r.messages)
+                prompt = tokens.chat_ids(tok, r.messages)
             except Exception as exc:  # noqa: BLE001 - a template error is the data's fault
                 raise DataError(f"{where}: the chat template rejected these messages: {exc}") from exc
         else:
-            prompt = prompt_ids(tok, r.prompt)
-        completion = tok(r.completion, add_special_tokens=False)["input_ids"] + [eos]
+            prompt = tokens.text_ids(tok, r.prompt)
+        completion = tok(r.completion, add_special_tokens=False)["input_ids"] + [ends[r.messages is not None]]
         if len(prompt) + len(completion) > base.max_context:
             raise DataError(f"{where}: {len(prompt)} prompt + {len(completion)} completion tokens exceed the "
                             f"model's context of {base.max_context}")
@@ -394,7 +314,7 @@ class Trainer:
         self._batches: list[list[Example]] = []
         self._step: _StepInProgress | None = None
         self.steps_done = 0
-        self.pad = eos_id(base)
+        self.pad = tokens.completion_end_id(base.tokenizer, base.model.generation_config, chat=False)
 
     @property
     def epoch(self) -> int:

@@ -1,6 +1,6 @@
 """Training jobs over HTTP: pyreft's recipe on the serving process's own base model.
 
-A job is a `Trainer` run as a background task of the scheduler: the engine thread gives it a
+A job is a `Trainer` run as a background task of the engine loop: the engine thread gives it a
 time budget after each decode step, and the job spends it on one micro-step (gradient
 accumulation over as many examples of the batch as its measured speed fits in the budget), so an
 optimisation step of any batch size is spread over many engine iterations, and a training
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server import adapter_file
-from server.engine.scheduler import Scheduler
+from server.engine.loop import EngineLoop
 from server.model import BaseModel
 from server.registry import AdapterChanged, AdapterRecord, Registry
 from server.train import TrainConfig, Trainer, encode, records_from_rows, step_tokens, total_steps
@@ -132,8 +132,8 @@ def _version(record: AdapterRecord | None, missing: str) -> str:
 class TrainingJobs:
     """The jobs of this process, by id."""
 
-    def __init__(self, base: BaseModel, registry: Registry, scheduler: Scheduler, limits: JobLimits) -> None:
-        self.base, self.registry, self.scheduler, self.limits = base, registry, scheduler, limits
+    def __init__(self, base: BaseModel, registry: Registry, loop: EngineLoop, limits: JobLimits) -> None:
+        self.base, self.registry, self.loop, self.limits = base, registry, loop, limits
         self._jobs: OrderedDict[str, TrainingJob] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -175,7 +175,7 @@ class TrainingJobs:
             finished = [j for j in self._jobs.values() if j.done]
             for old in finished[: max(0, len(self._jobs) - MAX_JOBS)]:
                 del self._jobs[old.id]
-        self.scheduler.add_task(job)
+        self.loop.add_task(job)
         return job
 
     def _check_room(self) -> None:

@@ -104,6 +104,7 @@ def server(tmp_path_factory, reft_server_factory):
     env = {
         "REFT_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS), "REFT_MAX_PROMPT_TOKENS": str(MAX_PROMPT_TOKENS),
         "REFT_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "REFT_SCAN_INTERVAL": "0.5", "REFT_MAX_BATCH_SIZE": "8",
+        "REFT_PINNED_ADAPTERS": '["emoji"]',
     }
     srv = reft_server_factory(registry, root / "server.log", env)
     yield srv
@@ -672,6 +673,35 @@ def test_metrics_families(client):
     assert len(info) == 1
     assert set(info[0].labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert info[0].labels["max_lora"].isdigit() and int(info[0].labels["max_lora"]) >= 1
+
+
+def test_adapter_residency_metrics(client):
+    """The series the llm-d router's lora-load-state scorer reads: the pinned adapter and one loaded by
+    a request are on the device (gpu) and parsed in host memory (cpu); a deleted one leaves both."""
+    name = "resident-" + secrets.token_hex(3)
+    r = client.post("/v1/adapters", data={"name": name},
+                    files={"file": ("a.safetensors", emoji_bytes(), "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    loads = metric_value(metrics(client), "vllm:lora_adapter_load_seconds_count")
+    for model in ("emoji", name):
+        r = client.post("/v1/completions", json={"model": model, "prompt": GENS[0]["prompt_ids"], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    samples = metrics(client)
+    loaded = {(s.labels["adapter_name"], s.labels["level"], s.labels["pinned"]): s.value
+              for s in samples["vllm:lora_adapter_loaded"]}
+    assert loaded[("emoji", "gpu", "true")] == 1 and loaded[("emoji", "cpu", "false")] == 1
+    assert loaded[(name, "gpu", "false")] == 1 and loaded[(name, "cpu", "false")] == 1
+    gpu = sum(v for (_, level, _), v in loaded.items() if level == "gpu")
+    assert metric_value(samples, "vllm:num_gpu_loaded_lora_adapters") == gpu >= 2
+    assert metric_value(samples, "vllm:max_gpu_lora_adapters") == 8  # REFT_MAX_BATCH_SIZE, as max_lora
+    # the pinned adapter loaded at start-up, before the metrics; the new one's first request loads it
+    assert metric_value(samples, "vllm:lora_adapter_load_seconds_count") == loads + 1
+    assert metric_value(samples, "vllm:lora_adapter_load_seconds_bucket", le="+Inf") == loads + 1
+    assert metric_value(samples, "vllm:lora_adapter_load_seconds_sum") > 0
+    assert client.delete(f"/v1/adapters/{name}").status_code == 204
+    after = metrics(client)
+    assert not [s for s in after["vllm:lora_adapter_loaded"] if s.labels["adapter_name"] == name]
+    assert metric_value(after, "vllm:num_gpu_loaded_lora_adapters") == gpu - 1
 
 
 def test_access_log_one_json_line_per_request(server, client):

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import registry as registry_module
 from server.adapter_file import Adapter
 from server.metrics import Metrics
 from server.registry import Registry, host_nbytes
+from server.registry import scan as registry_scan
 from tests.test_registry import SHAPE, variant
 from tests.test_registry import emoji as emoji_adapter
 
@@ -34,8 +34,8 @@ def test_host_cache_is_bounded_in_bytes(tmp_path, emoji):
     reg = open_registry(tmp_path, host_cache_bytes=int(2.5 * one))
     for i in range(6):
         reg.put(f"a{i}", variant(emoji, i), replace=False)
-        assert reg._parsed_bytes <= reg.host_cache_bytes
-        assert reg._parsed_bytes == sum(host_nbytes(a) for a in reg._parsed.values())
+        assert reg._parsed.nbytes <= reg.host_cache_bytes
+        assert reg._parsed.nbytes == sum(host_nbytes(a) for a in reg._parsed.values())
     assert [name for name, _ in reg._parsed] == ["a4", "a5"]
     assert reg.cached("a0") is None
     ref = reg.resolve("a0")  # evicted, so read again from disk: still served, and now the newest entry
@@ -47,9 +47,9 @@ def test_host_cache_forgets_replaced_and_deleted_versions(tmp_path, emoji):
     reg = open_registry(tmp_path, host_cache_bytes=1 << 30)
     reg.put("a", emoji, replace=False)
     reg.put("a", variant(emoji, 1.0), replace=True)
-    assert len(reg._parsed) == 1 and reg._parsed_bytes == host_nbytes(emoji)
+    assert len(reg._parsed) == 1 and reg._parsed.nbytes == host_nbytes(emoji)
     reg.delete("a")
-    assert not reg._parsed and reg._parsed_bytes == 0
+    assert not reg._parsed and reg._parsed.nbytes == 0
 
 
 def test_zero_host_cache_still_serves(tmp_path, emoji):
@@ -69,7 +69,7 @@ def test_rejected_files_are_forgotten_when_removed_and_capped(tmp_path, monkeypa
         (tmp_path / f"bad{i}.safetensors").unlink()
     reg.scan()
     assert sorted(reg._rejected) == [f"bad{i}" for i in range(6, 10)]
-    monkeypatch.setattr(registry_module, "REJECTED_LIMIT", 3)
+    monkeypatch.setattr(registry_scan, "REJECTED_LIMIT", 3)
     for i in range(10, 20):
         (tmp_path / f"bad{i}.safetensors").write_bytes(b"still not an adapter")
     reg.scan()

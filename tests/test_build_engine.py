@@ -14,8 +14,8 @@ def test_build_engine_freezes_what_it_loaded(tmp_path):
     try:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # the model, tokenizer and registry: never walked by the collector again
-        assert engine.scheduler.num_running == 0
+        assert engine.loop.num_running == 0
         assert engine.registry is not None and len(engine.registry) == 0
     finally:
-        engine.scheduler.stop()
+        engine.loop.stop()
         gc.unfreeze()

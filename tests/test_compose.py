@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server import adapter_file
-from server.adapter_file import MAX_COMPOSED, AdapterError, Composite, build, composition
+from server.adapter_file import MAX_COMPOSED, AdapterError, Composite, ServedAdapter, build, composition
 from server.interventions import Intervention
 from server.model import ModelShape
 
@@ -73,6 +73,7 @@ def test_composite_lists_interventions_and_positions_in_order():
     assert [iv.layer for iv in composite.interventions] == [2, 7, 2]
     assert composite.locations(10) == [[0, 1, 8, 9], [0, 1, 8, 9], [0, 9]]  # each part keeps its own rule
     assert composite.layers == [2, 7] and composite.types == ["direft", "loreft"] and composite.max_rank == 4
+    assert isinstance(composite, ServedAdapter) and isinstance(LORE, ServedAdapter)  # what the engine types against
 
 
 def test_composition_names_and_limit():

@@ -1,5 +1,5 @@
 """The engine end to end on the real default model: pyreft parity, batch invariance, sampling,
-stop handling, cancellation and limits. One model and one running Scheduler for the module.
+stop handling, cancellation and limits. One model and one running EngineLoop for the module.
 
 Token counts are kept small so the file stays within a few minutes on two CPU cores.
 """
@@ -22,17 +22,11 @@ from conftest import wait_for
 from server.adapter_file import Adapter, build, import_pyreft, make_intervention
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.kv_cache import KVCache
+from server.engine.loop import EngineLoop
+from server.engine.output import Event, TextTracker
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from server.engine.sampling import SamplingParams, TextTracker
-from server.engine.scheduler import (
-    EngineError,
-    EngineStopped,
-    Event,
-    GenerationRequest,
-    PromptTooLong,
-    QueueFull,
-    Scheduler,
-)
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import EngineError, EngineStopped, GenerationRequest, PromptTooLong, QueueFull
 from server.model import BaseModel, load_base_model
 from server.positions import Positions
 
@@ -99,7 +93,7 @@ class Engine:
     base: BaseModel
     runner: ModelRunner
     cache: DeviceAdapterCache
-    sch: Scheduler
+    sch: EngineLoop
     emoji: AdapterRef
     randoms: dict[str, AdapterRef]
     chat_prompts: list[list[int]]
@@ -108,7 +102,7 @@ class Engine:
         return self.base.tokenizer.decode(ids, skip_special_tokens=True)
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
-               sch: Scheduler | None = None) -> tuple[GenerationRequest, Result]:
+               sch: EngineLoop | None = None) -> tuple[GenerationRequest, Result]:
         result = Result()
         request = GenerationRequest(list(prompt), params, adapter, result)
         (sch or self.sch).submit(request)
@@ -181,7 +175,7 @@ def engine():
     base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30))
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 28, set())
-    sch = Scheduler(
+    sch = EngineLoop(
         runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache, eos_token_ids=[EOS],
         max_batch_size=32, max_queue=64, max_prefill_tokens=8192, max_prompt_tokens=MAX_PROMPT_TOKENS,
         max_context=MAX_CONTEXT,
@@ -347,16 +341,16 @@ def test_batch_invariance_random_mixes(engine, seed):
     assert len(near_ties) <= 1, near_ties
 
 
-def small_scheduler(engine: Engine, **kw) -> Scheduler:
+def small_scheduler(engine: Engine, **kw) -> EngineLoop:
     """A second scheduler on the same runner: use it only while the module's scheduler is idle."""
     opts = dict(eos_token_ids=[EOS], max_batch_size=1, max_queue=2, max_prefill_tokens=8192,
                 max_prompt_tokens=MAX_PROMPT_TOKENS, max_context=MAX_CONTEXT)
     opts.update(kw)
-    return Scheduler(engine.runner, engine.decode, engine.cache, **opts)
+    return EngineLoop(engine.runner, engine.decode, engine.cache, **opts)
 
 
 @contextmanager
-def running(sch: Scheduler) -> Iterator[Scheduler]:
+def running(sch: EngineLoop) -> Iterator[EngineLoop]:
     """Run `sch` for the block; stop it however the block ends."""
     sch.start()
     try:
@@ -397,11 +391,11 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
             time.sleep(0.05)
         for r in burst:
             r.wait()
-        assert sch.prefills == 1
+        assert sch.stats().prefills == 1
 
         started = time.monotonic()
         engine.submit(engine.chat_prompts[0], params, sch=sch)[1].wait_tokens(1)
-        assert sch.prefills == 2 and 0.4 <= time.monotonic() - started < 3.0
+        assert sch.stats().prefills == 2 and 0.4 <= time.monotonic() - started < 3.0
     for prompt, adapter, r in zip(engine.chat_prompts, adapters, burst, strict=False):
         assert r.tokens == engine.run(prompt, params, adapter).tokens
 
@@ -410,7 +404,7 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
         full = [engine.submit(engine.chat_prompts[i % 3], params, sch=sch)[1] for i in range(4)]
         full[0].wait_tokens(1)
         assert time.monotonic() - started < 15  # a full batch does not wait for more
-        assert sch.prefills == 1
+        assert sch.stats().prefills == 1
 
     prompt = engine.chat_prompts[0]
     budget_of_two = small_scheduler(engine, max_batch_size=8, max_queue=8, max_prefill_tokens=2 * len(prompt),
@@ -420,7 +414,7 @@ def test_an_idle_engine_prefills_a_burst_as_one_batch(engine):
         both = [engine.submit(prompt, params, sch=sch)[1] for _ in range(2)]
         both[0].wait_tokens(1)
         assert time.monotonic() - started < 15  # the prefill budget is full: no reason to wait
-        assert sch.prefills == 1
+        assert sch.stats().prefills == 1
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -551,11 +545,11 @@ def test_cancel_in_the_event_callback_frees_the_slot_before_the_next_step(engine
 
     def cancel_after_three(result: Result, event: Event) -> None:
         if len(result.tokens) == 3 and "steps" not in seen and event.finish_reason is None:
-            seen["steps"] = sch.steps
+            seen["steps"] = sch.stats().steps
             seen["running"] = sch.num_running
             victim_request.cancel()
         if event.finish_reason == "cancelled":
-            seen["cancelled_steps"] = sch.steps
+            seen["cancelled_steps"] = sch.stats().steps
 
     def watch_running(result: Result, event: Event) -> None:
         if "cancelled_steps" in seen and "running_after" not in seen:
@@ -589,7 +583,7 @@ def test_cancel_from_another_thread_mid_generation(engine):
 
     def record(result: Result, event: Event) -> None:
         if event.finish_reason == "cancelled":
-            at_cancelled["steps"] = sch.steps
+            at_cancelled["steps"] = sch.stats().steps
 
     victim = Result()
     victim.hook = record
@@ -599,7 +593,7 @@ def test_cancel_from_another_thread_mid_generation(engine):
     others = [engine.submit(g["prompt_ids"], SamplingParams(max_new_tokens=10), engine.emoji)[1]
               for g in GENERATIONS[2:4]]
     victim.wait_tokens(2)
-    steps, running, had = sch.steps, sch.num_running, len(victim.tokens)
+    steps, running, had = sch.stats().steps, sch.num_running, len(victim.tokens)
     victim_req.cancel()
     victim.wait()
     assert victim.finish == "cancelled"
@@ -620,17 +614,17 @@ def test_cancel_from_another_thread_mid_generation(engine):
 def test_prompt_and_context_limits(engine):
     sch = engine.sch
     with pytest.raises(PromptTooLong, match=rf"{MAX_PROMPT_TOKENS + 1}.*{MAX_PROMPT_TOKENS}") as exc:
-        sch.check(MAX_PROMPT_TOKENS + 1, 1)
+        sch.policy.check(MAX_PROMPT_TOKENS + 1, 1)
     assert exc.value.status == 400
     with pytest.raises(PromptTooLong, match=rf"{MAX_PROMPT_TOKENS + 1}.*{MAX_PROMPT_TOKENS}"):
         sch.submit(GenerationRequest([5] * (MAX_PROMPT_TOKENS + 1), SamplingParams(max_new_tokens=1), None, Result()))
     with pytest.raises(PromptTooLong, match=r"100 tokens.*8100.*8200.*8192"):
-        sch.check(100, 8100)
+        sch.policy.check(100, 8100)
     with pytest.raises(PromptTooLong, match=r"8200.*8192"):
         sch.submit(GenerationRequest([5] * 100, SamplingParams(max_new_tokens=8100), None, Result()))
-    sch.check(MAX_PROMPT_TOKENS, MAX_CONTEXT - MAX_PROMPT_TOKENS)  # exactly at the limits: fine
+    sch.policy.check(MAX_PROMPT_TOKENS, MAX_CONTEXT - MAX_PROMPT_TOKENS)  # exactly at the limits: fine
     with pytest.raises(PromptTooLong):
-        sch.check(MAX_PROMPT_TOKENS, MAX_CONTEXT - MAX_PROMPT_TOKENS + 1)
+        sch.policy.check(MAX_PROMPT_TOKENS, MAX_CONTEXT - MAX_PROMPT_TOKENS + 1)
     with pytest.raises(EngineError, match="empty") as exc:
         sch.submit(GenerationRequest([], SamplingParams(max_new_tokens=4), None, Result()))
     assert exc.value.status == 400
@@ -805,7 +799,7 @@ def test_chunked_prefill_keeps_pyreft_parity(engine):
                                  prefill_chunk_tokens=5)) as sch:
         first = engine.submit(GENERATIONS[0]["prompt_ids"], SamplingParams(max_new_tokens=32), engine.emoji, sch=sch)
         assert first[1].wait().tokens == GENERATIONS[0]["completion_ids"]
-        assert sch.prefills == -(-len(GENERATIONS[0]["prompt_ids"]) // 5)
+        assert sch.stats().prefills == -(-len(GENERATIONS[0]["prompt_ids"]) // 5)
         results = [engine.submit(g["prompt_ids"], SamplingParams(max_new_tokens=32), engine.emoji, sch=sch)[1]
                    for g in GENERATIONS]
         for g, r in zip(GENERATIONS, results, strict=True):
@@ -817,11 +811,11 @@ def test_prefill_computes_the_real_tokens_only(engine):
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in (300, 12, 40, 7, 25)]
     engine.assert_idle()
-    before = engine.sch.prefill_positions
+    before = engine.sch.stats().prefill_positions
     results = [engine.submit(p, SamplingParams(max_new_tokens=1))[1] for p in prompts]
     for r in results:
         r.wait()
-    assert engine.sch.prefill_positions - before == sum(len(p) for p in prompts)
+    assert engine.sch.stats().prefill_positions - before == sum(len(p) for p in prompts)
 
 
 def copied_bytes(engine: Engine, rows: list[DecodeRow]) -> int:
@@ -904,7 +898,7 @@ def test_admission_waits_for_kv_memory_and_refuses_what_can_never_fit(engine):
         assert [r.tokens[:3] for _, r in submitted] == alone
         assert submitted[0][1].finish == "cancelled" and submitted[2][1].finish is None
         with pytest.raises(PromptTooLong, match=r"needs \d+ tokens of KV cache \(\d+ bytes\) .* holds \d+ tokens"):
-            sch.check(40, kv.capacity)
+            sch.policy.check(40, kv.capacity)
         for request, _ in submitted:
             request.cancel()
     assert kv.usage == 0.0
@@ -1009,7 +1003,7 @@ class OverrunningTask:
     """A background task whose every step takes `seconds`, more than its budget; it records the budget it was given
     and whether a request was being served at each step."""
 
-    def __init__(self, sch: Scheduler, seconds: float) -> None:
+    def __init__(self, sch: EngineLoop, seconds: float) -> None:
         self.sch, self.seconds, self.budgets, self.serving = sch, seconds, [], []
         self.stop, self.finished, self.failed = False, False, None
 
@@ -1030,7 +1024,7 @@ def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engi
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     alone = engine.run(prompt, params).tokens
     finishing, breaking = CountingTask(3), CountingTask(50, raise_at=2)
-    steps_before = engine.sch.steps
+    steps_before = engine.sch.stats().steps
     engine.sch.add_task(finishing)
     engine.sch.add_task(breaking)
     result = engine.submit(prompt, params)[1].wait()
@@ -1040,7 +1034,7 @@ def test_background_tasks_take_one_step_per_engine_iteration_and_fail_alone(engi
     assert result.tokens == alone  # serving went on, with the same tokens
     assert finishing.done == 3 and finishing.failed is None
     assert breaking.done == 2 and "task broke" in breaking.failed
-    assert engine.sch.steps - steps_before >= 2  # the tasks took turns with decode steps
+    assert engine.sch.stats().steps - steps_before >= 2  # the tasks took turns with decode steps
 
 
 def test_a_task_step_that_overruns_its_budget_is_paid_back_by_later_iterations(engine):
@@ -1052,9 +1046,9 @@ def test_a_task_step_that_overruns_its_budget_is_paid_back_by_later_iterations(e
         task = OverrunningTask(sch, seconds=0.05)
         sch.add_task(task)
         assert wait_for(lambda: len(task.budgets) >= 3, timeout=30)  # idle: back to back
-        steps_before, calls_before = sch.steps, len(task.serving)
+        steps_before, calls_before = sch.stats().steps, len(task.serving)
         engine.submit(engine.chat_prompts[0], SamplingParams(max_new_tokens=40, ignore_eos=True), sch=sch)[1].wait()
-        decode_steps, task_steps = sch.steps - steps_before, sum(task.serving[calls_before:])
+        decode_steps, task_steps = sch.stats().steps - steps_before, sum(task.serving[calls_before:])
         task.stop = True
         assert wait_for(lambda: task.finished, timeout=30)
     assert set(task.budgets) == {0.01} and task.failed is None
@@ -1065,8 +1059,8 @@ def test_a_task_step_that_overruns_its_budget_is_paid_back_by_later_iterations(e
 
 
 def reference_logprobs(engine: Engine, ids: list[int], prompt_length: int, adapter: AdapterRef | None) -> torch.Tensor:
-    """log_softmax of a plain transformers forward over `ids` [L', V] (server/train.py's `plain_logits`)."""
-    from server.train import plain_logits
+    """log_softmax of a plain transformers forward over `ids` [L', V] (server/reference.py's `plain_logits`)."""
+    from server.reference import plain_logits
 
     return plain_logits(engine.base, ids, prompt_length, adapter.adapter if adapter else None).log_softmax(-1)
 

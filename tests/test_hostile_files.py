@@ -142,7 +142,7 @@ def test_bad_files_in_a_live_registry_are_rejected_alone(tmp_path):
     assert set(rejected) == set(sizes)
     for name, size in sizes.items():
         r = rejected[name]
-        assert r.size == size and r.path == str(tmp_path / f"{name}.safetensors") and r.reason
+        assert r.file_size == size and r.path == str(tmp_path / f"{name}.safetensors") and r.reason
         assert time.time() - 60 < r.when <= time.time()
     assert str(MAX_BYTES) in rejected["oversized"].reason and str(SPARSE_BYTES) in rejected["oversized"].reason
     assert "4300 digits" in rejected["huge-int"].reason and "recursion" in rejected["deep"].reason

@@ -17,9 +17,10 @@ import torch
 
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.kv_cache import KVCache
+from server.engine.loop import EngineLoop
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import GenerationRequest, Scheduler
+from server.engine.scheduler import GenerationRequest
 from server.model import BaseModel, load_base_model
 from tests.test_engine import EOS, Result, random_adapter
 
@@ -79,11 +80,11 @@ def test_a_slot_an_earlier_row_filled_with_nan_or_inf_gives_the_next_row_its_tok
 
 
 @pytest.fixture(scope="module")
-def scheduler(base: BaseModel, runner: ModelRunner) -> Iterator[tuple[Scheduler, list[AdapterRef | None]]]:
+def scheduler(base: BaseModel, runner: ModelRunner) -> Iterator[tuple[EngineLoop, list[AdapterRef | None]]]:
     """A small batch over the module's runner, so that Sampler rows and KV slots are reused all the time."""
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 26, set())
     lo = random_adapter(base, [("loreft", 3, 8), ("loreft", 9, 8)], "f3+l3", True, seed=1, strength=3.0)
-    sch = Scheduler(runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache,
+    sch = EngineLoop(runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache,
                     eos_token_ids=[EOS], max_batch_size=MAX_ROWS, max_queue=64, max_prefill_tokens=4096,
                     max_prompt_tokens=1024, max_context=MAX_CONTEXT)
     sch.start()
@@ -113,7 +114,7 @@ def random_params(rng: random.Random, vocab: int) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def run(sch: Scheduler, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None) -> tuple:
+def run(sch: EngineLoop, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None) -> tuple:
     result = Result()
     request = GenerationRequest(list(prompt), params, adapter, result)
     sch.submit(request)

@@ -18,10 +18,12 @@ from test_engine import random_adapter
 from server.adapter_file import Composite, import_pyreft
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.kv_cache import KVCache
+from server.engine.loop import EngineLoop
+from server.engine.output import Event
 from server.engine.prefix_cache import PrefixCache, acting, block_keys
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Event, GenerationRequest, Scheduler
+from server.engine.scheduler import GenerationRequest
 from server.model import ModelShape, load_base_model
 from server.positions import Positions
 
@@ -139,11 +141,11 @@ class Engine:
     refs: dict[str, AdapterRef]
     system: list[int]
 
-    def scheduler(self, cached: bool, **kw) -> Scheduler:
+    def scheduler(self, cached: bool, **kw) -> EngineLoop:
         opts = dict(eos_token_ids=[EOS], max_batch_size=32, max_queue=64, max_prefill_tokens=8192,
                     max_prompt_tokens=4000, max_context=8192)
         opts.update(kw)
-        return Scheduler(self.runner, lambda ids: "", self.adapters,
+        return EngineLoop(self.runner, lambda ids: "", self.adapters,
                          prefix_cache=PrefixCache(B) if cached else None, **opts)
 
     def chat(self, history: list[dict]) -> list[int]:
@@ -165,7 +167,7 @@ class Engine:
 
 
 @contextmanager
-def running(sch: Scheduler) -> Iterator[Scheduler]:
+def running(sch: EngineLoop) -> Iterator[EngineLoop]:
     sch.start()
     try:
         yield sch
@@ -173,7 +175,7 @@ def running(sch: Scheduler) -> Iterator[Scheduler]:
         sch.stop()
 
 
-def run(sch: Scheduler, work: list[tuple[list[int], AdapterRef | None, int]]) -> list[Out]:
+def run(sch: EngineLoop, work: list[tuple[list[int], AdapterRef | None, int]]) -> list[Out]:
     """Submit `work` at once (one mixed batch) and wait for every answer."""
     outs = []
     for prompt, ref, max_new in work:
@@ -226,7 +228,7 @@ def check_same(engine: Engine, work, got: list[Out], want: list[Out]) -> int:
     return ties
 
 
-def conversation_work(engine: Engine, names: list[str | None], turns: int, max_new: int, sch: Scheduler):
+def conversation_work(engine: Engine, names: list[str | None], turns: int, max_new: int, sch: EngineLoop):
     """Run `turns` turns of one conversation per name (all in one batch per turn) on `sch`."""
     histories = [[{"role": "system", "content": "You are a careful assistant. " * 20}] for _ in names]
     record = []
@@ -247,7 +249,7 @@ def test_multi_turn_mixed_conversations_match_and_share(engine):
     names = [None, "l4", "f3", "fl", "l4+fl", None]
     with running(engine.scheduler(cached=True, prefill_chunk_tokens=64)) as sch:
         cached = conversation_work(engine, names, 3, 12, sch)
-        computed = sch.prefill_positions
+        computed = sch.stats().prefill_positions
     ties = 0
     with running(engine.scheduler(cached=False)) as sch:
         for work, outs in cached:
@@ -325,7 +327,7 @@ def test_eviction_never_refuses_what_runs_without_the_cache(engine):
             end = time.monotonic() + 10
             while sch.num_running and time.monotonic() < end:  # the last row retires just after its final event
                 time.sleep(0.005)
-            assert sch.kv_usage() == 0.0  # cached blocks are free space
+            assert sch.stats().kv_usage == 0.0  # cached blocks are free space
             # a reservation as large as the pool evicts every cached block and runs
             assert run(sch, [(prompts[0] + prompts[1][:280], None, 2)])[0].finish in ("stop", "length")
     finally:

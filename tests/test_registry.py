@@ -335,7 +335,7 @@ def test_replaying_a_journal_already_in_the_index_changes_nothing(tmp_path):
 
 
 def test_journal_is_folded_into_the_index_when_long(tmp_path, monkeypatch):
-    monkeypatch.setattr("server.registry.COMPACT_AFTER", 3)
+    monkeypatch.setattr("server.registry.shared_index.COMPACT_AFTER", 3)
     reg = open_registry(tmp_path)
     for i in range(3):
         reg.put(f"a{i}", emoji(), replace=False)

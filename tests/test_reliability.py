@@ -319,7 +319,7 @@ def test_engine_thread_death_turns_readiness_and_liveness_503(tmp_path):
                      engine_factory=build_engine)
     state = app.state.reft
     state.load(build_engine)
-    scheduler = state.engine.scheduler
+    loop = state.engine.loop
 
     def boom() -> None:
         raise RuntimeError("injected: the engine thread dies")
@@ -329,10 +329,10 @@ def test_engine_thread_death_turns_readiness_and_liveness_503(tmp_path):
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=30) as c:
             assert (await c.get("/health")).status_code == 200
             assert (await c.get("/live")).status_code == 200
-            scheduler._drop_cancelled_waiting = boom  # runs outside the step's error handling: the thread dies
+            loop.policy.schedule = boom  # runs outside the step's error handling: the thread dies
             r = await c.post("/v1/completions", json={"model": "base", "prompt": [1, 2, 3], "max_tokens": 1})
             assert "engine stopped" in error_of(r, 503)  # the request that met the death is answered, not left hanging
-            assert not scheduler.alive
+            assert not loop.alive
             r = await c.get("/health")
             assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
             r = await c.get("/live")  # a dead engine never comes back: the kubelet must restart the process

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from server.engine.sampling import MAX_LOGPROBS, Sampler, SamplingParams
+from server.engine.bounds import MAX_LOGPROBS
+from server.engine.sampling import Sampler, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 P_MIN = 1e-4  # a chi-square test fails below this p-value: a correct sampler fails one run in 10,000
@@ -470,14 +471,14 @@ def test_bad_parameters_are_refused(params, message):
     sampler.add(0, SamplingParams(), [1])  # the refused row took nothing
 
 
-def test_slots_are_checked():
+def test_rows_are_checked():
     sampler = Sampler(2, 100, "cpu")
     sampler.add(1, SamplingParams(), [])
     with pytest.raises(ValueError, match="taken"):
         sampler.add(1, SamplingParams(), [])
     with pytest.raises(ValueError, match="outside"):
         sampler.add(2, SamplingParams(), [])
-    with pytest.raises(ValueError, match="no row"):
+    with pytest.raises(ValueError, match="holds no request"):
         sampler.remove(0)
     with pytest.raises(ValueError, match="prompt token ids"):
         sampler.add(0, SamplingParams(repetition_penalty=1.2), [100])

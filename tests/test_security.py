@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.api.app import ROUTERS, create_app
 from server.api.dependencies import ADMIN_DISABLED, Access, host_allowed, is_loopback, origin_allowed, route_access
 from server.config import Settings
+from server.engine.loop import EngineStats
 from server.metrics import Metrics
 from tests.conftest import REPO, error_of
 
@@ -199,8 +200,7 @@ def test_json_routes_refuse_before_the_body():
 def test_lora_info_lists_at_most_the_label_cap():
     metrics = Metrics(max_adapter_labels=5)
     names = [f"a{i:03d}" for i in range(300)]
-    metrics.view.running_adapters = lambda: names
-    metrics.view.waiting_adapters = lambda: names[::-1]
+    metrics.view.engine = lambda: EngineStats(running_adapters=tuple(names), waiting_adapters=tuple(names[::-1]))
     from prometheus_client import generate_latest
 
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}

@@ -96,7 +96,7 @@ def test_concurrent_writers_never_lose_or_repeat_a_change(tmp_path):
 
 
 def test_compaction_by_one_replica_is_followed_by_the_others(tmp_path, monkeypatch):
-    monkeypatch.setattr("server.registry.COMPACT_AFTER", 4)
+    monkeypatch.setattr("server.registry.shared_index.COMPACT_AFTER", 4)
     a, b = replica(tmp_path), replica(tmp_path)
     a.put("k0", emoji(), replace=False)
     assert b.refresh() == ["k0"]  # b now tails the journal from its end

@@ -17,12 +17,12 @@ from server import adapter_file
 from server.cli import app
 from server.model import load_base_model
 from server.registry import atomic_write
+from server.tokens import chat_ids
 from server.train import (
     DataError,
     TrainableIntervention,
     TrainConfig,
     Trainer,
-    chat_ids,
     default_layers,
     encode,
     load_examples,

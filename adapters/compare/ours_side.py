@@ -12,7 +12,8 @@ import time
 import torch
 
 from server.model import load_base_model
-from server.train import TrainConfig, Trainer, hooked, load_examples, locations_index
+from server.reference import hooked, locations_index
+from server.train import TrainConfig, Trainer, load_examples
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data")

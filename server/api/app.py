@@ -51,46 +51,53 @@ class AppState:
         self._stop = threading.Event()
 
     def load(self, factory: Callable[[Settings], Engine]) -> None:
+        """The loader thread: build the engine, serve it, then rescan the registry until closed."""
+        engine = self._build(factory)
+        if engine is None:
+            return
+        self._wire_metrics(engine)
+        self._serve(engine)
+        self._scan(engine)
+
+    def _build(self, factory: Callable[[Settings], Engine]) -> Engine | None:
         try:
-            engine = run_in_own_thread(factory, self.settings)
+            return run_in_own_thread(factory, self.settings)
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log
             log.exception("start-up failed")
             self.load_error = str(exc)
-            return
+            return None
+
+    def _wire_metrics(self, engine: Engine) -> None:
         view = self.metrics.view
-        view.num_waiting = lambda: engine.scheduler.num_waiting
-        view.num_running = lambda: engine.scheduler.num_running
-        view.max_batch_size = engine.scheduler.max_batch_size
-        view.running_adapters = engine.scheduler.running_adapters
-        view.waiting_adapters = engine.scheduler.waiting_adapters
+        view.engine = engine.loop.stats
+        view.max_batch_size = engine.loop.max_batch_size
+        view.max_lora = engine.loop.max_batch_size  # any mix of adapters shares a batch
         view.resident_adapters = lambda: len(engine.adapter_cache)
+        view.gpu_adapters = engine.adapter_cache.resident
+        view.cpu_adapters = engine.registry.host_resident
+        engine.adapter_cache.on_load.append(self.metrics.adapter_load_seconds.observe)
         view.registered_adapters = lambda: len(engine.registry)
         view.rejected_files = lambda: len(engine.registry.rejected())
         view.rejections = lambda: engine.registry.rejections
-        view.max_lora = engine.scheduler.max_batch_size  # any mix of adapters shares a batch
         view.adapter_cache_hits = lambda: engine.adapter_cache.hits
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
-        view.decode_steps = lambda: engine.scheduler.steps
-        view.prefill_batches = lambda: engine.scheduler.prefills
-        view.intervened_positions = lambda: engine.scheduler.intervened_positions
-        view.prefill_positions = lambda: engine.scheduler.prefill_positions
-        view.kv_cache_usage = engine.scheduler.kv_usage
         view.grammar_compiles = lambda: engine.grammars.compiles
         view.grammar_compile_seconds = lambda: engine.grammars.compile_seconds
-        prefix = engine.scheduler.prefix
-        if prefix is not None:
-            view.prefix_queries = lambda: prefix.queried_tokens
-            view.prefix_hits = lambda: prefix.hit_tokens
-            view.prefix_cached_blocks = lambda: len(prefix)
-        kv = engine.scheduler.cache
+        prefix, kv = engine.loop.prefix, engine.loop.runner.cache
         view.prefix_caching = prefix is not None
         view.block_size = prefix.block_tokens if prefix is not None else kv.block_tokens
         view.num_blocks = kv.capacity // view.block_size
+
+    def _serve(self, engine: Engine) -> None:
+        """Routes see the engine from here on: /health turns 200."""
         self.engine = engine
         self.serving = Serving(engine, self.metrics, self.settings.max_prompt_logprobs)
         self.serving.draining = self.draining
         log.info("ready: %s with %d adapters, loaded in %.1fs", engine.base.model_id, len(engine.registry),
                  engine.load_seconds)
+
+    def _scan(self, engine: Engine) -> None:
+        """Rescan the registry directory every `scan_interval` seconds (0: never) until the app closes."""
         interval = self.settings.scan_interval
         while interval > 0 and not self._stop.wait(interval):
             try:
@@ -110,7 +117,7 @@ class AppState:
         if self.serving is not None:
             self.serving.close()
         if self.engine is not None:
-            self.engine.scheduler.stop()
+            self.engine.loop.stop()
 
 
 def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:

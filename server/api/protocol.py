@@ -1,12 +1,41 @@
-"""Request and response models of every endpoint: OpenAI-compatible, native, and adapters."""
+"""Request and response models of every endpoint: OpenAI-compatible, native, and adapters.
+
+A generation request checks its own bounds when it is parsed and turns itself into the engine's
+`SamplingParams` (`to_sampling_params`, as vLLM's protocol models do), checking there what only the
+running server knows: its max_tokens, the model's context and vocabulary. Routes parse, convert, submit.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.api.serving import Limits, ServingError
+from server.engine.bounds import (
+    FREQUENCY_PENALTY,
+    LOGPROBS,
+    PRESENCE_PENALTY,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    Range,
+)
+from server.engine.sampling import SamplingParams
+
+# Request bounds of the API alone; the sampling parameters' ranges are server/engine/bounds.py's. A value
+# outside a pydantic constraint is refused with 422, one the validators below refuse (ServingError) with 400.
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+TOKEN_ID_DIGITS = 9
+TOKEN_ID = re.compile(rf"\s*[0-9]{{1,{TOKEN_ID_DIGITS}}}\s*")  # a logit_bias key
+SEED = {"ge": 0, "le": 2**63 - 1}
 
 
 class ErrorBody(BaseModel):
@@ -52,27 +81,104 @@ class StructuredOutputs(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension: 0 = off")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i > 0 of n uses a seed derived from it")
-    stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
-    stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension")
+    temperature: float = Field(1.0, **TEMPERATURE.constraints(), description="0 = greedy")
+    top_p: float = Field(1.0, **TOP_P.constraints())
+    top_k: int = Field(0, **TOP_K.constraints(), description="extension: 0 = off")
+    seed: int | None = Field(None, **SEED, description="choice i > 0 of n uses a seed derived from it")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS, description="extension")
     ignore_eos: bool = Field(False, description="extension: keep generating past the EOS token")
-    n: int = Field(1, description="independent choices per prompt (at most 16 choices in all per request)")
+    n: int = Field(1, description=f"independent choices per prompt (at most {MAX_CHOICES} choices in all per "
+                                  "request)")
     stream: bool = False
-    presence_penalty: float = Field(0.0, description="-2..2: subtracted once from each token already generated")
-    frequency_penalty: float = Field(0.0, description="-2..2: subtracted per occurrence in the generated tokens")
+    presence_penalty: float = Field(0.0, description=f"{PRESENCE_PENALTY}: subtracted once from each token already "
+                                                     "generated")
+    frequency_penalty: float = Field(0.0, description=f"{FREQUENCY_PENALTY}: subtracted per occurrence in the "
+                                                      "generated tokens")
     repetition_penalty: float = Field(
-        1.0, description="extension, > 0: above 1 divides positive logits (and multiplies negative ones) of tokens "
-                         "in the prompt or the output")
+        1.0, description=f"extension, {REPETITION_PENALTY}: above 1 divides positive logits (and multiplies negative "
+                         "ones) of tokens in the prompt or the output")
     logit_bias: dict[str, float] | None = Field(
-        None, description="token id (as a string) -> bias added to its logit, clamped to -100..100; at most 300")
+        None, description=f"token id (as a string) -> bias added to its logit, clamped to -100..100; at most "
+                          f"{MAX_LOGIT_BIAS}")
     return_token_ids: bool = Field(
         False, description="extension (as vLLM's): also return the prompt's and the completion's token ids")
     user: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (as vLLM's)")
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> Self:
+        if self.n < 1:
+            raise ServingError(400, f"n must be at least 1; got {self.n}")
+        _check_stops(self.stop)
+        for bound, value in ((PRESENCE_PENALTY, self.presence_penalty), (FREQUENCY_PENALTY, self.frequency_penalty),
+                             (REPETITION_PENALTY, self.repetition_penalty)):
+            _check_range(bound, value)
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ServingError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(self.logit_bias)}")
+        return self
+
+    def _to_sampling_params(self, limits: Limits, prompt_length: int, max_tokens: int | None,
+                            logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        return _sampling_params(
+            limits, prompt_length, max_tokens, self.stop, self.stop_token_ids, self.logit_bias,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )
+
+
+def _check_range(bound: Range, value: float | None, name: str | None = None) -> None:
+    if value is not None and value not in bound:
+        raise ServingError(400, bound.refusal(value, name))
+
+
+def _check_stops(stop: str | list[str] | None) -> None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise ServingError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+def _check_choices(prompts: int, copies: int) -> None:
+    if prompts * copies > MAX_CHOICES:
+        raise ServingError(400, f"{prompts} prompts x {copies} choices is {prompts * copies}; a request may ask "
+                                f"for at most {MAX_CHOICES}")
+
+
+def _sampling_params(
+    limits: Limits, prompt_length: int, max_tokens: int | None, stop: str | list[str] | None,
+    stop_token_ids: list[int] | None, logit_bias: dict[str, float] | None, **fields: object,
+) -> SamplingParams:
+    """The engine's parameters of a request, checked against what only the running server knows: its token
+    limit, the model's context (the default max_tokens fills it) and its vocabulary."""
+    if max_tokens is None:
+        max_tokens = max(1, min(limits.max_new_tokens, limits.max_context - prompt_length))
+    if max_tokens > limits.max_new_tokens:
+        raise ServingError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_new_tokens}")
+    bad = [t for t in stop_token_ids or [] if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise ServingError(400, f"stop_token_ids must lie in 0..{limits.vocab_size - 1}; got {bad[:5]}")
+    return SamplingParams(
+        max_new_tokens=max_tokens, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+        stop_token_ids=tuple(stop_token_ids or ()), logit_bias=_logit_bias(logit_bias, limits.vocab_size),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} → ((id, bias), ...), refusing what is not a token id of this model."""
+    out = []
+    for key, value in (bias or {}).items():
+        # ASCII digits only: str.isdigit and int() accept other scripts' digits and "²", and int() refuses
+        # more than 4,300 digits; a token id has at most TOKEN_ID_DIGITS.
+        token = int(key) if TOKEN_ID.fullmatch(key) else None
+        if token is None or not 0 <= token < vocab_size:
+            raise ServingError(400, f"logit_bias keys must be token ids in 0..{vocab_size - 1}; "
+                                    f"got {key[:32]!r}{'...' if len(key) > 32 else ''} ({len(key)} characters)")
+        out.append((token, value))
+    return tuple(out)
 
 
 class StreamOptions(BaseModel):
@@ -86,10 +192,42 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0, description="0 generates nothing (with echo: score the prompt)")
     echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
     logprobs: int | None = Field(
-        None, description="0-20: each token's logprob and this many most likely alternatives")
+        None, description=f"{LOGPROBS}: each token's logprob and this many most likely alternatives")
     suffix: str | None = None
     best_of: int | None = Field(None, description="sample this many per prompt, return the n most likely (no stream)")
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> Self:
+        if self.suffix is not None:
+            raise ServingError(400, "suffix is not supported: the base model has no fill-in-the-middle mode")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ServingError(400, f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.copies > self.n:
+            raise ServingError(400, "best_of > n cannot stream: the best are known only once all are done")
+        _check_range(LOGPROBS, self.logprobs)
+        _check_choices(len(self.prompts()), self.copies)
+        return self
+
+    @property
+    def copies(self) -> int:
+        """Choices sampled per prompt: best_of, of which the n most likely are returned, or n."""
+        return self.best_of or self.n
+
+    def prompts(self) -> list[str | list[int]]:
+        """OpenAI's prompt forms → a list of prompts (text, or token ids)."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ServingError(400, "the prompt is empty")
+        return [self.prompt]
+
+    def to_sampling_params(self, limits: Limits, prompt_length: int) -> SamplingParams:
+        """`prompt_length`: the longest prompt's, which bounds the default max_tokens."""
+        # best_of ranks its samples by their logprob, so it needs them even when the answer does not show them.
+        logprobs = self.logprobs if self.logprobs is not None or self.copies == self.n else 0
+        return self._to_sampling_params(limits, prompt_length, self.max_tokens, logprobs,
+                                        self.logprobs if self.echo else None)
 
 
 class FunctionCall(BaseModel):
@@ -140,12 +278,25 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="return each generated token's logprob")
-    top_logprobs: int | None = Field(None, description="0-20 most likely alternatives per token (with logprobs)")
+    top_logprobs: int | None = Field(None, description=f"{LOGPROBS} most likely alternatives per token (with "
+                                                        "logprobs)")
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools, none without")
     parallel_tool_calls: bool | None = Field(None, description="accepted; at most one call is made per answer")
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> Self:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ServingError(400, "top_logprobs needs logprobs: true")
+        _check_range(LOGPROBS, self.top_logprobs, "top_logprobs")
+        _check_choices(1, self.n)
+        return self
+
+    def to_sampling_params(self, limits: Limits, prompt_length: int) -> SamplingParams:
+        return self._to_sampling_params(limits, prompt_length, self.max_completion_tokens or self.max_tokens,
+                                        (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class PromptTokensDetails(BaseModel):
@@ -281,15 +432,27 @@ class GenerateRequest(BaseModel):
         None, description="adapter name; a list (or 'a+b') applies several in that order; null = base model")
     prompt: str | list[int] = Field(..., description="text, or token ids")
     max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float = Field(0.0, **TEMPERATURE.constraints(), description="0 = greedy")
+    top_p: float = Field(1.0, **TOP_P.constraints())
+    top_k: int = Field(0, **TOP_K.constraints())
+    stop: list[str] = Field(default_factory=list, description=f"up to {MAX_STOP_STRINGS} stop strings")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    seed: int | None = Field(None, **SEED)
     ignore_eos: bool = False
     stream: bool = False
     structured_outputs: StructuredOutputs | None = Field(None, description="constrain the output (as vLLM's)")
+
+    @model_validator(mode="after")
+    def _check_generate(self) -> Self:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ServingError(400, "the prompt is empty")
+        _check_stops(self.stop)
+        return self
+
+    def to_sampling_params(self, limits: Limits, prompt_length: int) -> SamplingParams:
+        return _sampling_params(limits, prompt_length, self.max_new_tokens, self.stop, self.stop_token_ids, None,
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                                ignore_eos=self.ignore_eos)
 
 
 class GenerateUsage(BaseModel):

@@ -7,10 +7,9 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 
-from server.adapter_file import validate_name
 from server.api.dependencies import require_admin, require_api_key, require_serving
 from server.api.protocol import AdapterDescription, AdapterList, ErrorResponse
-from server.api.serving import Serving, ServingError
+from server.api.serving import Serving
 from server.registry import AdapterRecord
 from server.torch_threads import in_own_thread
 
@@ -40,11 +39,9 @@ async def upload_adapter(
     replace_form: bool | None = Form(None, alias="replace"),
     serving: Serving = Depends(require_serving),
 ) -> AdapterDescription:
-    validate_name(name)
-    registry = serving.engine.registry
     replace = replace or bool(replace_form)
-    if name in registry and not replace:
-        raise ServingError(409, f"adapter {name!r} exists; pass replace=true to replace it", "conflict_error")
+    serving.new_adapter_name(name, replace)
+    registry = serving.registry
     data = await file.read(registry.max_adapter_bytes + 1)
 
     def store() -> AdapterRecord:
@@ -60,7 +57,7 @@ def list_adapters(
     limit: int = Query(100, ge=1, le=1000), after: str | None = Query(None, description="page after this name"),
     serving: Serving = Depends(require_serving),
 ) -> AdapterList:
-    records = serving.engine.registry.list(limit=limit + 1, after=after)
+    records = serving.registry.list(limit=limit + 1, after=after)
     page = records[:limit]
     return AdapterList(
         data=[AdapterDescription(**r.describe()) for r in page], has_more=len(records) > limit,
@@ -85,15 +82,15 @@ class RejectedFileList(BaseModel):
 @router.get("/-/rejected", response_model=RejectedFileList, responses=ERRORS, dependencies=[Depends(require_admin)])
 def list_rejected_files(serving: Serving = Depends(require_serving)) -> RejectedFileList:
     """Files in the registry directory that this server does not serve, and why (admin only)."""
-    return RejectedFileList(data=[RejectedFileDescription(**r.describe()) for r in serving.engine.registry.rejected()])
+    return RejectedFileList(data=[RejectedFileDescription(**r.describe()) for r in serving.registry.rejected()])
 
 
 @router.get("/{name}", response_model=AdapterDescription, responses=ERRORS, dependencies=[Depends(require_api_key)])
 def get_adapter(name: str, serving: Serving = Depends(require_serving)) -> AdapterDescription:
-    return AdapterDescription(**serving.engine.registry.get(name).describe())
+    return AdapterDescription(**serving.registry.get(name).describe())
 
 
 @router.delete("/{name}", status_code=204, responses=ERRORS, dependencies=[Depends(require_admin)])
 async def delete_adapter(name: str, serving: Serving = Depends(require_serving)) -> Response:
-    await asyncio.to_thread(serving.engine.registry.delete, name)
+    await asyncio.to_thread(serving.registry.delete, name)
     return Response(status_code=204)

@@ -23,17 +23,12 @@ async def generate(
     until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
 ):
     """Generate with one adapter (or none). With `stream: true`, SSE events of text deltas, then `[DONE]`."""
-    if isinstance(req.prompt, list) and not req.prompt:
-        raise ServingError(400, "the prompt is empty")
     request.state.access = {"adapter": req.adapter}
     with serving.admitted("generate"):
         grammar = await serving.grammar(constraint_of(None, req.structured_outputs))
         ref = await serving.resolve(req.adapter)
         ids = await serving.encode(req.prompt)
-        params = serving.params(
-            len(ids), req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-        )
+        params = req.to_sampling_params(serving.limits, len(ids))
     request.state.access = {"adapter": req.adapter, "prompt_tokens": len(ids)}
     if not req.stream:
         result = await serving.complete(ids, params, ref, "generate", until_disconnect, grammar)

@@ -21,7 +21,7 @@ def health(request: Request) -> JSONResponse:
         body = {"status": "loading" if not state.load_error else "failed",
                 "error": {"message": reason, "type": "unavailable", "code": 503}}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    if state.serving.draining or not state.serving.engine.scheduler.alive:
+    if state.serving.draining or not state.serving.alive:
         reason = "the server is shutting down" if state.serving.draining else "the engine thread has stopped"
         body = {"status": "unavailable", "error": {"message": reason, "type": "unavailable", "code": 503}}
         return JSONResponse(body, status_code=503)
@@ -35,7 +35,7 @@ def live(request: Request) -> JSONResponse:
     state = request.app.state.reft
     if state.load_error is not None:
         reason = f"start-up failed: {state.load_error}"
-    elif state.serving is not None and not state.serving.engine.scheduler.alive:
+    elif state.serving is not None and not state.serving.alive:
         reason = "the engine thread has stopped"
     else:
         return JSONResponse({"status": "alive"})

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.adapter_file import validate_name
 from server.api.dependencies import require_admin, require_serving
 from server.api.protocol import ErrorResponse
 from server.api.serving import Serving, ServingError
@@ -80,11 +79,9 @@ async def load_lora_adapter(
     settings: Settings = request.app.state.reft.settings
     if not body.lora_name or not body.lora_path:
         raise ServingError(400, "both 'lora_name' and 'lora_path' must be given")
-    name = validate_name(body.lora_name)
-    registry = serving.engine.registry
-    loaded = f"the lora adapter {name!r} has already been loaded; set 'load_inplace' to true to replace it"
-    if name in registry and not body.load_inplace:
-        raise ServingError(400, loaded)
+    loaded = f"the lora adapter {body.lora_name!r} has already been loaded; set 'load_inplace' to true to replace it"
+    name = serving.new_adapter_name(body.lora_name, body.load_inplace, ServingError(400, loaded))
+    registry = serving.registry
     path = allowed_path(settings, body.lora_path)
 
     def store() -> None:
@@ -108,7 +105,7 @@ async def unload_lora_adapter(
     if not body.lora_name:
         raise ServingError(400, "'lora_name' must be given to unload an adapter")
     try:
-        await in_own_thread(serving.engine.registry.delete, body.lora_name)
+        await in_own_thread(serving.registry.delete, body.lora_name)
     except UnknownAdapter:
         raise ServingError(404, f"the lora adapter {body.lora_name!r} cannot be found", "not_found_error") from None
     request.state.access = {"adapter": body.lora_name}

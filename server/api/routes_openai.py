@@ -36,9 +36,8 @@ from server.api.protocol import (
     ToolCallDelta,
     Usage,
 )
-from server.api.serving import Result, Serving, ServingError, Submission
+from server.api.serving import Event, Result, Serving, ServingError, Submission
 from server.api.structured import constraint_of
-from server.engine.scheduler import Event
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
@@ -47,29 +46,6 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 def _usage(prompt: int, completion: int, cached: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
-def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    if req.n < 1:
-        raise ServingError(400, f"n must be at least 1; got {req.n}")
-    if isinstance(req, CompletionRequest):
-        if req.suffix is not None:
-            raise ServingError(400, "suffix is not supported: the base model has no fill-in-the-middle mode")
-        if req.best_of is not None and req.best_of < req.n:
-            raise ServingError(400, f"best_of ({req.best_of}) must be at least n ({req.n})")
-        if req.stream and (req.best_of or 1) > req.n:
-            raise ServingError(400, "best_of > n cannot stream: the best are known only once all are done")
-    elif req.top_logprobs is not None and not req.logprobs:
-        raise ServingError(400, "top_logprobs needs logprobs: true")
-
-
-def _prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
-    """OpenAI's prompt forms → a list of prompts (text, or token ids)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return list(prompt)
-    if isinstance(prompt, list) and not prompt:
-        raise ServingError(400, "the prompt is empty")
-    return [prompt]
 
 
 def _track(request: Request, adapter: str | None, prompt_tokens: int | None) -> None:
@@ -94,7 +70,7 @@ def list_models(serving: Serving = Depends(require_serving)) -> ModelList:
     cards = [ModelCard(id=serving.model_id, created=now, root=serving.model_id)]
     cards += [
         ModelCard(id=r.name, created=int(r.created), parent=serving.model_id, root=serving.model_id)
-        for r in serving.engine.registry.list()
+        for r in serving.registry.list()
     ]
     return ModelList(data=cards)
 
@@ -104,24 +80,15 @@ async def completions(
     req: CompletionRequest, request: Request, serving: Serving = Depends(require_capacity),
     until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
 ):
-    _refuse_unsupported(req)
-    prompts = _prompts(req.prompt)
+    prompts = req.prompts()
     name = serving.adapter_name(req.model)
     _track(request, name, None)
     with serving.admitted("completions"):
         grammar = await serving.grammar(constraint_of(req.response_format, req.structured_outputs))
         ref = await serving.resolve(name)
         ids = [await serving.encode(p) for p in prompts]
-        copies = req.best_of or req.n
-        # best_of ranks its samples by their logprob, so it needs them even when the answer does not show them.
-        logprobs = req.logprobs if req.logprobs is not None or copies == req.n else 0
-        params = serving.params(
-            max(len(i) for i in ids), req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, logprobs=logprobs,
-            prompt_logprobs=req.logprobs if req.echo else None,
-        )
+        copies = req.copies
+        params = req.to_sampling_params(serving.limits, max(len(i) for i in ids))
         _track(request, name, sum(len(i) for i in ids))
         echoes = [Echo(p if isinstance(p, str) else serving.decode(i), i) if req.echo else None
                   for p, i in zip(prompts, ids, strict=True)]
@@ -228,7 +195,6 @@ async def chat_completions(
     req: ChatCompletionRequest, request: Request, serving: Serving = Depends(require_capacity),
     until_disconnect: Callable[[], Awaitable[None]] = Depends(disconnect_waiter),
 ):
-    _refuse_unsupported(req)
     name = serving.adapter_name(req.model)
     _track(request, name, None)
     offered = tools.active(req.tools, req.tool_choice)
@@ -243,13 +209,7 @@ async def chat_completions(
         messages, tool_specs = tools.render(req.messages, req.tools if offered else None,
                                             getattr(serving.tokenizer, "chat_template", None) or "")
         ids = await serving.chat_ids(messages, tool_specs)
-        params = serving.params(
-            len(ids), req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            logit_bias=req.logit_bias, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
+        params = req.to_sampling_params(serving.limits, len(ids))
         _track(request, name, len(ids))
     submissions = serving.fan_out([ids], params, req.n, ref, "chat", until_disconnect, grammar)
     answer = Answer(req, offered, call is not None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from server.adapter_file import validate_name
 from server.api.dependencies import require_admin, require_serving
 from server.api.errors import ERROR_TYPES
 from server.api.protocol import ErrorResponse, TrainJob, TrainRequest
@@ -21,13 +20,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 4
 @router.post("", status_code=202, response_model=TrainJob, responses=ERRORS)
 async def start_training(req: TrainRequest, serving: Serving = Depends(require_serving)) -> TrainJob:
     """Train an adapter on the served base model in the background; it is registered when done."""
-    validate_name(req.name)
-    registry = serving.engine.registry
-    if registry.read_only:
+    if serving.registry.read_only:
         raise ServingError(403, "this replica's registry is read-only; train through a writable replica",
                            "permission_error")
-    if req.name in registry and not req.replace:
-        raise ServingError(409, f"adapter {req.name!r} exists; pass replace=true to replace it", "conflict_error")
+    serving.new_adapter_name(req.name, req.replace)
     try:
         Positions.parse(req.positions)
     except ValueError as exc:
@@ -36,7 +32,7 @@ async def start_training(req: TrainRequest, serving: Serving = Depends(require_s
                          share_weights=req.share_weights, rank=req.rank, epochs=req.epochs, lr=req.lr,
                          batch_size=req.batch_size, seed=req.seed)
     try:
-        job = await in_own_thread(serving.engine.training.start, req.name, req.data, config, req.replace)
+        job = await in_own_thread(serving.training.start, req.name, req.data, config, req.replace)
     except JobError as exc:
         raise ServingError(exc.status, str(exc), ERROR_TYPES[exc.status]) from None
     return TrainJob(**job.describe())
@@ -65,11 +61,11 @@ def get_trained_adapter(job_id: str, serving: Serving = Depends(require_serving)
 def cancel_training(job_id: str, serving: Serving = Depends(require_serving)) -> TrainJob:
     """Cancel a job: it stops before its next step and registers nothing (a finished job is left as it is)."""
     _job(serving, job_id)
-    return TrainJob(**serving.engine.training.cancel(job_id).describe())
+    return TrainJob(**serving.training.cancel(job_id).describe())
 
 
 def _job(serving: Serving, job_id: str):  # noqa: ANN202 - a TrainingJob
-    job = serving.engine.training.get(job_id)
+    job = serving.training.get(job_id)
     if job is None:
         raise ServingError(404, f"training job {job_id!r} does not exist (jobs do not survive a restart)",
                            "not_found_error")

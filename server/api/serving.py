@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from server.adapter_file import AdapterError, Composite, composition
+from server import tokens
+from server.adapter_file import AdapterError, Composite, composition, validate_name
 from server.api.token_bytes import TokenBytes
 from server.engine.adapter_cache import AdapterRef
-from server.engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
-from server.engine.scheduler import EngineError, Event, GenerationRequest
+from server.engine.output import Event
+from server.engine.sampling import SamplingParams, TokenLogprobs
+from server.engine.scheduler import EngineError, GenerationRequest
 from server.engine.structured import CompiledGrammar, Constraint, GrammarError
 from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import UnknownAdapter
@@ -30,12 +31,6 @@ if TYPE_CHECKING:  # the composition root builds the Engine and hands it down; s
     from server.bootstrap import Engine
 
 BASE_ALIASES = ("base",)
-MAX_STOP_STRINGS = 16
-MAX_CHOICES = 16  # prompts x (best_of or n) per request: each choice is a row of its own in the engine
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
-TOKEN_ID_DIGITS = 9
-TOKEN_ID = re.compile(rf"\s*[0-9]{{1,{TOKEN_ID_DIGITS}}}\s*")  # a logit_bias key
-PENALTY_LIMIT = 2.0  # presence and frequency penalties lie in -2..2, as in OpenAI's API
 TOKENIZER_THREADS = 2  # fast tokenizers release the GIL: tokenising never stalls the event loop
 ENGINE_CHECK_SECONDS = 1.0  # how often a waiting request checks that the engine thread still runs
 
@@ -44,6 +39,15 @@ class ServingError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request's parameters are checked against that only the running server knows."""
+
+    max_new_tokens: int  # REFT_MAX_NEW_TOKENS
+    max_context: int  # the model's: a request's prompt and output together
+    vocab_size: int
 
 
 @dataclass
@@ -77,10 +81,13 @@ class Serving:
 
     def __init__(self, engine: Engine, metrics: Metrics, max_prompt_logprobs: int) -> None:
         self.engine = engine
+        self.registry = engine.registry
+        self.training = engine.training
         self.metrics = metrics
         self.tokenizer = engine.base.tokenizer
         self.model_id = engine.base.model_id
         self.vocab_size = int(engine.base.model.config.vocab_size)
+        self.limits = Limits(engine.max_new_tokens, engine.loop.max_context, self.vocab_size)
         self.tokens = TokenBytes(self.tokenizer)
         self.max_prompt_logprobs = max_prompt_logprobs
         self.draining = False
@@ -88,7 +95,24 @@ class Serving:
         self._loads: dict[tuple[str, int | None], asyncio.Future[AdapterRef]] = {}  # adapter reads in flight
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reft-tokenize")
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died: readiness and liveness report it."""
+        return self.engine.loop.alive
+
     # ---- names and prompts ------------------------------------------------------------------
+
+    def new_adapter_name(self, name: str, replace: bool, taken: ServingError | None = None) -> str:
+        """`name`, checked to be a valid adapter name that is free unless `replace` is asked for.
+
+        A name taken is refused with `taken`, by default a 409 that says how to replace it. The registry
+        refuses again (`AdapterExists`) if another request takes the name before this one stores its adapter.
+        """
+        validate_name(name)
+        if name in self.registry and not replace:
+            raise taken or ServingError(409, f"adapter {name!r} exists; pass replace=true to replace it",
+                                        "conflict_error")
+        return name
 
     def adapter_name(self, model: str | None) -> str | None:
         """OpenAI's `model` (or /generate's `adapter`) → adapter name, None for the base model."""
@@ -112,7 +136,7 @@ class Serving:
 
     async def _resolve_one(self, name: str) -> AdapterRef:
         """The adapter's current version; requests that need the same uncached version share one read."""
-        registry = self.engine.registry
+        registry = self.registry
         try:
             return registry.cached(name) or await asyncio.shield(self._load(name))
         except UnknownAdapter:
@@ -127,7 +151,7 @@ class Serving:
 
         Shielded by the caller: a client that leaves does not cancel the read others wait for.
         """
-        registry = self.engine.registry
+        registry = self.registry
         try:
             key = (name, registry.get(name).version)
         except UnknownAdapter:  # perhaps uploaded through another replica a moment ago: resolve looks again
@@ -153,13 +177,13 @@ class Serving:
         work too, and a burst must not start more of it than the queue can take.
         Refusals are counted under the adapter label "unknown": they may come before the body is read.
         """
-        scheduler = self.engine.scheduler
-        room = scheduler.max_queue + max(scheduler.max_batch_size - scheduler.num_running, 0)
-        if self.draining or not scheduler.alive:
+        engine_loop = self.engine.loop
+        room = engine_loop.room
+        if self.draining or not engine_loop.alive:
             reason = "the server is shutting down" if self.draining else "the engine stopped"
             error = ServingError(503, reason, "unavailable", {"Retry-After": "5"})
-        elif scheduler.num_waiting + self.preparing >= room:
-            error = ServingError(429, f"the queue is full ({scheduler.num_waiting} requests waiting and "
+        elif engine_loop.num_waiting + self.preparing >= room:
+            error = ServingError(429, f"the queue is full ({engine_loop.num_waiting} requests waiting and "
                                       f"{self.preparing} being prepared, of {room}); retry shortly",
                                  "overloaded", {"Retry-After": "1"})
         else:
@@ -220,70 +244,16 @@ class Serving:
             if bad:
                 raise ServingError(400, f"token ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
             return list(prompt)
-        ids = self.tokenizer(_checked_text(prompt), add_special_tokens=True)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the text carried its own BOS already
-            ids = ids[1:]
-        return ids
+        return tokens.text_ids(self.tokenizer, _checked_text(prompt))
 
     def _chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not tokens.has_chat_template(self.tokenizer):
             raise ServingError(400, f"the base model {self.model_id!r} has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = tokens.render_chat(self.tokenizer, messages, tools)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise ServingError(400, f"the chat template rejected these messages: {exc}") from exc
-        return self.tokenizer(_checked_text(text), add_special_tokens=False)["input_ids"]
-
-    def params(
-        self, prompt_length: int, max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
-        seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool,
-        presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-        logit_bias: dict[str, float] | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None,
-    ) -> SamplingParams:
-        limit = self.engine.max_new_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(limit, self.engine.scheduler.max_context - prompt_length))
-        if max_tokens > limit:
-            raise ServingError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ServingError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-        bad = [t for t in stop_token_ids or [] if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ServingError(400, f"stop_token_ids must lie in 0..{self.vocab_size - 1}; got {bad[:5]}")
-        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-            if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
-                raise ServingError(400, f"{name} must lie in -{PENALTY_LIMIT}..{PENALTY_LIMIT}; got {value}")
-        if not 0 < repetition_penalty <= 100:
-            raise ServingError(400, f"repetition_penalty must lie in (0, 100]; got {repetition_penalty}")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:  # echo asks for the same count
-            raise ServingError(400, f"logprobs (chat: top_logprobs) must lie in 0..{MAX_LOGPROBS}; got {logprobs}")
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=tuple(stops), stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, logit_bias=self._logit_bias(logit_bias), logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-        """OpenAI's {"token id": bias} → ((id, bias), ...), refusing what is not a token id of this model."""
-        if not bias:
-            return ()
-        if len(bias) > MAX_LOGIT_BIAS:
-            raise ServingError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(bias)}")
-        out = []
-        for key, value in bias.items():
-            # ASCII digits only: str.isdigit and int() accept other scripts' digits and "²", and int() refuses
-            # more than 4,300 digits; a token id has at most TOKEN_ID_DIGITS.
-            token = int(key) if TOKEN_ID.fullmatch(key) else None
-            if token is None or not 0 <= token < self.vocab_size:
-                raise ServingError(400, f"logit_bias keys must be token ids in 0..{self.vocab_size - 1}; "
-                                        f"got {key[:32]!r}{'...' if len(key) > 32 else ''} ({len(key)} characters)")
-            out.append((token, value))
-        return tuple(out)
+        return tokens.rendered_ids(self.tokenizer, _checked_text(text))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -294,7 +264,7 @@ class Serving:
         self, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None, endpoint: str,
         until_disconnect: Callable[[], Awaitable[object]] | None = None, grammar: CompiledGrammar | None = None,
     ) -> Submission:
-        """Hand one request to the scheduler now, so refusals (400, 429) come before any response starts.
+        """Hand one request to the engine now, so refusals (400, 429) come before any response starts.
 
         `until_disconnect` returns once the client has gone; the request is then cancelled at once,
         whether or not anyone is reading its events yet (its slot is free before the next step).
@@ -308,14 +278,11 @@ class Serving:
     ) -> list[Submission]:
         """Submit `copies` independent choices of each prompt (seeds derived per copy); choice i*copies + j is
         prompt i's copy j. All or nothing: if one is refused (429), those already submitted are cancelled."""
-        if len(prompts) * copies > MAX_CHOICES:
-            raise ServingError(400, f"{len(prompts)} prompts x {copies} choices is {len(prompts) * copies}; "
-                                    f"a request may ask for at most {MAX_CHOICES}")
         if params.prompt_logprobs is not None:  # each choice echoes its prompt with logprobs
-            tokens, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
-            if tokens * copies * width > self.max_prompt_logprobs:
-                raise ServingError(400, f"echo with logprobs={params.prompt_logprobs} returns {tokens} prompt tokens "
-                                        f"x {copies} choices x {width} logprobs = {tokens * copies * width}; this "
+            count, width = sum(len(ids) for ids in prompts), params.prompt_logprobs + 1
+            if count * copies * width > self.max_prompt_logprobs:
+                raise ServingError(400, f"echo with logprobs={params.prompt_logprobs} returns {count} prompt tokens "
+                                        f"x {copies} choices x {width} logprobs = {count * copies * width}; this "
                                         f"server returns at most {self.max_prompt_logprobs} per request "
                                         f"(REFT_MAX_PROMPT_LOGPROBS)")
         submissions: list[Submission] = []
@@ -401,7 +368,7 @@ class Submission:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.metrics = serving.metrics
-        self.scheduler = serving.engine.scheduler
+        self.engine_loop = serving.engine.loop
         self.endpoint = endpoint
         self.label = serving.metrics.adapter_label(ref.name if ref else None)
         self.request = GenerationRequest(
@@ -409,7 +376,7 @@ class Submission:
             grammar=grammar,
         )
         try:
-            serving.engine.scheduler.submit(self.request)
+            serving.engine.loop.submit(self.request)
         except EngineError as exc:
             self.metrics.requests.labels(endpoint, self.label, str(exc.status)).inc()
             headers = {"Retry-After": "1"} if exc.status == 429 else {}
@@ -455,7 +422,7 @@ class Submission:
                 try:
                     event = await asyncio.wait_for(self.queue.get(), ENGINE_CHECK_SECONDS)
                 except TimeoutError:
-                    if not self.scheduler.alive:
+                    if not self.engine_loop.alive:
                         status = "503"
                         raise ServingError(503, "the engine stopped", "unavailable") from None
                     continue

@@ -1,1 +1,1 @@
-"""The batching engine: plan, model runner, sampling and the scheduler loop. Never imports HTTP."""
+"""The batching engine: scheduling policy, engine loop, plan, model runner, sampling and output. Never imports HTTP."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from server.adapter_file import Adapter
+from server.adapter_file import ServedAdapter
 from server.interventions import CommonForm, StackedForms
 
 
@@ -31,7 +31,7 @@ class PlanRow:
     position `start` sits at index `offset` of the step's flattened hidden states.
     """
 
-    adapter: Adapter | None
+    adapter: ServedAdapter | None
     forms: Sequence[CommonForm] | None  # one per intervention, in adapter order, on the device
     prompt_length: int
     offset: int

@@ -1,14 +1,13 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seeds, penalties, logit bias, logprobs;
-stop strings and stop tokens.
+"""Per-request sampling: greedy, temperature, top-k, top-p, seeds, penalties, logit bias, logprobs.
 
-`Sampler` samples a whole batch on the model's device. Each row's parameters live in slot tables
-written once, when the row joins; a call gathers the rows' slots, applies logit bias and
+`Sampler` samples a whole batch on the model's device. Each request's parameters live in a row
+of tables written once, when it joins; a call gathers its rows, applies logit bias and
 penalties, samples every row at once and brings the ids (and any logprobs) back in one transfer.
 A sampled row draws by inverse CDF with a uniform hashed from (seed, step), so a seeded row's
-tokens depend neither on what shares its batch nor on the slot it sits in.
+tokens depend neither on what shares its batch nor on the row it sits in.
 
-Stop token ids and stop strings are checked on the host, by the scheduler, on the ids a call
-returns (`TextTracker` for strings).
+Stop token ids and stop strings are checked on the host, on the ids a call returns, by
+server/engine/output.py.
 """
 
 from __future__ import annotations
@@ -16,16 +15,26 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from server.engine.bounds import (
+    FREQUENCY_PENALTY,
+    LOGPROBS,
+    PRESENCE_PENALTY,
+    PROMPT_LOGPROBS,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+)
+
 if TYPE_CHECKING:
     from server.engine.structured import TokenMask
 
-MAX_LOGPROBS = 20  # most top alternatives a row may ask for, as OpenAI allows
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value; larger ones are clamped
 
 
@@ -67,7 +76,7 @@ class SampleOutput:
 
 @dataclass(frozen=True)
 class _Needs:
-    """What the rows holding a slot ask for, so that a call skips the work nobody needs."""
+    """What the rows held ask for, so that a call skips the work nobody needs."""
 
     sampling: bool = False  # some row has temperature > 0
     truncating: bool = False  # some sampling row keeps only its top-k or top-p tokens
@@ -79,7 +88,7 @@ class _Needs:
     logprobs: int = -1  # most top alternatives asked for; -1 when no row asked for logprobs
 
 
-# Columns of the slot tables.
+# Columns of the row tables.
 _TEMPERATURE, _TOP_P, _PRESENCE, _FREQUENCY, _REPETITION = range(5)
 _TOP_K, _KEY_A, _KEY_B, _LOGPROBS = range(4)
 _M32 = 0xFFFFFFFF
@@ -89,11 +98,11 @@ _M64 = 0xFFFFFFFFFFFFFFFF
 class Sampler:
     """Samples the next token of every row of a batch on the model's device.
 
-    Per-row parameters live on the device in slot tables [max_rows, ...], written by `add()` when
-    a row joins and never rebuilt per step. A join rewrites the slot's row of every table, whatever
-    the new row asks for, because a call applies a table to all its rows once any row needs it:
-    nothing a row leaves in its slot (bias, counts, prompt tokens, seed, step, logprob width)
-    reaches the next row there. Work that no row holding a slot needs (sorting for
+    Per-row parameters live on the device in tables [max_rows, ...], written by `add()` when
+    a request joins and never rebuilt per step. A join rewrites its row of every table, whatever
+    the new request asks for, because a call applies a table to all its rows once any row needs it:
+    nothing a request leaves in its row (bias, counts, prompt tokens, seed, step, logprob width)
+    reaches the next one there. Work that no row held needs (sorting for
     top-p, penalties, bias, logprobs) is skipped; rows that do not ask for it pass through the
     shared computation unchanged (bias 0, penalties 0 and 1 are exact no-ops), so greedy rows are
     `logits.argmax(-1)` bit for bit.
@@ -101,7 +110,7 @@ class Sampler:
     Sampling is by inverse CDF: the row's probabilities (after temperature, top-k and top-p) are
     summed in float64, in token id order, and a uniform picks the token. The uniform is a counter-based hash of the
     row's seed and its step (tokens sampled so far), computed with int64 tensor ops: no generator
-    state, so the same seed gives the same tokens in any batch and any slot.
+    state, so the same seed gives the same tokens in any batch and any row.
 
     Logprobs are the model's: log_softmax of the raw logits, before bias, penalties, temperature
     and truncation (vLLM's default, "raw_logprobs").
@@ -124,36 +133,29 @@ class Sampler:
     # ---- rows joining and leaving -------------------------------------------------------
 
     def check(self, params: SamplingParams) -> None:
-        """Raise ValueError, with the offending value, for parameters this sampler cannot honour."""
+        """Raise ValueError, with the offending value, for a parameter outside its range (server/engine/bounds.py)
+        or a token id outside this sampler's vocabulary."""
         p = params
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0; got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1]; got {p.top_p}")
-        if p.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off); got {p.top_k}")
-        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0; got {p.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(p, name)):
-                raise ValueError(f"{name} must be a finite number; got {getattr(p, name)}")
+        ranged = ((TEMPERATURE, p.temperature), (TOP_P, p.top_p), (TOP_K, p.top_k),
+                  (PRESENCE_PENALTY, p.presence_penalty), (FREQUENCY_PENALTY, p.frequency_penalty),
+                  (REPETITION_PENALTY, p.repetition_penalty), (LOGPROBS, p.logprobs),
+                  (PROMPT_LOGPROBS, p.prompt_logprobs))
+        for bound, value in ranged:
+            if value is not None and value not in bound:
+                raise ValueError(bound.refusal(value))
         bad = [t for t, b in p.logit_bias if not 0 <= t < self.vocab_size or not math.isfinite(b)]
         if bad:
             raise ValueError(
                 f"logit_bias keys must be token ids in 0..{self.vocab_size - 1} with finite values; got {bad[:5]}"
             )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(p, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must lie in 0..{MAX_LOGPROBS}; got {value}")
 
     @torch.inference_mode()
-    def add(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
-        """A row joins at `slot`: write its parameters into the slot tables (a few small copies)."""
-        if not 0 <= slot < self.max_rows:
-            raise ValueError(f"slot {slot} is outside 0..{self.max_rows - 1}")
-        if slot in self._rows:
-            raise ValueError(f"slot {slot} is taken")
+    def add(self, row: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        """A request joins at `row`: write its parameters into that row of the tables (a few small copies)."""
+        if not 0 <= row < self.max_rows:
+            raise ValueError(f"row {row} is outside 0..{self.max_rows - 1}")
+        if row in self._rows:
+            raise ValueError(f"row {row} is taken")
         self.check(params)
         if params.repetition_penalty != 1.0 and any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
@@ -163,36 +165,36 @@ class Sampler:
         floats = [params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty,
                   params.repetition_penalty]
         ints = [top_k, key_a, key_b, -1 if params.logprobs is None else params.logprobs]
-        self._floats[slot] = torch.tensor(floats, dtype=torch.float32)
-        self._ints[slot] = torch.tensor(ints, dtype=torch.int64)
-        self._steps[slot] = 0
+        self._floats[row] = torch.tensor(floats, dtype=torch.float32)
+        self._ints[row] = torch.tensor(ints, dtype=torch.int64)
+        self._steps[row] = 0
         # Every table that exists gets the whole row rewritten, whatever this row asks for: a call applies a
         # table to every row of the batch once any row needs it, so a stale row would act on this one.
         if _has_penalties(params) and (self._counts is None or self._prompt_seen is None):
             self._counts = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.int32, device=self.device)
             self._prompt_seen = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.bool, device=self.device)
         if self._counts is not None and self._prompt_seen is not None:
-            self._counts[slot] = 0
-            self._prompt_seen[slot] = False
+            self._counts[row] = 0
+            self._prompt_seen[row] = False
             if params.repetition_penalty != 1.0 and prompt_ids:
                 index = torch.tensor(list(prompt_ids), dtype=torch.long).to(self.device)
-                self._prompt_seen[slot].index_fill_(0, index, True)
+                self._prompt_seen[row].index_fill_(0, index, True)
         if params.logit_bias and self._bias is None:
             self._bias = torch.zeros((self.max_rows, self.vocab_size), dtype=torch.float32, device=self.device)
         if self._bias is not None and params.logit_bias:
             ids, values = zip(*params.logit_bias, strict=True)
-            row = torch.zeros(self.vocab_size, dtype=torch.float32)
-            row[list(ids)] = torch.tensor(values, dtype=torch.float32).clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
-            self._bias[slot] = row.to(self.device)
+            bias = torch.zeros(self.vocab_size, dtype=torch.float32)
+            bias[list(ids)] = torch.tensor(values, dtype=torch.float32).clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
+            self._bias[row] = bias.to(self.device)
         elif self._bias is not None:
-            self._bias[slot] = 0.0
-        self._rows[slot] = params
+            self._bias[row] = 0.0
+        self._rows[row] = params
         self._needs = self._summarise()
 
-    def remove(self, slot: int) -> None:
-        """A row leaves; its slot may be given to the next row that joins."""
-        if self._rows.pop(slot, None) is None:
-            raise ValueError(f"slot {slot} holds no row")
+    def remove(self, row: int) -> None:
+        """A request leaves; its row may be given to the next one that joins."""
+        if self._rows.pop(row, None) is None:
+            raise ValueError(f"row {row} holds no request")
         self._needs = self._summarise()
 
     def _summarise(self) -> _Needs:
@@ -213,8 +215,8 @@ class Sampler:
     # ---- one step -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, logits: Tensor, slots: Tensor, mask: TokenMask | None = None) -> SampleOutput:
-        """Sample row i of logits [B, V] (float32, on the device) for the row at slots[i].
+    def __call__(self, logits: Tensor, rows: Tensor, mask: TokenMask | None = None) -> SampleOutput:
+        """Sample row i of logits [B, V] (float32, on the device) for the request at row rows[i].
 
         `mask` (constrained decoding) sinks its rows' disallowed tokens before anything else, so no bias,
         penalty, greedy pick or draw can choose one; logprobs stay the model's own.
@@ -224,51 +226,51 @@ class Sampler:
         scores = logits if mask is None else mask.apply(logits)
         if needs.bias:
             assert self._bias is not None
-            scores = scores + self._bias.index_select(0, slots)
+            scores = scores + self._bias.index_select(0, rows)
         if needs.penalties:
-            scores = self._penalise(scores, slots)
+            scores = self._penalise(scores, rows)
         tokens = scores.argmax(dim=-1)
         if needs.sampling:
-            temperature = self._floats.index_select(0, slots)[:, _TEMPERATURE]
-            tokens = torch.where(temperature > 0, self._draw(scores, slots, temperature), tokens)
-        self._steps.index_add_(0, slots, torch.ones_like(slots))
+            temperature = self._floats.index_select(0, rows)[:, _TEMPERATURE]
+            tokens = torch.where(temperature > 0, self._draw(scores, rows, temperature), tokens)
+        self._steps.index_add_(0, rows, torch.ones_like(rows))
         if needs.penalties:
             assert self._counts is not None
-            flat = slots * self.vocab_size + tokens
+            flat = rows * self.vocab_size + tokens
             self._counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         if needs.logprobs < 0:
-            return SampleOutput(tokens.tolist(), [None] * len(slots))
-        return self._with_logprobs(logits, slots, tokens, needs.logprobs)
+            return SampleOutput(tokens.tolist(), [None] * len(rows))
+        return self._with_logprobs(logits, rows, tokens, needs.logprobs)
 
-    def _penalise(self, scores: Tensor, slots: Tensor) -> Tensor:
+    def _penalise(self, scores: Tensor, rows: Tensor) -> Tensor:
         """Repetition penalty on tokens of the prompt or the output, then frequency and presence on the output's."""
         assert self._counts is not None and self._prompt_seen is not None
-        counts = self._counts.index_select(0, slots)
-        params = self._floats.index_select(0, slots)
+        counts = self._counts.index_select(0, rows)
+        params = self._floats.index_select(0, rows)
         generated = counts > 0
         if self._needs.repetition:
-            seen = self._prompt_seen.index_select(0, slots) | generated
+            seen = self._prompt_seen.index_select(0, rows) | generated
             repetition = params[:, _REPETITION, None]
             scores = torch.where(seen, torch.where(scores > 0, scores / repetition, scores * repetition), scores)
         if self._needs.additive:
             scores = scores - params[:, _FREQUENCY, None] * counts - params[:, _PRESENCE, None] * generated
         return scores
 
-    def _draw(self, scores: Tensor, slots: Tensor, temperature: Tensor) -> Tensor:
+    def _draw(self, scores: Tensor, rows: Tensor, temperature: Tensor) -> Tensor:
         """Sample every row by inverse CDF over its kept tokens, in token id order; greedy rows' draws are unused.
 
         Summing in token id order, not in order of probability, keeps a row's draw independent of
         how the batch's other rows made this call truncate (top-k, full sort, or nothing).
         """
-        ints = self._ints.index_select(0, slots)
+        ints = self._ints.index_select(0, rows)
         # Shift first: the best score becomes 0, so even a tiny temperature cannot overflow to inf - inf.
         safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
         scores = (scores - scores.amax(dim=-1, keepdim=True)) / safe[:, None]
         if self._needs.truncating:
-            top_p = self._floats.index_select(0, slots)[:, _TOP_P]
+            top_p = self._floats.index_select(0, rows)[:, _TOP_P]
             scores = scores.masked_fill(scores < self._cut(scores, ints[:, _TOP_K], top_p), float("-inf"))
         cumulative = scores.softmax(dim=-1).double().cumsum(dim=-1)
-        uniform = _uniform(ints[:, _KEY_A], ints[:, _KEY_B], self._steps.index_select(0, slots))
+        uniform = _uniform(ints[:, _KEY_A], ints[:, _KEY_B], self._steps.index_select(0, rows))
         target = uniform[:, None] * cumulative[:, -1:]
         index = torch.searchsorted(cumulative, target, right=True).clamp_(max=cumulative.shape[-1] - 1)
         return index.squeeze(-1)
@@ -293,9 +295,9 @@ class Sampler:
         keep = (position < top_k) & ((cumulative - weight < top_p * mass) | (top_p >= 1.0) | (position == 0))
         return best.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)
 
-    def _with_logprobs(self, logits: Tensor, slots: Tensor, tokens: Tensor, most: int) -> SampleOutput:
+    def _with_logprobs(self, logits: Tensor, rows: Tensor, tokens: Tensor, most: int) -> SampleOutput:
         """Pack ids, the sampled tokens' logprobs and the top alternatives into one tensor; fetch it once."""
-        return SampleOutput(*_gather_logprobs(logits, tokens, self._ints.index_select(0, slots)[:, _LOGPROBS], most))
+        return SampleOutput(*_gather_logprobs(logits, tokens, self._ints.index_select(0, rows)[:, _LOGPROBS], most))
 
 
 def prompt_logprobs(logits: Tensor, targets: Tensor, top: int) -> list[TokenLogprobs]:
@@ -368,63 +370,3 @@ def _uniform(key_a: Tensor, key_b: Tensor, step: Tensor) -> Tensor:
     """A float64 uniform in (0, 1) per row, a pure function of the row's seed key and step."""
     h = _mix32(_mix32((step + key_b) & _M32) ^ key_a)
     return (h.double() + 0.5) / 2.0**32
-
-
-@dataclass
-class TextTracker:
-    """Turns a growing list of token ids into text deltas safe to stream.
-
-    Holds back an incomplete UTF-8 character and any tail that could still become a stop string,
-    and finds the earliest stop string in the whole completion. Each token decodes only a short
-    window (the tokens since the last complete character, and the step before them for context),
-    so a long completion costs the same per token as a short one.
-    """
-
-    decode: object  # Callable[[list[int]], str]
-    stop: tuple[str, ...]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the completion so far; may end in an incomplete character (U+FFFD)
-    emitted: int = 0
-    _stable: str = ""  # text of token_ids[:_read], complete characters only
-    _window: int = 0  # the decode window starts here: context for the tokens after _read
-    _read: int = 0
-
-    def add(self, token: int | None) -> tuple[str, bool]:
-        """Add a token (None = no more tokens); return (new text to send, hit a stop string)."""
-        searched = self.emitted
-        if token is not None:
-            self.token_ids.append(token)
-            self._extend()
-        hit = False
-        if self.stop:
-            # A stop string starting before `emitted` would have been found by an earlier call.
-            starts = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
-            if starts:
-                self.text = self.text[: min(starts)]
-                hit = True
-        safe = len(self.text)
-        if token is not None and not hit:
-            if self.text.endswith("\ufffd"):
-                safe = len(self.text.rstrip("\ufffd"))
-            if self.stop:
-                hold = max(len(s) for s in self.stop) - 1
-                safe = min(safe, len(self.text) - hold) if hold > 0 else safe
-        safe = max(safe, self.emitted)
-        delta = self.text[self.emitted : safe]
-        self.emitted = safe
-        return delta, hit
-
-    def _extend(self) -> None:
-        decode = self.decode
-        context = decode(self.token_ids[self._window : self._read])  # type: ignore[operator]
-        window = decode(self.token_ids[self._window :])  # type: ignore[operator]
-        if not window.startswith(context):  # the new token rewrote its context: decode everything
-            self._stable, self._window, self._read = "", 0, 0
-            context, window = "", decode(self.token_ids)  # type: ignore[operator]
-        new = window[len(context) :]
-        if new.endswith("\ufffd"):  # an incomplete character: keep decoding from here next time
-            self.text = self._stable + new
-            return
-        self._stable += new
-        self.text = self._stable
-        self._window, self._read = self._read, len(self.token_ids)

@@ -1,48 +1,48 @@
-"""The continuous-batching loop: admit, prefill (in chunks), decode, retire, cancel.
+"""The scheduling policy: which waiting requests join, which prompt chunks a prefill step computes,
+which rows decode, and when a row leaves. No thread, no model, no device: `EngineLoop`
+(server/engine/loop.py) runs the plans, so the policy is tested with fake rows and a fake KV
+allocator (tests/test_scheduler_policy.py).
 
-It runs in one background thread that owns the model and the KV cache. Each iteration admits
-waiting requests (up to the batch size, and only when a KV slot for the prompt plus max_tokens
-is free), runs one prefill step over the admitted prompts, then one decode step for every
-running row. A prefill step computes at most `prefill_chunk_tokens` prompt tokens while rows
-are decoding, so a long prompt is spread over several steps and never stalls running streams
-for more than one chunk; an idle engine prefills a burst up to `max_prefill_tokens` at once.
-Each row also holds a row of the batched `Sampler`'s tables. Finished and cancelled rows give
-their slots back before the next step. A step that fails is
-retried row by row, so an error fails only the request it belongs to. Callers submit from any
-thread and receive `Event`s through the callback they pass. Background tasks (training jobs) get
-a time budget per iteration, after the decode step (`_background_step` says how it is kept), so a
-stream's token gap grows by about that budget while a task runs.
+Each engine iteration asks `schedule()` for a `StepPlan`, runs it, and reports what each row's
+step produced through `update()`. The rules, each written once here:
+
+- Admission is first come, first served, with no overtaking and no eviction: the head of the
+  queue joins while the batch has a free row and the KV cache can reserve its prompt plus
+  max_tokens (`_reserve`); when it cannot, nothing behind it joins either, and no running row is
+  ever pre-empted to make room. A reservation is never grown, so a running row never waits.
+- A prefill step computes the next chunk of each admitted prompt, in arrival order, at most
+  `prefill_chunk_tokens` tokens in all while rows are decoding, so a long prompt is spread over
+  several steps and stalls running streams by one chunk at most; with nothing decoding, a burst
+  is prefilled up to `max_prefill_tokens` at once.
+- Every decoding row decodes every step, those whose prompt this step's prefill completes included.
+- A row leaves through `_retire` only: its KV reservation and its row index are given back.
+- With a prefix cache (server/engine/prefix_cache.py), a row's reservation copies the longest
+  cached prefix of its prompt into its columns and its prefill starts after it (`computed`); its
+  full blocks are stored when its prompt is complete and when it retires (unless it failed).
+  Cached blocks are free space: a reservation that cannot be granted evicts them, least recently
+  used first, and only when none is left does the request wait, so the cache never refuses or
+  delays what would be admitted without it and never takes a running row's columns.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache, ResidentAdapter
+from server.engine.adapter_cache import AdapterRef, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
 from server.engine.prefix_cache import Acting, PrefixCache, acting, block_keys
-from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from server.engine.sampling import (
-    SampleOutput,
-    Sampler,
-    SamplingParams,
-    TextTracker,
-    TokenLogprobs,
-    prompt_logprobs,
-)
-from server.engine.structured import CompiledGrammar, GrammarRows
+from server.engine.sampling import SamplingParams
+from server.engine.structured import CompiledGrammar
+
+if TYPE_CHECKING:
+    from server.engine.output import Event
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -66,23 +66,6 @@ class EngineStopped(EngineError):
     kind = "unavailable"
 
 
-@dataclass(frozen=True)
-class Event:
-    """What one engine step produced for one request."""
-
-    text: str  # new text, safe to show (never part of a stop string or of a UTF-8 character)
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    error: str | None = None
-    error_status: int = 500  # 503 when the engine stopped under the request, 500 when its own step failed
-    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token of token_ids, when the request asked for logprobs
-    # On a request's first event, when it asked for them (echo): prompt tokens 1.. under the positions before them
-    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
-
-
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -95,49 +78,104 @@ class GenerationRequest:
     grammar: CompiledGrammar | None = None  # constrained decoding: the output must match it
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request; its slot is freed before the next decode step."""
+        """Ask the engine to drop this request; its row leaves before the next step."""
         self.cancelled = True
 
 
-class BackgroundTask(Protocol):
-    """Work that shares the engine thread with serving, one bounded step at a time."""
+class KVAllocator(Protocol):
+    """What the policy needs of the KV cache (server/engine/kv_cache.py's `KVCache`)."""
 
-    def step(self, budget: float) -> bool:
-        """Run one step of about `budget` seconds (or its smallest piece of work, if longer); True once finished."""
+    capacity: int
+    bytes_per_token: int
+    used_tokens: int
 
-    def fail(self, message: str) -> None:
-        """The task cannot go on (its step raised, or the engine stopped)."""
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def usage(self) -> float: ...
+
+    def slot_size(self, tokens: int) -> int: ...
+
+    def allocate(self, tokens: int) -> Slot: ...
+
+    def free(self, slot: Slot) -> None: ...
+
+    def writing(self, slot: Slot, end: int) -> None: ...
+
+    def copy(self, pairs: list[tuple[int, int]], tokens: int) -> None: ...
 
 
-@dataclass
-class _Sequence:
+@dataclass(eq=False)
+class Sequence:
+    """An admitted request: its KV columns, its row in the sampler's tables, its progress."""
+
     request: GenerationRequest
-    tracker: TextTracker
-    slot: Slot  # KV columns
-    row: int  # the Sampler's tables
+    slot: Slot  # KV columns, reserved for the prompt plus max_tokens
+    row: int  # the row of the sampler's and the grammar matcher's tables
     resident: ResidentAdapter | None = None
-    computed: int = 0  # prompt tokens already in the KV cache
-    cached: int = 0  # of those, copied from the prefix cache
+    computed: int = 0  # prompt tokens already in the KV columns
+    cached: int = 0  # of those, copied from the prefix cache at admission
     acts: Acting | None = None  # the request's interventions, as the prefix cache keys them
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
-    stored: int = 0  # leading blocks of this row known to the prefix cache
+    stored: int = 0  # leading blocks of this row that the prefix cache holds
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # gathered chunk by chunk (echo)
 
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt_ids
 
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens [start, start + length) of one row, for one prefill step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.prompt[self.start : self.start + self.length]
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length == len(self.seq.prompt)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one engine iteration does, in this order."""
+
+    cancelled: tuple[GenerationRequest, ...] = ()  # left the queue unadmitted: answer "cancelled"
+    admitted: tuple[Sequence, ...] = ()  # joined: KV reserved, row taken, adapter resident
+    failed: tuple[tuple[Sequence, str], ...] = ()  # could not join (adapter): answer the error; nothing held
+    retired: tuple[Sequence, ...] = ()  # cancelled while held, already retired: answer "cancelled"
+    prefill: tuple[Chunk, ...] = ()
+    decode: tuple[Sequence, ...] = ()  # skip those that finish during this step's prefill
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    """What one step did for one row: prompt tokens computed, the token sampled, the finish if any."""
+
+    seq: Sequence
+    computed: int = 0
+    token: int | None = None
+    finish_reason: str | None = None
+
 
 class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
-        decode_text: Callable[[list[int]], str],
-        adapter_cache: DeviceAdapterCache,
+        kv: KVAllocator,
+        resident: Callable[[AdapterRef], ResidentAdapter],
         *,
-        eos_token_ids: Sequence[int],
         max_batch_size: int,
         max_queue: int,
         max_prefill_tokens: int,
@@ -146,77 +184,68 @@ class Scheduler:
         prefill_chunk_tokens: int = 512,
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
-        task_budget: float = 0.05,
-        prefix_cache: PrefixCache[Slot] | None = None,
+        prefix: PrefixCache[Slot] | None = None,
         prefix_keyed_by_adapter: bool = False,
     ) -> None:
-        self.runner = runner
-        self.cache = runner.cache
-        self.decode_text = decode_text
-        self.adapter_cache = adapter_cache
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.kv = kv
+        self.prefix = prefix
+        self.prefix_keyed_from = 0 if prefix_keyed_by_adapter else None
+        self.resident = resident  # makes an adapter resident on the device; raises when it cannot
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.max_context = max_context
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.batch_wait = batch_wait
         self.batch_quiet = batch_quiet
-        self.task_budget = task_budget
-        self.prefix = prefix_cache
-        self.prefix_keyed_from = 0 if prefix_keyed_by_adapter else None
-        self._task_credit = 0.0  # seconds of background work the next iterations may still run while serving
-        self._waiting: deque[GenerationRequest] = deque()
-        self._prefilling: list[_Sequence] = []  # admitted, KV slot held, prompt not yet fully computed
-        self._running: list[_Sequence] = []  # decoding
-        self.sampler = Sampler(max_batch_size, int(runner.model.config.vocab_size), runner.device)
+        self.waiting: deque[GenerationRequest] = deque()
+        self.prefilling: list[Sequence] = []  # admitted, KV held, prompt not yet fully computed
+        self.running: list[Sequence] = []  # decoding
         self._free_rows = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
-        self.grammars = GrammarRows(int(runner.model.config.vocab_size), sorted(self.eos_token_ids))
-        self._tasks: deque[BackgroundTask] = deque()
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._died: str | None = None
-        self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
-        self.steps = 0
-        self.prefills = 0
-        self.prefill_positions = 0
-        self.intervened_positions = 0
 
-    # ---- called from other threads -------------------------------------------------------
+    # ---- the queue --------------------------------------------------------------------------
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.waiting)
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return len(self.running) + len(self.prefilling)
 
     @property
-    def alive(self) -> bool:
-        """False once the engine thread has died (or before it starts): readiness reports it."""
-        return self._thread is not None and self._thread.is_alive() and self._died is None
+    def room(self) -> int:
+        """Requests the queue holds at most now: its own length, plus the batch's free rows that they would start in."""
+        return self.max_queue + max(self.max_batch_size - self.num_running, 0)
 
-    def kv_usage(self) -> float:
-        """Fraction of the pool that rows hold: cached prefix blocks are free space, evicted on demand."""
-        cached = self.prefix.tokens if self.prefix is not None else 0
-        return (self.cache.used_tokens - cached) / self.cache.capacity
+    @property
+    def idle(self) -> bool:
+        """No row is held."""
+        return not self.running and not self.prefilling
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
 
     def running_adapters(self) -> list[str]:
-        seqs = list(self._running) + list(self._prefilling)
+        seqs = list(self.running) + list(self.prefilling)
         return sorted({s.request.adapter.name for s in seqs if s.request.adapter})
 
     def waiting_adapters(self) -> list[str]:
-        return sorted({r.adapter.name for r in list(self._waiting) if r.adapter})
+        return sorted({r.adapter.name for r in list(self.waiting) if r.adapter})
+
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's columns that rows hold: cached prefix blocks are free space."""
+        cached = self.prefix.tokens if self.prefix is not None else 0
+        return (self.kv.used_tokens - cached) / self.kv.capacity
 
     def reservation(self, prompt_length: int, max_new_tokens: int) -> int:
         """KV columns a request holds while it runs: its prompt plus every token it may generate."""
         return min(prompt_length + max_new_tokens, self.max_context)
 
     def check(self, prompt_length: int, max_new_tokens: int) -> None:
-        """Refuse what can never run, with the numbers, before it takes a queue slot."""
+        """Refuse what can never run, with the numbers, before it takes a place in the queue."""
         if prompt_length == 0:
             raise EngineError("the prompt is empty")
         if prompt_length > self.max_prompt_tokens:
@@ -228,175 +257,121 @@ class Scheduler:
                 f"the prompt has {prompt_length} tokens and max_tokens is {max_new_tokens}: "
                 f"{prompt_length + max_new_tokens} exceeds the model's context of {self.max_context} tokens"
             )
-        need = self.cache.slot_size(self.reservation(prompt_length, max_new_tokens))
-        if need > self.cache.capacity:
+        need = self.kv.slot_size(self.reservation(prompt_length, max_new_tokens))
+        if need > self.kv.capacity:
             raise PromptTooLong(
                 f"the prompt has {prompt_length} tokens and max_tokens is {max_new_tokens}: that needs {need} tokens "
-                f"of KV cache ({need * self.cache.bytes_per_token} bytes) and this server's KV cache holds "
-                f"{self.cache.capacity} tokens ({self.cache.nbytes} bytes, REFT_KV_CACHE_BYTES)"
+                f"of KV cache ({need * self.kv.bytes_per_token} bytes) and this server's KV cache holds "
+                f"{self.kv.capacity} tokens ({self.kv.nbytes} bytes, REFT_KV_CACHE_BYTES)"
             )
 
-    def submit(self, request: GenerationRequest) -> None:
-        self.check(len(request.prompt_ids), request.params.max_new_tokens)
-        try:
-            self.sampler.check(request.params)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
-        if request.grammar is not None and request.params.ignore_eos:
-            raise EngineError("ignore_eos cannot be combined with a structured output: the grammar ends at EOS")
-        with self._cv:
-            if self._stopping or self._died is not None:
-                reason = f"the engine stopped: {self._died}" if self._died else "the engine is shutting down"
-                raise EngineStopped(reason)
-            free_slots = self.max_batch_size - self.num_running
-            if len(self._waiting) >= self.max_queue + max(free_slots, 0):
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
-            request.request_id = request.request_id or f"req-{next(self._ids)}"
-            self._waiting.append(request)
-            self._cv.notify()
+    def add(self, request: GenerationRequest) -> None:
+        """Queue a checked request; the queue holds `max_queue` beyond the batch's free rows (`room`)."""
+        if len(self.waiting) >= self.room:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
+        self.waiting.append(request)
 
-    def add_task(self, task: BackgroundTask) -> None:
-        with self._cv:
-            if self._stopping or self._died is not None:
-                raise EngineStopped("the engine is not running")
-            self._tasks.append(task)
-            self._cv.notify()
+    def burst_wait(self, now: float) -> float:
+        """Seconds an idle engine should still wait for a burst to finish arriving (0: go now).
 
-    def start(self) -> None:
-        """Start the engine thread; return once it has warmed the runner up and can serve."""
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="reft-engine", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if self._died is not None:
-            raise RuntimeError(f"the engine could not start: {self._died}")
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    # ---- the engine thread ---------------------------------------------------------------
-
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            # Here, not where the runner was built: the compiled step's CUDA graphs live in per-thread state, so
-            # the thread that will replay them is the one that must record them.
-            self.runner.warm_up()
-            ready.set()
-            self._loop()
-            message = "the engine stopped"
-        except BaseException as exc:  # noqa: BLE001 - the thread is dying: nobody may be left waiting
-            log.exception("the engine thread died")
-            self._died = f"{type(exc).__name__}: {exc}"
-            message = f"the engine stopped: {self._died}"
-        ready.set()  # a warm-up that failed must not leave start() waiting
-        stopped = Event("", (), "error", error=message, error_status=503)
-        with self._cv:
-            for seq in self._running + self._prefilling:
-                self._emit(seq, stopped)
-                self._release(seq)
-            for request in self._waiting:
-                self._notify(request, stopped)
-            for task in self._tasks:
-                task.fail(message)
-            self._running, self._prefilling = [], []
-            self._waiting.clear()
-            self._tasks.clear()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._waiting or self._prefilling or self._running or self._tasks or self._stopping):
-                    self._cv.wait()
-                if not self._running and not self._prefilling:
-                    self._gather_burst()
-                if self._stopping:
-                    return
-                self._drop_cancelled_waiting()
-                admitted = self._admit()
-            self._start(admitted)
-            self._retire_cancelled()
-            if self._prefilling:
-                self._prefill()
-            if self._running:
-                self._decode()
-            if self._tasks:
-                self._background_step()
-
-    def _background_step(self) -> None:
-        """One step of the first background task, asked to last `task_budget` seconds; tasks take turns.
-
-        A step can outlast its budget (a task's smallest piece of work, one long training example,
-        may take longer, or its estimate of its own speed may be off). While requests are being
-        served, what a step overran is paid back by the next iterations, which run no task until
-        the credit (a budget per iteration, never more than one saved up) is positive again: over
-        any stretch, background work takes about `task_budget` per iteration, and most token gaps
-        hold none of an overlong step. An engine with nothing to serve runs tasks back to back.
+        Requests sent together arrive a few milliseconds apart; prefilling the first alone costs
+        an extra forward pass. So an idle engine waits while requests keep coming less than
+        `batch_quiet` seconds apart, at most `batch_wait` seconds after the first, and never once
+        the waiting requests fill a batch or the prefill token budget. A lone request waits
+        `batch_quiet`.
         """
-        serving = bool(self._running or self._prefilling or self._waiting)
-        if serving:
-            self._task_credit = min(self._task_credit + self.task_budget, self.task_budget)
-            if self._task_credit <= 0:
-                return
-        task = self._tasks[0]
-        started = time.perf_counter()
-        try:
-            finished = task.step(self.task_budget)
-        except Exception as exc:  # noqa: BLE001 - the task's failure is its own
-            log.exception("a background task failed")
-            task.fail(f"{type(exc).__name__}: {exc}")
-            finished = True
-        if serving:
-            self._task_credit -= time.perf_counter() - started
-        with self._cv:
-            self._tasks.popleft()
-            if not finished:
-                self._tasks.append(task)
+        if self.batch_wait <= 0 or not 0 < len(self.waiting) < self.max_batch_size:
+            return 0.0
+        if sum(len(r.prompt_ids) for r in self.waiting) >= self.max_prefill_tokens:
+            return 0.0
+        until = min(self.waiting[0].arrival + self.batch_wait, self.waiting[-1].arrival + self.batch_quiet)
+        return max(0.0, until - now)
 
-    def _gather_burst(self) -> None:
-        """Let a burst finish arriving at an idle engine, so that it is prefilled as one batch.
+    # ---- one step ---------------------------------------------------------------------------
 
-        Requests sent together reach the engine a few milliseconds apart; prefilling the first
-        alone costs an extra forward pass. So an idle engine waits while requests keep coming
-        less than `batch_quiet` seconds apart, at most `batch_wait` seconds after the first, and
-        never once the waiting requests fill a batch or the prefill token budget. A lone request
-        waits `batch_quiet`. Called with the lock held; waiting releases it.
-        """
-        if self.batch_wait <= 0 or not self._waiting:
-            return
-        deadline = self._waiting[0].arrival + self.batch_wait
-        while not self._stopping and 0 < len(self._waiting) < self.max_batch_size:
-            if sum(len(r.prompt_ids) for r in self._waiting) >= self.max_prefill_tokens:
-                return
-            until = min(deadline, self._waiting[-1].arrival + self.batch_quiet)
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            self._cv.wait(remaining)
+    def schedule(self) -> StepPlan:
+        """Drop cancelled requests, admit waiting ones, and plan this step's prefill chunks and decode rows."""
+        cancelled = self._drop_cancelled_waiting()
+        reserved = self._admit(cancelled)
+        admitted, failed = self._make_resident(reserved)
+        retired = self._retire_cancelled()
+        prefill = self._chunks()
+        completing = [c.seq for c in prefill if c.completes_prompt and c.seq.request.params.max_new_tokens > 0]
+        return StepPlan(tuple(cancelled), tuple(admitted), tuple(failed), tuple(retired), tuple(prefill),
+                        (*self.running, *completing))
 
-    def _admit(self) -> list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]]:
-        """Take waiting requests in arrival order while the batch has room and their KV slot is free."""
-        admitted: list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]] = []
-        while self._waiting and self.num_running + len(admitted) < self.max_batch_size:
-            request = self._waiting[0]
-            if request.cancelled:
-                self._waiting.popleft()
-                self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
+    def update(self, outputs: Iterable[RowOutput]) -> list[Sequence]:
+        """Apply what a step did to its rows; retire those that finished and return them."""
+        for out in outputs:
+            seq = out.seq
+            seq.computed += out.computed
+            if out.computed and seq.computed == len(seq.prompt):
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+                if self.prefix is not None:  # later requests may share the prompt while this row decodes
+                    self._store(seq, seq.keys)
+            if out.token is not None:
+                seq.token_ids.append(out.token)
+            if out.finish_reason is not None:
+                seq.finish_reason = out.finish_reason
+        return self._retire()
+
+    def finish(self, seq: Sequence, reason: str) -> list[Sequence]:
+        """End a row outside a step's outputs (its step failed); retire it and return what retired."""
+        seq.finish_reason = reason
+        return self._retire()
+
+    def abort(self) -> tuple[list[Sequence], list[GenerationRequest]]:
+        """The engine stopped: retire every row (returned) and empty the queue (returned)."""
+        for seq in self.running + self.prefilling:
+            seq.finish_reason = "error"
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        return self._retire(), waiting
+
+    def _drop_cancelled_waiting(self) -> list[GenerationRequest]:
+        """Forget queued requests that were cancelled, wherever they sit in the queue."""
+        if not any(r.cancelled for r in self.waiting):
+            return []
+        dropped = [r for r in self.waiting if r.cancelled]
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        return dropped
+
+    def _admit(self, cancelled: list[GenerationRequest]) -> list[Sequence]:
+        """Take waiting requests in arrival order while the batch has a free row and their reservation is granted."""
+        admitted: list[Sequence] = []
+        while self.waiting and self.num_running + len(admitted) < self.max_batch_size:
+            request = self.waiting[0]
+            if request.cancelled:  # cancelled since the queue was swept
+                cancelled.append(self.waiting.popleft())
                 continue
-            acts, keys = self._prompt_keys(request)
-            try:
-                slot = self._allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens),
-                                      keep=frozenset(keys), last_resort=True)
-            except CacheFull:
-                break  # it waits, first in line, until running rows give their slots back
-            admitted.append((self._waiting.popleft(), slot, acts, keys))
+            seq = self._reserve(request)
+            if seq is None:
+                break  # it waits, first in line, until running rows give their reservations back
+            self.waiting.popleft()
+            admitted.append(seq)
         return admitted
 
+    def _reserve(self, request: GenerationRequest) -> Sequence | None:
+        """The request's KV reservation and row, or None while the cache cannot grant it.
+
+        The one place a row's KV columns are granted: cached prefix blocks are evicted here when the
+        allocation fails, and once it succeeds the longest cached prefix of the prompt is copied in.
+        """
+        acts, keys = self._prompt_keys(request)
+        try:
+            slot = self._allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens),
+                                  keep=frozenset(keys), last_resort=True)
+        except CacheFull:
+            return None
+        seq = Sequence(request, slot, self._free_rows.pop(), acts=acts, keys=keys)
+        self._reuse(seq)
+        return seq
+
+    # ---- the prefix cache -------------------------------------------------------------------
+
     def _prompt_keys(self, request: GenerationRequest) -> tuple[Acting | None, list[bytes]]:
-        """How the prefix cache knows this request's interventions, and the keys of its prompt's full blocks."""
+        """How the prefix cache knows the request's interventions, and the keys of its prompt's full blocks."""
         if self.prefix is None:
             return None, []
         ref = request.adapter
@@ -407,40 +382,39 @@ class Scheduler:
         return acts, keys
 
     def _allocate(self, tokens: int, keep: frozenset[bytes], last_resort: bool) -> Slot:
-        """A KV slot for `tokens`, evicting cached prefix blocks, least recently used first, while none is free.
+        """KV columns for `tokens`, evicting cached prefix blocks, least recently used first, while none are free.
 
-        Blocks in `keep` (the ones the caller is about to reuse or store after) go last, and only
-        when `last_resort`: so the prefix cache never refuses or delays an admission that would
-        succeed without it, and storing never evicts what it stores beside.
+        Blocks in `keep` (those the caller is about to reuse, or stores beside) go last, and only
+        when `last_resort`: an admission may take them rather than wait; a store never does.
         """
         while True:
             try:
-                return self.cache.allocate(tokens)
+                return self.kv.allocate(tokens)
             except CacheFull:
                 place = self.prefix.evict(keep) if self.prefix is not None else None
                 if place is None and last_resort and self.prefix is not None:
-                    place = self.prefix.evict(frozenset())
+                    place = self.prefix.evict()
                 if place is None:
                     raise
-                self.cache.free(place)
+                self.kv.free(place)
 
-    def _reuse(self, seq: _Sequence) -> None:
-        """Copy the longest cached prefix of the row's prompt into its slot; its prefill starts after it."""
+    def _reuse(self, seq: Sequence) -> None:
+        """Copy the longest cached prefix of the row's prompt into its columns; its prefill starts after it."""
         if self.prefix is None:
             return
         size = self.prefix.block_tokens
         # The prompt's last token is always computed (its logits are sampled); an echo needs every position's logits.
-        usable = [] if seq.request.params.prompt_logprobs is not None else seq.keys[: (len(seq.prompt) - 1) // size]
-        found = self.prefix.match(usable)
+        echo = seq.request.params.prompt_logprobs is not None
+        found = self.prefix.match([] if echo else seq.keys[: (len(seq.prompt) - 1) // size])
         self.prefix.count(len(seq.prompt), len(found) * size)
         if found:
-            self.cache.copy([(place.start, seq.slot.start + i * size) for i, place in enumerate(found)], size)
-            self.cache.writing(seq.slot, len(found) * size)
+            self.kv.copy([(place.start, seq.slot.start + i * size) for i, place in enumerate(found)], size)
+            self.kv.writing(seq.slot, len(found) * size)
         seq.computed = seq.cached = len(found) * size
         seq.stored = len(found)
 
-    def _store(self, seq: _Sequence, keys: list[bytes]) -> None:
-        """Copy the row's full blocks that the prefix cache lacks out of its slot into blocks of their own."""
+    def _store(self, seq: Sequence, keys: list[bytes]) -> None:
+        """Copy the row's full blocks that the prefix cache lacks out of its columns into blocks of their own."""
         assert self.prefix is not None
         size = self.prefix.block_tokens
         keep = frozenset(keys)
@@ -450,217 +424,77 @@ class Scheduler:
                 try:
                     place = self._allocate(size, keep=keep, last_resort=False)
                 except CacheFull:
-                    break  # a chain is only found from its start: the blocks after a missing one would never match
-                self.cache.writing(place, size)
+                    break  # a chain is found from its start only: blocks after a missing one would never match
+                self.kv.writing(place, size)
                 self.prefix.insert(keys[index], place)
                 pairs.append((seq.slot.start + index * size, place.start))
             seq.stored = index + 1
-        self.cache.copy(pairs, size)
-        self.prefix.match(keys[: seq.stored])
+        self.kv.copy(pairs, size)
+        self.prefix.match(keys[: seq.stored])  # the chain's first block is its most recently used
 
-    def _sequence_keys(self, seq: _Sequence) -> list[bytes]:
+    def _written_keys(self, seq: Sequence) -> list[bytes]:
         """Keys of the row's full blocks whose KV is written: its prompt and every generated token fed back."""
         assert self.prefix is not None
         if seq.computed < len(seq.prompt):
             return seq.keys[: seq.computed // self.prefix.block_tokens]
-        tokens = seq.prompt + seq.token_ids[:-1]  # the last sampled token was never fed: its KV does not exist
+        tokens = seq.prompt + seq.token_ids[:-1]  # the last sampled token was never fed: it has no KV
         more = block_keys(tokens, self.prefix.block_tokens, seq.acts, start=len(seq.keys),
                           parent=seq.keys[-1] if seq.keys else b"", keyed_from=self.prefix_keyed_from)
         return seq.keys + list(more)
 
-    def _start(self, admitted: list[tuple[GenerationRequest, Slot, Acting | None, list[bytes]]]) -> None:
-        """Make the admitted requests' adapters resident; one that cannot be loaded fails alone."""
-        for request, slot, acts, keys in admitted:
-            seq = _Sequence(request, TextTracker(self.decode_text, request.params.stop), slot, self._free_rows.pop(),
-                            acts=acts, keys=keys)
-            self.sampler.add(seq.row, request.params, request.prompt_ids)
-            if request.grammar is not None:
-                self.grammars.add(seq.row, request.grammar)
+    def _make_resident(self, reserved: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
+        """Load the admitted rows' adapters onto the device; a row whose adapter cannot be loaded fails alone."""
+        admitted: list[Sequence] = []
+        failed: list[tuple[Sequence, str]] = []
+        for seq in reserved:
+            adapter = seq.request.adapter
             try:
-                seq.resident = self.adapter_cache.get(request.adapter) if request.adapter else None
+                seq.resident = self.resident(adapter) if adapter else None
             except Exception as exc:  # noqa: BLE001 - the adapter's failure is its request's alone
-                log.exception("loading adapter %s failed", request.adapter.name if request.adapter else None)
-                self._fail(seq, f"the adapter could not be loaded: {exc}")
+                log.exception("loading adapter %s failed", adapter.name if adapter else None)
+                seq.finish_reason = "error"
+                self._give_back(seq)
+                failed.append((seq, f"the adapter could not be loaded: {exc}"))
                 continue
-            self._reuse(seq)
-            self._prefilling.append(seq)
+            self.prefilling.append(seq)
+            admitted.append(seq)
+        return admitted, failed
 
-    def _prefill(self) -> None:
-        """One prefill step: the next chunk of each admitted prompt, in arrival order, within the token budget."""
-        budget = self.prefill_chunk_tokens if self._running else self.max_prefill_tokens
-        work: list[tuple[_Sequence, PrefillChunk]] = []
-        for seq in self._prefilling:
+    def _retire_cancelled(self) -> list[Sequence]:
+        for seq in self.running + self.prefilling:
+            if seq.request.cancelled and seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+        return self._retire()
+
+    def _chunks(self) -> list[Chunk]:
+        """The next chunk of each admitted prompt, in arrival order, within this step's token budget."""
+        budget = self.prefill_chunk_tokens if self.running else self.max_prefill_tokens
+        chunks: list[Chunk] = []
+        for seq in self.prefilling:
             if budget <= 0:
                 break
             n = min(budget, len(seq.prompt) - seq.computed)
-            chunk = PrefillChunk(seq.prompt[seq.computed : seq.computed + n], seq.computed, len(seq.prompt), seq.slot,
-                                 seq.resident, seq.request.params.prompt_logprobs is not None)
-            work.append((seq, chunk))
+            chunks.append(Chunk(seq, seq.computed, n))
             budget -= n
-        started = time.perf_counter()
-        self.prefills += 1
-        self._isolated(work, self._prefill_part)
-        if self.prefix is not None:  # prompts completed here: later requests may share them while these rows decode
-            for seq, chunk in work:
-                if chunk.completes_prompt and seq.finish_reason is None:
-                    self._store(seq, seq.keys)
-        log.debug("prefill: %d chunks, %d running, %.0f ms", len(work), len(self._running),
-                  1000 * (time.perf_counter() - started))
-        self._retire()
+        return chunks
 
-    def _prefill_part(self, part: list[tuple[_Sequence, PrefillChunk]]) -> None:
-        result = self.runner.prefill([chunk for _, chunk in part])
-        echoed = [self._prompt_logprobs(seq, chunk, logits)
-                  for (seq, chunk), logits in zip(part, result.prompt_logits, strict=True)]
-        done = [seq for seq, chunk in part if chunk.completes_prompt]
-        # A row that asked for no new tokens (echo with max_tokens 0) ends with its prompt: nothing is sampled.
-        wanted = [i for i, seq in enumerate(done) if seq.request.params.max_new_tokens > 0]
-        generating = [done[i] for i in wanted]
-        logits = result.logits if len(wanted) == len(done) else result.logits[wanted]
-        sampled = self._sample(logits, generating)
-        self.intervened_positions += result.intervened
-        self.prefill_positions += sum(len(chunk.tokens) for _, chunk in part)
-        for (seq, chunk), logprobs in zip(part, echoed, strict=True):
-            seq.computed += len(chunk.tokens)
-            seq.prompt_logprobs.extend(logprobs)
-        for seq in done:
-            self._prefilling.remove(seq)
-            self._running.append(seq)
-            if seq.request.params.max_new_tokens == 0:
-                seq.finish_reason = "length"
-                self._emit(seq, Event("", (), "length", len(seq.prompt), 0, cached_tokens=seq.cached,
-                                      prompt_logprobs=tuple(seq.prompt_logprobs)))
-        for seq, token, logprobs in zip(generating, sampled.token_ids, sampled.logprobs, strict=True):
-            self._advance(seq, token, logprobs)
+    def _retire(self) -> list[Sequence]:
+        """Drop finished rows and give their reservations back; no other row's columns are touched.
 
-    def _prompt_logprobs(self, seq: _Sequence, chunk: PrefillChunk, logits: torch.Tensor | None) -> list[TokenLogprobs]:
-        """The logprobs of the prompt tokens this chunk's positions predict (its next ones), when asked for."""
-        top = seq.request.params.prompt_logprobs
-        if logits is None or top is None or not len(logits):
-            return []
-        first = chunk.start + 1
-        targets = torch.tensor(seq.prompt[first : first + len(logits)], dtype=torch.long, device=logits.device)
-        return prompt_logprobs(logits, targets, top)
-
-    def _decode(self) -> None:
-        work = [(seq, DecodeRow(seq.token_ids[-1], len(seq.prompt) + len(seq.token_ids) - 1, seq.slot))
-                for seq in self._running]
-        self.steps += 1
-        self._isolated(work, self._decode_part)
-        self._retire()
-
-    def _decode_part(self, part: list[tuple[_Sequence, DecodeRow]]) -> None:
-        logits = self.runner.decode([row for _, row in part])
-        seqs = [seq for seq, _ in part]
-        sampled = self._sample(logits, seqs)
-        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            self._advance(seq, token, logprobs)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> SampleOutput:
-        if not seqs:
-            return SampleOutput([], [])
-        rows = [s.row for s in seqs]
-        mask = self.grammars.mask(rows, logits.device)
-        return self.sampler(logits, torch.tensor(rows, dtype=torch.long, device=logits.device), mask)
-
-    def _isolated(self, work: list[tuple[_Sequence, T]], run: Callable[[list[tuple[_Sequence, T]]], None]) -> None:
-        """Run `work` as one step; if that raises, run it row by row and fail only the rows that raise alone.
-
-        Rerunning rows is safe: a step writes each row's KV columns at fixed places, so the retry
-        overwrites what the failed attempt wrote with the same values, and no other row's columns
-        are touched. `run` changes no row's state before its forward and sampling have succeeded.
+        The one place rows leave: the full blocks of a row that did not fail go to the prefix cache
+        before `_give_back` frees its columns.
         """
-        try:
-            run(work)
-            return
-        except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(work) == 1:
-                log.exception("request %s failed", work[0][0].request.request_id)
-                self._fail(work[0][0], f"{type(exc).__name__}: {exc}")
-                return
-            log.exception("a step of %d rows failed; retrying them one by one", len(work))
-        for item in work:
-            try:
-                run([item])
-            except Exception as exc:  # noqa: BLE001 - this row's own failure
-                log.exception("request %s failed", item[0].request.request_id)
-                self._fail(item[0], f"{type(exc).__name__}: {exc}")
-
-    def _advance(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        params = seq.request.params
-        if not self.grammars.accept(seq.row, token):
-            self._fail(seq, f"token {token} does not continue the structured output")
-            return
-        seq.token_ids.append(token)
-        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
-        if is_stop_token:
-            delta, _ = seq.tracker.add(None)
-            seq.finish_reason = "stop"
-        else:
-            delta, hit = seq.tracker.add(token)
-            if hit:
-                seq.finish_reason = "stop"
-            elif len(seq.token_ids) >= params.max_new_tokens or (
-                len(seq.prompt) + len(seq.token_ids) >= self.max_context
-            ):
-                delta += seq.tracker.add(None)[0]
-                seq.finish_reason = "length"
-        echoed = tuple(seq.prompt_logprobs) if params.prompt_logprobs is not None and len(seq.token_ids) == 1 else None
-        self._emit(seq, Event(delta, (token,), seq.finish_reason, len(seq.prompt), len(seq.token_ids), seq.cached,
-                              logprobs=(logprobs,) if logprobs is not None else (), prompt_logprobs=echoed))
-
-    def _emit(self, seq: _Sequence, event: Event) -> None:
-        self._notify(seq.request, event)
-
-    def _notify(self, request: GenerationRequest, event: Event) -> None:
-        try:
-            request.on_event(event)
-        except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
-            log.exception("event consumer failed; cancelling %s", request.request_id)
-            request.cancelled = True
-
-    def _fail(self, seq: _Sequence, message: str) -> None:
-        """Finish one request with an error; its slot is given back at the next retirement."""
-        seq.finish_reason = "error"
-        self._emit(seq, Event("", (), "error", len(seq.prompt), len(seq.token_ids), error=message))
-        if seq not in self._running and seq not in self._prefilling:
-            self._release(seq)
-        else:
-            self._retire()
-
-    def _release(self, seq: _Sequence, keep: bool = False) -> None:
-        """Give a leaving row's KV slot and Sampler row back; with `keep`, its full blocks go to the prefix cache."""
-        if keep and self.prefix is not None:
-            self._store(seq, self._sequence_keys(seq))
-        self.cache.free(seq.slot)
-        self.sampler.remove(seq.row)
-        self.grammars.remove(seq.row)
-        self._free_rows.append(seq.row)
-
-    def _drop_cancelled_waiting(self) -> None:
-        """Answer and forget queued requests that were cancelled, wherever they sit in the queue."""
-        if not any(r.cancelled for r in self._waiting):
-            return
-        kept: deque[GenerationRequest] = deque()
-        for request in self._waiting:
-            if request.cancelled:
-                self._notify(request, Event("", (), "cancelled", len(request.prompt_ids)))
-            else:
-                kept.append(request)
-        self._waiting = kept
-
-    def _retire_cancelled(self) -> None:
-        for seq in self._running + self._prefilling:
-            if seq.request.cancelled and seq.finish_reason is None:
-                seq.finish_reason = "cancelled"
-                self._emit(seq, Event("", (), "cancelled", len(seq.prompt), len(seq.token_ids)))
-        self._retire()
-
-    def _retire(self) -> None:
-        """Drop finished rows and give their KV slots back; no other row's cache is touched."""
-        for rows in (self._running, self._prefilling):
+        retired: list[Sequence] = []
+        for rows in (self.running, self.prefilling):
             finished = [s for s in rows if s.finish_reason is not None]
             for seq in finished:
-                # Before it leaves the count: an idle engine holds no row's slot, table or grammar.
-                self._release(seq, keep=seq.finish_reason != "error")
+                if self.prefix is not None and seq.finish_reason != "error":
+                    self._store(seq, self._written_keys(seq))
+                self._give_back(seq)
                 rows.remove(seq)
+            retired += finished
+        return retired
+
+    def _give_back(self, seq: Sequence) -> None:
+        self.kv.free(seq.slot)
+        self._free_rows.append(seq.row)
