@@ -146,7 +146,7 @@ class Engine:
                     max_prompt_tokens=4000, max_context=8192)
         opts.update(kw)
         return EngineLoop(self.runner, lambda ids: "", self.adapters,
-                         prefix_cache=PrefixCache(B) if cached else None, **opts)
+                         prefix=PrefixCache(B) if cached else None, **opts)
 
     def chat(self, history: list[dict]) -> list[int]:
         return list(self.base.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True))
@@ -245,6 +245,7 @@ def conversation_work(engine: Engine, names: list[str | None], turns: int, max_n
     return record
 
 
+@pytest.mark.slow
 def test_multi_turn_mixed_conversations_match_and_share(engine):
     names = [None, "l4", "f3", "fl", "l4+fl", None]
     with running(engine.scheduler(cached=True, prefill_chunk_tokens=64)) as sch:
@@ -262,6 +263,7 @@ def test_multi_turn_mixed_conversations_match_and_share(engine):
     assert all(o.cached > 0 for o in later), [o.cached for o in later]  # own earlier turns, or the base prefix
 
 
+@pytest.mark.slow
 def test_shared_document_across_adapters_and_the_fN_exception(engine):
     doc = engine.system
     questions = [engine.chat([{"role": "user", "content": f"Summarise point {i}."}]) for i in range(4)]
@@ -279,6 +281,7 @@ def test_shared_document_across_adapters_and_the_fN_exception(engine):
     assert f_got[0].cached == 0  # its first positions are intervened: no base block is its block
 
 
+@pytest.mark.slow
 def test_every_pyreft_type_matches_pyreft_from_the_cache(engine):
     """Each case's prompts: warmed by a base request, then the adapter twice (l-only types reuse the base block,
     every type reuses its own), all answers pyreft's own."""
@@ -300,6 +303,7 @@ def test_every_pyreft_type_matches_pyreft_from_the_cache(engine):
                         assert out.cached == 0, (name, out.cached)
 
 
+@pytest.mark.slow
 def test_a_replaced_adapter_never_matches_its_old_blocks(engine):
     old = engine.refs["f3"]
     new = AdapterRef("f3", 2, engine.refs["fl"].adapter, sha256="other")
@@ -310,6 +314,7 @@ def test_a_replaced_adapter_never_matches_its_old_blocks(engine):
         assert run(sch, [(prompt, old, 2)])[0].cached > 0
 
 
+@pytest.mark.slow
 def test_eviction_never_refuses_what_runs_without_the_cache(engine):
     """A pool of 512 tokens: every prompt's blocks fill it, and each admission evicts what it needs."""
     small = KVCache.for_model(engine.base.model.config, engine.base.dtype, engine.base.device,
