@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the figure lines
 
 import httpx  # noqa: E402
+import prefix  # noqa: E402
 from common import (  # noqa: E402
     BaselineWorker,
     Load,
@@ -45,7 +46,7 @@ from common import (  # noqa: E402
 
 from server import adapter_file  # noqa: E402
 
-SECTIONS = ("throughput", "p2", "long", "hol", "echo", "cold", "registry", "structured")
+SECTIONS = ("throughput", "p2", "long", "hol", "echo", "cold", "registry", "structured", "prefix")
 P2_SHORT_GROUPS = 3  # ABBA groups at the 32-token prompt per repetition (one at 1024)
 
 
@@ -633,7 +634,9 @@ def main() -> int:
             registry = tmp / "registry"
             write_adapters(registry, shape, adapters, seed0=0)
             write_adapters(registry, shape, cold_files, seed0=1000)
-            server = ServerProcess(registry, tmp / "server.log", args.model, args.env)
+            # These sections measure the engine's compute, repeating prompts between the sides of a ratio: with
+            # the prefix cache on, repeats would be served from it. The `prefix` section measures the cache.
+            server = ServerProcess(registry, tmp / "server.log", args.model, {"REFT_PREFIX_CACHE": "false", **args.env})
             start_s = server.start()
             report.figure("START_S", start_s, None, "s", adapters=len(adapters) + len(cold_files))
             load = Load(server.url, concurrency=max(64, args.batch))
@@ -683,6 +686,8 @@ def main() -> int:
             server = None
         if "registry" in args.sections:
             registry_scale(args, report, tmp, shape)
+        if "prefix" in args.sections:
+            prefix.run(args, report, tmp, shape)
     finally:
         if load:
             load.close()

@@ -16,6 +16,7 @@ from server.config import Settings
 from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import KVCache, default_budget
 from server.engine.loop import EngineLoop
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.structured import GrammarCompiler
 from server.host_memory import keep_freed_memory
@@ -87,6 +88,8 @@ def build_engine(settings: Settings) -> Engine:
         batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
                      else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
         task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
+        prefix=PrefixCache(min(settings.prefix_block_tokens, kv.block_tokens)) if settings.prefix_cache else None,
+        prefix_keyed_by_adapter=settings.prefix_cache_scope == "adapter",
     )
     loop.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from

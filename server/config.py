@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="decode steps through torch.compile (inductor; CUDA graphs on GPU), compiled at start-up"
     )
+    prefix_cache: bool = Field(
+        True, description="keep the KV of full prompt blocks after their request and reuse it for prompts that start "
+                          "the same way (across adapters where no intervention differs); evicted whenever admission "
+                          "needs the space")
+    prefix_block_tokens: int = Field(
+        32, ge=32, le=8192, description="tokens per prefix-cache block (a power of two): the unit of reuse")
+    prefix_cache_scope: Literal["intervention", "adapter"] = Field(
+        "intervention", description="'adapter' keys every block by its adapter, as a LoRA server must (for "
+                                    "comparison); 'intervention' shares the blocks no intervention touched")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted; default: model context")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound on max_tokens per request")
     max_rank: int = Field(64, ge=1, description="largest intervention rank accepted")
@@ -87,6 +96,13 @@ class Settings(BaseSettings):
         10.0, gt=0, description="how long a request waits for its grammar to compile before it is refused")
     grammar_cache_size: int = Field(128, ge=1, description="compiled grammars kept, least recently used evicted")
     log_level: str = "info"
+
+    @field_validator("prefix_block_tokens")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"prefix_block_tokens must be a power of two (a KV slot size), got {value}")
+        return value
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod

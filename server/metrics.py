@@ -50,6 +50,9 @@ class EngineView:
     adapter_cache_misses: Callable[[], int] = staticmethod(lambda: 0)
     grammar_compiles: Callable[[], int] = staticmethod(lambda: 0)
     grammar_compile_seconds: Callable[[], float] = staticmethod(lambda: 0.0)
+    prefix_caching: bool = False
+    block_size: int = 0  # tokens per block: the prefix cache's, or the KV cache's when the prefix cache is off
+    num_blocks: int = 0  # blocks of that size the KV cache holds
 
 
 class _EngineCollector(Collector):
@@ -106,6 +109,17 @@ class _EngineCollector(Collector):
                                   value=v.grammar_compiles())
         yield CounterMetricFamily("reft_grammar_compile_seconds", "Time spent compiling those grammars.",
                                   value=v.grammar_compile_seconds())
+        yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=stats.prefix_queried_tokens)
+        yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (KV reused).",
+                                  value=stats.prefix_hit_tokens)
+        yield GaugeMetricFamily("reft_prefix_cache_blocks", "Blocks held by the prefix cache (evicted on demand).",
+                                value=stats.prefix_blocks)
+        config = GaugeMetricFamily(
+            "vllm:cache_config_info", "KV cache configuration (the router's prefix scorer reads block_size).",
+            labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
+        config.add_metric([str(v.block_size), str(v.num_blocks), str(v.prefix_caching)], 1)
+        yield config
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Adapters running and waiting; value = time of the last change.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],

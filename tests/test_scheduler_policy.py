@@ -11,6 +11,7 @@ import pytest
 
 from server.engine.adapter_cache import AdapterRef, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import (
     EngineError,
@@ -32,6 +33,7 @@ class FakeKV:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.held: dict[int, Slot] = {}  # start -> slot
+        self.copies: list[tuple[int, int, int]] = []  # (from column, to column, columns)
         self._next = 0
 
     @property
@@ -55,6 +57,16 @@ class FakeKV:
 
     def free(self, slot: Slot) -> None:
         assert self.held.pop(slot.start) == slot, "freed twice"
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(s.size for s in self.held.values())
+
+    def writing(self, slot: Slot, end: int) -> None:
+        assert slot.start in self.held and end <= slot.size
+
+    def copy(self, pairs: list[tuple[int, int]], tokens: int) -> None:
+        self.copies.extend((src, dst, tokens) for src, dst in pairs)
 
 
 class FakeAdapters:
@@ -291,3 +303,63 @@ def test_abort_retires_every_row_and_empties_the_queue():
     retired, waiting = sch.abort()
     assert [s.request for s in retired] == requests[:2] and waiting == requests[2:]
     assert sch.idle and not sch.waiting and sch.kv.usage == 0
+
+
+# ---- the prefix cache's decisions ----------------------------------------------------------------
+
+
+def cached_policy(capacity: int = 10_000, **kw) -> Scheduler:
+    return policy(capacity, prefix=PrefixCache(32), **kw)
+
+
+def test_a_repeated_prompt_starts_after_its_cached_blocks():
+    sch = cached_policy()
+    first = request(80)
+    sch.add(first)
+    plan = sch.schedule()
+    assert plan.prefill[0].start == 0
+    run(sch, plan)  # prompt complete: its two full blocks are stored, copied out of the row's columns
+    kv: FakeKV = sch.kv  # type: ignore[assignment]
+    assert len(sch.prefix) == 2 and len(kv.copies) == 2
+    again = request(80)
+    sch.add(again)
+    plan = sch.schedule()
+    seq = plan.admitted[0]
+    # blocks [0, 64) copied in; the last 16 tokens (the prompt's last always among them) are computed
+    assert seq.cached == seq.computed == 64 and plan.prefill[-1].start == 64 and plan.prefill[-1].length == 16
+    assert [c[1] for c in kv.copies[-2:]] == [seq.slot.start, seq.slot.start + 32]
+
+
+def test_cached_blocks_are_free_space_that_admission_evicts():
+    sch = cached_policy(capacity=200)
+    for _ in range(3):  # different prompts, each leaving 2 blocks behind
+        sch.add(GenerationRequest(list(range(100 * len(sch.prefix), 100 * len(sch.prefix) + 70)),
+                                  SamplingParams(max_new_tokens=2), None, lambda event: None))
+        while sch.has_work:
+            run(sch, sch.schedule())
+    assert len(sch.prefix) > 0 and sch.kv_usage() == 0
+    big = request(150, 50)  # the whole pool: granted at once, every cached block evicted
+    sch.add(big)
+    assert [s.request for s in sch.schedule().admitted] == [big]
+    assert len(sch.prefix) == 0
+
+
+def test_a_failed_row_leaves_nothing_in_the_cache():
+    sch = cached_policy()
+    sch.add(request(80))
+    plan = sch.schedule()
+    seq = plan.admitted[0]
+    sch.finish(seq, "error")
+    assert len(sch.prefix) == 0
+
+
+def test_retirement_stores_the_generated_blocks_and_an_echo_reuses_nothing():
+    sch = cached_policy()
+    sch.add(request(40, 40))
+    while sch.has_work:
+        run(sch, sch.schedule())
+    assert len(sch.prefix) == 2  # 40 prompt + 39 generated tokens fed back: two full blocks
+    echo = GenerationRequest(list(range(1, 41)), SamplingParams(max_new_tokens=1, prompt_logprobs=0), None,
+                             lambda event: None)
+    sch.add(echo)
+    assert sch.schedule().admitted[0].computed == 0

@@ -83,6 +83,10 @@ class AppState:
         view.adapter_cache_misses = lambda: engine.adapter_cache.misses
         view.grammar_compiles = lambda: engine.grammars.compiles
         view.grammar_compile_seconds = lambda: engine.grammars.compile_seconds
+        prefix, kv = engine.loop.prefix, engine.loop.runner.cache
+        view.prefix_caching = prefix is not None
+        view.block_size = prefix.block_tokens if prefix is not None else kv.block_tokens
+        view.num_blocks = kv.capacity // view.block_size
 
     def _serve(self, engine: Engine) -> None:
         """Routes see the engine from here on: /health turns 200."""

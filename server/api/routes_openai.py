@@ -31,6 +31,7 @@ from server.api.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Usage,
 )
 from server.api.serving import Event, Result, Serving, ServingError, Submission
@@ -40,8 +41,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
-def _usage(prompt: int, completion: int) -> Usage:
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _usage(prompt: int, completion: int, cached: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _track(request: Request, adapter: str | None, prompt_tokens: int | None) -> None:
@@ -112,7 +114,8 @@ def _completion_response(serving: Serving, req: CompletionRequest, ids: list[lis
                 choice.prompt_token_ids, choice.token_ids = ids[p], result.token_ids
             choices.append(choice)
     response = CompletionResponse(model=req.model, choices=choices,
-                                  usage=_usage(sum(len(i) for i in ids), sum(r.completion_tokens for r in results)))
+                                  usage=_usage(sum(len(i) for i in ids), sum(r.completion_tokens for r in results),
+                                               sum(r.cached_tokens for r in results[::copies])))
     return _json(response)
 
 
@@ -147,6 +150,7 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     writers = [CompletionLogprobsWriter(serving.tokens) for _ in submissions]
     started, given, completion_tokens = set(), set(), 0  # choices begun; choices given their prompt's ids
+    cached: dict[int, int] = {}  # choice -> its prompt tokens reused from the prefix cache
 
     def chunk(index: int, event: Event, echo: Echo | None) -> str | None:
         text, logprobs = (echo.text + event.text if echo else event.text), None
@@ -171,6 +175,7 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
         started.add(index)
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
+            cached[index] = event.cached_tokens
         # The piece with an echoed prompt's logprobs may be large: built off the event loop.
         data = (await run_in_threadpool(chunk, index, event, echo) if echo and req.logprobs is not None
                 else chunk(index, event, echo))
@@ -178,7 +183,8 @@ async def _completion_chunks(serving: Serving, submissions: list[Submission], re
             yield data
     if include_usage:
         final = CompletionResponse(id=cid, created=created, model=req.model, choices=[],
-                                   usage=_usage(sum(len(i) for i in ids), completion_tokens))
+                                   usage=_usage(sum(len(i) for i in ids), completion_tokens,
+                                                sum(cached.get(p * req.n, 0) for p in range(len(ids)))))
         yield final.model_dump_json()
 
 
@@ -223,7 +229,7 @@ def _chat_response(serving: Serving, req: ChatCompletionRequest, ids: list[int],
                             logprobs=chat_logprobs(r.token_ids, r.logprobs, serving.tokens) if req.logprobs
                             else None, token_ids=r.token_ids if req.return_token_ids else None)
                  for i, r in enumerate(results)],
-        usage=_usage(len(ids), sum(r.completion_tokens for r in results)),
+        usage=_usage(len(ids), sum(r.completion_tokens for r in results), results[0].cached_tokens),
         prompt_token_ids=ids if req.return_token_ids else None,
     ))
 
@@ -267,7 +273,7 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
         yield chunk(index, ChatDelta(role="assistant", content=""),
                     token_ids=[] if req.return_token_ids else None,
                     prompt_token_ids=ids if req.return_token_ids and index == 0 else None)
-    completion_tokens = 0
+    completion_tokens, cached = 0, 0
     streams = [answer.stream() for _ in submissions]
     # A token's logprobs and id go with the chunk that carries its text or, while that is held back (a call not
     # yet known to be one), with the next chunk sent; with return_token_ids, a token whose text is still held back
@@ -294,10 +300,11 @@ async def _chat_chunks(serving: Serving, submissions: list[Submission], req: Cha
             yield chunk(index, delta, logprobs=logprobs, token_ids=token_ids)
         if finish is not None:
             completion_tokens += event.completion_tokens
+            cached = event.cached_tokens if index == 0 else cached
             logprobs, token_ids = flush(index)
             yield chunk(index, ChatDelta(), finish, logprobs=logprobs if logprobs and logprobs.content else None,
                         token_ids=token_ids or None)
     if include_usage:
         final = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
-                                    usage=_usage(len(ids), completion_tokens))
+                                    usage=_usage(len(ids), completion_tokens, cached))
         yield final.model_dump_json()

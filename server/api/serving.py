@@ -57,6 +57,7 @@ class Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's tokens, those reused from the prefix cache
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked for
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., when asked for (echo)
 
@@ -407,6 +408,7 @@ class Submission:
                 result.prompt_logprobs = list(event.prompt_logprobs)
             result.finish_reason = event.finish_reason
             result.completion_tokens = event.completion_tokens
+            result.cached_tokens = event.cached_tokens
         if result.finish_reason is None:
             raise ServingError(499, "the client went away", "cancelled")
         return result

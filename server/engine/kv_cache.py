@@ -44,6 +44,7 @@ Sanitising in attention instead took 1.66x the batch-32 step in the same run.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,6 @@ class KVCache:
         """Fraction of the pool's columns that rows hold (the router's KV-cache use)."""
         return self.used_tokens / self.capacity
 
-    def max_tokens(self) -> int:
-        """The largest reservation that could ever be granted (the whole pool as one run)."""
-        return self.capacity
-
     def slot_size(self, tokens: int) -> int:
         """Columns a reservation of `tokens` holds once granted."""
         if tokens > self.block_tokens:
@@ -147,6 +144,19 @@ class KVCache:
         """A step is about to write columns up to `end` (from the slot's start) of `slot`: zeroed when it is freed."""
         if end > self._written.get(slot.start, 0):
             self._written[slot.start] = end
+
+    def copy(self, pairs: Sequence[tuple[int, int]], tokens: int) -> None:
+        """Copy `tokens` columns from each pair's first column to its second, in every layer's keys and values.
+
+        The prefix cache's only data movement: one gather and one scatter per pool for all pairs.
+        """
+        if not pairs:
+            return
+        span = torch.arange(tokens, device=self.device)
+        src = torch.cat([span + s for s, _ in pairs])
+        dst = torch.cat([span + d for _, d in pairs])
+        for pool in (*self.k, *self.v):
+            pool.index_copy_(1, dst, pool.index_select(1, src))
 
     def free(self, slot: Slot) -> None:
         """Give the slot back, its written columns zeroed in every layer (see the module's docstring)."""

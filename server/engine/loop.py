@@ -26,7 +26,9 @@ import torch
 
 from server.engine import output
 from server.engine.adapter_cache import DeviceAdapterCache
+from server.engine.kv_cache import Slot
 from server.engine.output import Event, OutputProcessor
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SampleOutput, Sampler, TokenLogprobs
 from server.engine.scheduler import (
@@ -68,6 +70,9 @@ class EngineStats:
     intervened_positions: int = 0  # (row, layer-round, position) pairs intervened on
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found there (KV copied, not computed)
+    prefix_blocks: int = 0  # blocks the prefix cache holds
 
 
 class EngineLoop:
@@ -87,12 +92,15 @@ class EngineLoop:
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
         task_budget: float = 0.05,
+        prefix: PrefixCache[Slot] | None = None,
+        prefix_keyed_by_adapter: bool = False,
     ) -> None:
         self.runner = runner
         self.policy = Scheduler(
             runner.cache, adapter_cache.get, max_batch_size=max_batch_size, max_queue=max_queue,
             max_prefill_tokens=max_prefill_tokens, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
             prefill_chunk_tokens=prefill_chunk_tokens, batch_wait=batch_wait, batch_quiet=batch_quiet,
+            prefix=prefix, prefix_keyed_by_adapter=prefix_keyed_by_adapter,
         )
         eos = sorted(set(eos_token_ids))
         self.output = OutputProcessor(decode_text, eos, max_context)
@@ -143,13 +151,21 @@ class EngineLoop:
         """False once the engine thread has died (or before it starts): readiness reports it."""
         return self._thread is not None and self._thread.is_alive() and self._died is None
 
+    @property
+    def prefix(self) -> PrefixCache[Slot] | None:
+        return self.policy.prefix
+
     def stats(self) -> EngineStats:
+        prefix = self.policy.prefix
         return EngineStats(
-            waiting=self.policy.num_waiting, running=self.policy.num_running, kv_usage=self.policy.kv.usage,
+            waiting=self.policy.num_waiting, running=self.policy.num_running, kv_usage=self.policy.kv_usage(),
             steps=self._steps, prefills=self._prefills, prefill_positions=self._prefill_positions,
             intervened_positions=self._intervened_positions,
             running_adapters=tuple(self.policy.running_adapters()),
             waiting_adapters=tuple(self.policy.waiting_adapters()),
+            prefix_queried_tokens=prefix.queried_tokens if prefix is not None else 0,
+            prefix_hit_tokens=prefix.hit_tokens if prefix is not None else 0,
+            prefix_blocks=len(prefix) if prefix is not None else 0,
         )
 
     def submit(self, request: GenerationRequest) -> None:

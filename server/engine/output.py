@@ -27,6 +27,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
     error_status: int = 500  # 503 when the engine stopped under the request, 500 when its own step failed
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token of token_ids, when the request asked for logprobs
@@ -85,7 +86,8 @@ class OutputProcessor:
 
     def prompt_only(self, seq: Sequence) -> Event:
         """The one event of a row that asked for no new tokens (echo with max_tokens 0): it ends with its prompt."""
-        return Event("", (), "length", len(seq.prompt), 0, prompt_logprobs=tuple(self._streams[seq].prompt_logprobs))
+        return Event("", (), "length", len(seq.prompt), 0, seq.cached,
+                     prompt_logprobs=tuple(self._streams[seq].prompt_logprobs))
 
     def token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Event:
         """The event of a row's next token, `seq.token_ids` not yet holding it; its finish_reason ends the row."""
@@ -104,7 +106,7 @@ class OutputProcessor:
                 delta += stream.text.add(None)[0]
                 finish = "length"
         echoed = tuple(stream.prompt_logprobs) if params.prompt_logprobs is not None and completion == 1 else None
-        return Event(delta, (token,), finish, len(seq.prompt), completion,
+        return Event(delta, (token,), finish, len(seq.prompt), completion, seq.cached,
                      logprobs=(logprobs,) if logprobs is not None else (), prompt_logprobs=echoed)
 
 

@@ -16,10 +16,12 @@ step produced through `update()`. The rules, each written once here:
   is prefilled up to `max_prefill_tokens` at once.
 - Every decoding row decodes every step, those whose prompt this step's prefill completes included.
 - A row leaves through `_retire` only: its KV reservation and its row index are given back.
-
-A `Sequence.computed` count says how many prompt tokens are in the row's KV columns; chunking
-starts from it, so a row admitted with a prefix already in place (a prefix cache) needs no other
-change here.
+- With a prefix cache (server/engine/prefix_cache.py), a row's reservation copies the longest
+  cached prefix of its prompt into its columns and its prefill starts after it (`computed`); its
+  full blocks are stored when its prompt is complete and when it retires (unless it failed).
+  Cached blocks are free space: a reservation that cannot be granted evicts them, least recently
+  used first, and only when none is left does the request wait, so the cache never refuses or
+  delays what would be admitted without it and never takes a running row's columns.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from server.engine.adapter_cache import AdapterRef, ResidentAdapter
 from server.engine.kv_cache import CacheFull, Slot
+from server.engine.prefix_cache import Acting, PrefixCache, acting, block_keys
 from server.engine.sampling import SamplingParams
 from server.engine.structured import CompiledGrammar
 
@@ -84,6 +87,7 @@ class KVAllocator(Protocol):
 
     capacity: int
     bytes_per_token: int
+    used_tokens: int
 
     @property
     def nbytes(self) -> int: ...
@@ -97,6 +101,10 @@ class KVAllocator(Protocol):
 
     def free(self, slot: Slot) -> None: ...
 
+    def writing(self, slot: Slot, end: int) -> None: ...
+
+    def copy(self, pairs: list[tuple[int, int]], tokens: int) -> None: ...
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -107,6 +115,10 @@ class Sequence:
     row: int  # the row of the sampler's and the grammar matcher's tables
     resident: ResidentAdapter | None = None
     computed: int = 0  # prompt tokens already in the KV columns
+    cached: int = 0  # of those, copied from the prefix cache at admission
+    acts: Acting | None = None  # the request's interventions, as the prefix cache keys them
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    stored: int = 0  # leading blocks of this row that the prefix cache holds
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -172,8 +184,12 @@ class Scheduler:
         prefill_chunk_tokens: int = 512,
         batch_wait: float = 0.0,
         batch_quiet: float = 0.0,
+        prefix: PrefixCache[Slot] | None = None,
+        prefix_keyed_by_adapter: bool = False,
     ) -> None:
         self.kv = kv
+        self.prefix = prefix
+        self.prefix_keyed_from = 0 if prefix_keyed_by_adapter else None
         self.resident = resident  # makes an adapter resident on the device; raises when it cannot
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -218,6 +234,11 @@ class Scheduler:
 
     def waiting_adapters(self) -> list[str]:
         return sorted({r.adapter.name for r in list(self.waiting) if r.adapter})
+
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's columns that rows hold: cached prefix blocks are free space."""
+        cached = self.prefix.tokens if self.prefix is not None else 0
+        return (self.kv.used_tokens - cached) / self.kv.capacity
 
     def reservation(self, prompt_length: int, max_new_tokens: int) -> int:
         """KV columns a request holds while it runs: its prompt plus every token it may generate."""
@@ -287,6 +308,8 @@ class Scheduler:
             if out.computed and seq.computed == len(seq.prompt):
                 self.prefilling.remove(seq)
                 self.running.append(seq)
+                if self.prefix is not None:  # later requests may share the prompt while this row decodes
+                    self._store(seq, seq.keys)
             if out.token is not None:
                 seq.token_ids.append(out.token)
             if out.finish_reason is not None:
@@ -332,15 +355,92 @@ class Scheduler:
     def _reserve(self, request: GenerationRequest) -> Sequence | None:
         """The request's KV reservation and row, or None while the cache cannot grant it.
 
-        The one place a row's KV columns are granted: a prefix cache evicts what it holds here when
-        the allocation fails, and after it succeeds copies a cached prefix of the prompt into the
-        slot and starts the row at `computed` = that prefix's length.
+        The one place a row's KV columns are granted: cached prefix blocks are evicted here when the
+        allocation fails, and once it succeeds the longest cached prefix of the prompt is copied in.
         """
+        acts, keys = self._prompt_keys(request)
         try:
-            slot = self.kv.allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens))
+            slot = self._allocate(self.reservation(len(request.prompt_ids), request.params.max_new_tokens),
+                                  keep=frozenset(keys), last_resort=True)
         except CacheFull:
             return None
-        return Sequence(request, slot, self._free_rows.pop())
+        seq = Sequence(request, slot, self._free_rows.pop(), acts=acts, keys=keys)
+        self._reuse(seq)
+        return seq
+
+    # ---- the prefix cache -------------------------------------------------------------------
+
+    def _prompt_keys(self, request: GenerationRequest) -> tuple[Acting | None, list[bytes]]:
+        """How the prefix cache knows the request's interventions, and the keys of its prompt's full blocks."""
+        if self.prefix is None:
+            return None, []
+        ref = request.adapter
+        acts = None
+        if ref is not None:
+            acts = acting(f"{ref.name}@{ref.version}:{ref.sha256}", ref.adapter.locations(len(request.prompt_ids)))
+        keys = list(block_keys(request.prompt_ids, self.prefix.block_tokens, acts, keyed_from=self.prefix_keyed_from))
+        return acts, keys
+
+    def _allocate(self, tokens: int, keep: frozenset[bytes], last_resort: bool) -> Slot:
+        """KV columns for `tokens`, evicting cached prefix blocks, least recently used first, while none are free.
+
+        Blocks in `keep` (those the caller is about to reuse, or stores beside) go last, and only
+        when `last_resort`: an admission may take them rather than wait; a store never does.
+        """
+        while True:
+            try:
+                return self.kv.allocate(tokens)
+            except CacheFull:
+                place = self.prefix.evict(keep) if self.prefix is not None else None
+                if place is None and last_resort and self.prefix is not None:
+                    place = self.prefix.evict()
+                if place is None:
+                    raise
+                self.kv.free(place)
+
+    def _reuse(self, seq: Sequence) -> None:
+        """Copy the longest cached prefix of the row's prompt into its columns; its prefill starts after it."""
+        if self.prefix is None:
+            return
+        size = self.prefix.block_tokens
+        # The prompt's last token is always computed (its logits are sampled); an echo needs every position's logits.
+        echo = seq.request.params.prompt_logprobs is not None
+        found = self.prefix.match([] if echo else seq.keys[: (len(seq.prompt) - 1) // size])
+        self.prefix.count(len(seq.prompt), len(found) * size)
+        if found:
+            self.kv.copy([(place.start, seq.slot.start + i * size) for i, place in enumerate(found)], size)
+            self.kv.writing(seq.slot, len(found) * size)
+        seq.computed = seq.cached = len(found) * size
+        seq.stored = len(found)
+
+    def _store(self, seq: Sequence, keys: list[bytes]) -> None:
+        """Copy the row's full blocks that the prefix cache lacks out of its columns into blocks of their own."""
+        assert self.prefix is not None
+        size = self.prefix.block_tokens
+        keep = frozenset(keys)
+        pairs: list[tuple[int, int]] = []
+        for index in range(seq.stored, len(keys)):
+            if keys[index] not in self.prefix:
+                try:
+                    place = self._allocate(size, keep=keep, last_resort=False)
+                except CacheFull:
+                    break  # a chain is found from its start only: blocks after a missing one would never match
+                self.kv.writing(place, size)
+                self.prefix.insert(keys[index], place)
+                pairs.append((seq.slot.start + index * size, place.start))
+            seq.stored = index + 1
+        self.kv.copy(pairs, size)
+        self.prefix.match(keys[: seq.stored])  # the chain's first block is its most recently used
+
+    def _written_keys(self, seq: Sequence) -> list[bytes]:
+        """Keys of the row's full blocks whose KV is written: its prompt and every generated token fed back."""
+        assert self.prefix is not None
+        if seq.computed < len(seq.prompt):
+            return seq.keys[: seq.computed // self.prefix.block_tokens]
+        tokens = seq.prompt + seq.token_ids[:-1]  # the last sampled token was never fed: it has no KV
+        more = block_keys(tokens, self.prefix.block_tokens, seq.acts, start=len(seq.keys),
+                          parent=seq.keys[-1] if seq.keys else b"", keyed_from=self.prefix_keyed_from)
+        return seq.keys + list(more)
 
     def _make_resident(self, reserved: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
         """Load the admitted rows' adapters onto the device; a row whose adapter cannot be loaded fails alone."""
@@ -381,13 +481,15 @@ class Scheduler:
     def _retire(self) -> list[Sequence]:
         """Drop finished rows and give their reservations back; no other row's columns are touched.
 
-        The one place rows leave: a prefix cache stores a retiring row's prompt columns here,
-        before `_give_back` frees them.
+        The one place rows leave: the full blocks of a row that did not fail go to the prefix cache
+        before `_give_back` frees its columns.
         """
         retired: list[Sequence] = []
         for rows in (self.running, self.prefilling):
             finished = [s for s in rows if s.finish_reason is not None]
             for seq in finished:
+                if self.prefix is not None and seq.finish_reason != "error":
+                    self._store(seq, self._written_keys(seq))
                 self._give_back(seq)
                 rows.remove(seq)
             retired += finished
