@@ -126,7 +126,7 @@ class TextTracker:
     from a decode without clean-up by that tail alone). On 32 streams of 256 tokens of prose it
     differed on 2. It is faster (2.2 us a token against 18.1, 32 rows at once on a 2-core CPU:
     0.07 ms against 0.6 ms of a decode step of about 55 ms), and it has no stop strings, so the
-    hold-back below would stay. bench/RESULTS.md has the run.
+    hold-back below would stay. `bench/detokenizer.py` reruns the comparison.
     """
 
     decode: Callable[[list[int]], str]
