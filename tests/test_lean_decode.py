@@ -14,6 +14,8 @@ from server.engine.kv_cache import KVCache
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.model import BaseModel, load_base_model
 
+pytestmark = pytest.mark.slow  # every test here loads the default model
+
 # Torch calls of one lone-row decode step of the default model: transformers' modules make 1,840.
 MAX_CALLS_PER_STEP = 1_100
 

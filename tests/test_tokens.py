@@ -9,6 +9,8 @@ from server import tokens
 from server.model import BaseModel, load_base_model
 from server.train import TrainConfig, Trainer, encode, records_from_rows
 
+pytestmark = pytest.mark.slow  # every test here reads the default model's tokenizer and generation config
+
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
 CHAT = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}
 TEXT = {"prompt": "Say hi:", "completion": " hi"}
