@@ -18,7 +18,7 @@ calls the same function with the same layouts):
 - a compiled decode step (`compiled.py`): the same result from index tensors of fixed meaning
   (`DecodeIndex`), so one captured graph serves every mix of rows.
 
-Any forward without a layout (training, reference checks) is plain SDPA, as before.
+Any forward without a layout (training, reference checks) is plain SDPA.
 """
 
 from __future__ import annotations
