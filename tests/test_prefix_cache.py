@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from test_engine import random_adapter
+from test_engine import random_adapter, running
 
 from server.adapter_file import Composite, import_pyreft
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
@@ -164,15 +162,6 @@ class Engine:
         finally:
             kv.free(slot)
         return float(top[0] - top[1])
-
-
-@contextmanager
-def running(sch: EngineLoop) -> Iterator[EngineLoop]:
-    sch.start()
-    try:
-        yield sch
-    finally:
-        sch.stop()
 
 
 def run(sch: EngineLoop, work: list[tuple[list[int], AdapterRef | None, int]]) -> list[Out]:
