@@ -192,6 +192,15 @@ def server_env(overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
+SECRET_FLAGS = ("--api-key", "--admin-key")
+
+
+def _redacted(command: list[str]) -> list[str]:
+    """The command line as the log shows it: the value after a key flag is never written (the log is read by
+    tests that check no key leaks, and by people)."""
+    return ["***" if i and command[i - 1] in SECRET_FLAGS else arg for i, arg in enumerate(command)]
+
+
 class ServerProcess:
     """`reft-serve serve` as a subprocess on a free port, its stdout and stderr appended to `log_path`.
 
@@ -229,7 +238,7 @@ class ServerProcess:
         """Start the process and wait for /health 200; the seconds that took."""
         self.statuses, self.health_bodies = [], []
         with open(self.log_path, "ab") as log:
-            log.write(f"\n==== start {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
+            log.write(f"\n==== start {time.strftime('%H:%M:%S')} {' '.join(_redacted(self.command()))}\n".encode())
             log.flush()
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log,
