@@ -18,6 +18,7 @@ from server.engine.kv_cache import KVCache, default_budget
 from server.engine.loop import EngineLoop
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler
 from server.engine.structured import GrammarCompiler
 from server.host_memory import keep_freed_memory
 from server.model import BaseModel, load_base_model
@@ -73,11 +74,9 @@ def build_engine(settings: Settings) -> Engine:
                            settings.kv_cache_bytes or default_budget(base.device))
     log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
-    loop = EngineLoop(
-        ModelRunner(base, kv, compile_decode=settings.compile, max_rows=settings.max_batch_size),
-        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
-        cache,
-        eos_token_ids=eos_ids,
+    runner = ModelRunner(base, kv, compile_decode=settings.compile, max_rows=settings.max_batch_size)
+    policy = Scheduler(
+        kv, cache.get,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
@@ -87,9 +86,12 @@ def build_engine(settings: Settings) -> Engine:
         batch_wait=settings.batch_wait_ms / 1000,
         batch_quiet=(settings.batch_quiet_ms if settings.batch_quiet_ms is not None
                      else BATCH_QUIET_MS.get(base.device.type, 30.0)) / 1000,
-        task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
         prefix=PrefixCache(min(settings.prefix_block_tokens, kv.block_tokens)) if settings.prefix_cache else None,
         prefix_keyed_by_adapter=settings.prefix_cache_scope == "adapter",
+    )
+    loop = EngineLoop(
+        runner, policy, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), eos_token_ids=eos_ids,
+        task_budget=(settings.train_budget_ms or TRAIN_BUDGET_MS.get(base.device.type, 40.0)) / 1000,
     )
     loop.start()
     # Everything loaded so far lives as long as the server. Freezing it keeps the collector from

@@ -25,7 +25,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import GenerationRequest
+from server.engine.scheduler import GenerationRequest, Scheduler
 from server.model import load_base_model
 
 DATA = Path(__file__).parent / "data" / "pyreft-emoji"
@@ -55,9 +55,10 @@ def graphs_compiled() -> int:
 def run_all(base, runner, emoji, requests: list[tuple[list[int], int, bool]]) -> list[list[int]]:
     """Run greedy requests (prompt, max_tokens, with the emoji adapter) through a scheduler of MAX_ROWS rows:
     more requests than rows, so rows join and leave mid-run."""
-    sch = EngineLoop(runner, lambda ids: base.tokenizer.decode(ids), DeviceAdapterCache(base.device, base.dtype,
-                    1 << 26, set()), eos_token_ids=[2], max_batch_size=MAX_ROWS, max_queue=64,
-                    max_prefill_tokens=4096, max_prompt_tokens=4096, max_context=8192, prefill_chunk_tokens=64)
+    adapters = DeviceAdapterCache(base.device, base.dtype, 1 << 26, set())
+    policy = Scheduler(runner.cache, adapters.get, max_batch_size=MAX_ROWS, max_queue=64, max_prefill_tokens=4096,
+                       max_prompt_tokens=4096, max_context=8192, prefill_chunk_tokens=64)
+    sch = EngineLoop(runner, policy, lambda ids: base.tokenizer.decode(ids), eos_token_ids=[2])
     outputs: list[list[int]] = [[] for _ in requests]
     finished = [threading.Event() for _ in requests]
 

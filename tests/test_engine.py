@@ -27,7 +27,14 @@ from server.engine.loop import EngineLoop
 from server.engine.output import Event, TextTracker
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import EngineError, EngineStopped, GenerationRequest, PromptTooLong, QueueFull
+from server.engine.scheduler import (
+    EngineError,
+    EngineStopped,
+    GenerationRequest,
+    PromptTooLong,
+    QueueFull,
+    Scheduler,
+)
 from server.model import BaseModel, load_base_model
 
 pytestmark = pytest.mark.slow
@@ -160,11 +167,10 @@ def engine():
     base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30))
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 28, set())
-    sch = EngineLoop(
-        runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache, eos_token_ids=[EOS],
-        max_batch_size=32, max_queue=64, max_prefill_tokens=8192, max_prompt_tokens=MAX_PROMPT_TOKENS,
-        max_context=MAX_CONTEXT,
-    )
+    policy = Scheduler(runner.cache, cache.get, max_batch_size=32, max_queue=64, max_prefill_tokens=8192,
+                       max_prompt_tokens=MAX_PROMPT_TOKENS, max_context=MAX_CONTEXT)
+    sch = EngineLoop(runner, policy, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+                     eos_token_ids=[EOS])
     emoji = AdapterRef("emoji", 1, import_pyreft(DATA, EXPECTED["positions"], EXPECTED["share_weights"],
                                                  base.shape, 64))
     randoms = {
@@ -328,10 +334,12 @@ def test_batch_invariance_random_mixes(engine, seed):
 
 def small_scheduler(engine: Engine, **kw) -> EngineLoop:
     """A second scheduler on the same runner: use it only while the module's scheduler is idle."""
-    opts = dict(eos_token_ids=[EOS], max_batch_size=1, max_queue=2, max_prefill_tokens=8192,
-                max_prompt_tokens=MAX_PROMPT_TOKENS, max_context=MAX_CONTEXT)
+    opts = dict(max_batch_size=1, max_queue=2, max_prefill_tokens=8192, max_prompt_tokens=MAX_PROMPT_TOKENS,
+                max_context=MAX_CONTEXT)
+    task_budget = kw.pop("task_budget", 0.05)
     opts.update(kw)
-    return EngineLoop(engine.runner, engine.decode, engine.cache, **opts)
+    policy = Scheduler(engine.runner.cache, engine.cache.get, **opts)
+    return EngineLoop(engine.runner, policy, engine.decode, eos_token_ids=[EOS], task_budget=task_budget)
 
 
 @contextmanager

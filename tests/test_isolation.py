@@ -20,7 +20,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import GenerationRequest
+from server.engine.scheduler import GenerationRequest, Scheduler
 from server.model import BaseModel, load_base_model
 from tests.test_engine import EOS, Result, random_adapter
 
@@ -86,9 +86,10 @@ def scheduler(base: BaseModel, runner: ModelRunner) -> Iterator[tuple[EngineLoop
     """A small batch over the module's runner, so that Sampler rows and KV slots are reused all the time."""
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 26, set())
     lo = random_adapter(base, [("loreft", 3, 8), ("loreft", 9, 8)], "f3+l3", True, seed=1, strength=3.0)
-    sch = EngineLoop(runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache,
-                    eos_token_ids=[EOS], max_batch_size=MAX_ROWS, max_queue=64, max_prefill_tokens=4096,
-                    max_prompt_tokens=1024, max_context=MAX_CONTEXT)
+    policy = Scheduler(runner.cache, cache.get, max_batch_size=MAX_ROWS, max_queue=64, max_prefill_tokens=4096,
+                       max_prompt_tokens=1024, max_context=MAX_CONTEXT)
+    sch = EngineLoop(runner, policy, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+                     eos_token_ids=[EOS])
     sch.start()
     yield sch, [None, AdapterRef("lo", 1, lo)]
     sch.stop()

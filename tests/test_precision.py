@@ -24,7 +24,7 @@ from server.engine.loop import EngineLoop
 from server.engine.output import Event
 from server.engine.runner import ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import GenerationRequest
+from server.engine.scheduler import GenerationRequest, Scheduler
 from server.interventions import reference_apply
 from server.model import BaseModel, load_base_model
 from server.positions import Positions
@@ -93,9 +93,10 @@ def start(dtype: str) -> Side:
     base = load_base_model(None, "cpu", dtype)
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27))
     cache = DeviceAdapterCache(base.device, torch.float32, 1 << 26, set())  # as build_engine: forms in float32
-    sch = EngineLoop(runner, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True), cache,
-                    eos_token_ids=[EOS], max_batch_size=32, max_queue=64, max_prefill_tokens=4096,
-                    max_prompt_tokens=1024, max_context=2048)
+    policy = Scheduler(runner.cache, cache.get, max_batch_size=32, max_queue=64, max_prefill_tokens=4096,
+                       max_prompt_tokens=1024, max_context=2048)
+    sch = EngineLoop(runner, policy, lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+                     eos_token_ids=[EOS])
     sch.start()
     return Side(base, runner, cache, sch)
 

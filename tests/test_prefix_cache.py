@@ -21,7 +21,7 @@ from server.engine.output import Event
 from server.engine.prefix_cache import PrefixCache, acting, block_keys
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import GenerationRequest
+from server.engine.scheduler import GenerationRequest, Scheduler
 from server.model import ModelShape, load_base_model
 from server.positions import Positions
 
@@ -140,11 +140,11 @@ class Engine:
     system: list[int]
 
     def scheduler(self, cached: bool, **kw) -> EngineLoop:
-        opts = dict(eos_token_ids=[EOS], max_batch_size=32, max_queue=64, max_prefill_tokens=8192,
-                    max_prompt_tokens=4000, max_context=8192)
+        opts = dict(max_batch_size=32, max_queue=64, max_prefill_tokens=8192, max_prompt_tokens=4000,
+                    max_context=8192)
         opts.update(kw)
-        return EngineLoop(self.runner, lambda ids: "", self.adapters,
-                         prefix=PrefixCache(B) if cached else None, **opts)
+        policy = Scheduler(self.runner.cache, self.adapters.get, prefix=PrefixCache(B) if cached else None, **opts)
+        return EngineLoop(self.runner, policy, lambda ids: "", eos_token_ids=[EOS])
 
     def chat(self, history: list[dict]) -> list[int]:
         return list(self.base.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True))

@@ -24,7 +24,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import EngineError, GenerationRequest
+from server.engine.scheduler import EngineError, GenerationRequest, Scheduler
 from server.engine.structured import (
     BLOCKED,
     CompiledGrammar,
@@ -54,10 +54,10 @@ class Engine:
         runner = ModelRunner(self.base, KVCache.for_model(self.base.model.config, self.base.dtype,
                                                           self.base.device, 1 << 30))
         cache = DeviceAdapterCache(self.base.device, self.base.dtype, 1 << 28, set())
-        self.sch = EngineLoop(
-            runner, lambda ids: self.base.tokenizer.decode(ids, skip_special_tokens=True), cache, eos_token_ids=[EOS],
-            max_batch_size=32, max_queue=256, max_prefill_tokens=8192, max_prompt_tokens=4000, max_context=8192,
-        )
+        policy = Scheduler(runner.cache, cache.get, max_batch_size=32, max_queue=256, max_prefill_tokens=8192,
+                           max_prompt_tokens=4000, max_context=8192)
+        self.sch = EngineLoop(runner, policy, lambda ids: self.base.tokenizer.decode(ids, skip_special_tokens=True),
+                              eos_token_ids=[EOS])
         self.vocab = int(self.base.model.config.vocab_size)
         self.compiler = GrammarCompiler(self.base.tokenizer, self.vocab, [EOS])
         self.adapters = {

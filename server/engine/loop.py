@@ -25,7 +25,6 @@ from typing import Protocol, TypeVar
 import torch
 
 from server.engine import output
-from server.engine.adapter_cache import DeviceAdapterCache
 from server.engine.kv_cache import Slot
 from server.engine.output import Event, OutputProcessor
 from server.engine.prefix_cache import PrefixCache
@@ -79,33 +78,18 @@ class EngineLoop:
     def __init__(
         self,
         runner: ModelRunner,
+        policy: Scheduler,
         decode_text: Callable[[list[int]], str],
-        adapter_cache: DeviceAdapterCache,
         *,
         eos_token_ids: Iterable[int],
-        max_batch_size: int,
-        max_queue: int,
-        max_prefill_tokens: int,
-        max_prompt_tokens: int,
-        max_context: int,
-        prefill_chunk_tokens: int = 512,
-        batch_wait: float = 0.0,
-        batch_quiet: float = 0.0,
         task_budget: float = 0.05,
-        prefix: PrefixCache[Slot] | None = None,
-        prefix_keyed_by_adapter: bool = False,
     ) -> None:
         self.runner = runner
-        self.policy = Scheduler(
-            runner.cache, adapter_cache.get, max_batch_size=max_batch_size, max_queue=max_queue,
-            max_prefill_tokens=max_prefill_tokens, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
-            prefill_chunk_tokens=prefill_chunk_tokens, batch_wait=batch_wait, batch_quiet=batch_quiet,
-            prefix=prefix, prefix_keyed_by_adapter=prefix_keyed_by_adapter,
-        )
+        self.policy = policy
         eos = sorted(set(eos_token_ids))
-        self.output = OutputProcessor(decode_text, eos, max_context)
+        self.output = OutputProcessor(decode_text, eos, policy.max_context)
         vocab_size = int(runner.model.config.vocab_size)
-        self.sampler = Sampler(max_batch_size, vocab_size, runner.device)
+        self.sampler = Sampler(policy.max_batch_size, vocab_size, runner.device)
         self.grammars = GrammarRows(vocab_size, eos)
         self.task_budget = task_budget
         self._task_credit = 0.0  # seconds of background work the next iterations may still run while serving
