@@ -71,7 +71,9 @@ class LlamaServer(ServerProcess):
 
 def _sse(client: httpx.Client, path: str, body: dict, tokens_of: Callable[[dict, int], list[int]]) -> Stream:
     sent, times, ids = time.perf_counter(), [], []
-    with client.stream("POST", path, json=body) as r:
+    # A fresh connection a request, on both sides alike: llama-server may drop a kept-alive connection
+    # right after a stream ends, and the next request on it then fails with no response.
+    with client.stream("POST", path, json=body, headers={"Connection": "close"}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"POST {path} -> {r.status_code}: {r.read()[:300]!r}")
         for line in r.iter_lines():
