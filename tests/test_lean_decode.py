@@ -16,8 +16,9 @@ from server.model import BaseModel, load_base_model
 
 pytestmark = pytest.mark.slow  # every test here loads the default model
 
-# Torch calls of one lone-row decode step of the default model: transformers' modules make 1,840.
-MAX_CALLS_PER_STEP = 1_100
+# Torch calls of one lone-row decode step of the default model: transformers' modules make 1,840; the lean
+# forward 1,087 with F.linear products and 1,447 with split products (three views each around one bmm).
+MAX_CALLS_PER_STEP = 1_500
 
 
 class CountCalls(TorchDispatchMode):
@@ -67,7 +68,9 @@ def test_lean_logits_equal_the_transformers_forward(runner, lengths):
         for step in range(3):
             rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
             lean, reference = both_ways(runner, rows)
-            torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+            # float32 rounding only: split_linear sums each product in another order than F.linear. Measured:
+            # 2e-5 at most, on logits up to 19.4 in magnitude (1e-6 of the largest).
+            torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-4)
             assert torch.equal(lean.argmax(-1), reference.argmax(-1))
             tokens = lean.argmax(-1).tolist()
     finally:
@@ -83,7 +86,7 @@ def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
         slot = runner.cache.allocate(80)
         logits = runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)]).logits
         lean, reference = both_ways(runner, [DecodeRow(int(logits.argmax()), 64, slot)])
-        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-4)  # rounding, as above
     finally:
         runner.cache = kept
 
@@ -91,8 +94,8 @@ def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
 def test_fused_projections_hold_no_second_copy_of_the_weights(base, runner):
     """The modules' q/k/v and gate/up weights are views of the fused tensors the lean forward reads."""
     layer, fused = base.layers[3], runner.lean.layers[3]
-    for module, weights in ((layer.self_attn.q_proj, fused.qkv), (layer.self_attn.v_proj, fused.qkv),
-                            (layer.mlp.up_proj, fused.gate_up)):
+    for module, weights in ((layer.self_attn.q_proj, fused.qkv.weight), (layer.self_attn.v_proj, fused.qkv.weight),
+                            (layer.mlp.up_proj, fused.gate_up.weight)):
         assert module.weight.untyped_storage().data_ptr() == weights.untyped_storage().data_ptr()
 
 
@@ -118,3 +121,21 @@ def tiny_llama(**overrides: object) -> LlamaForCausalLM:
 def test_models_it_does_not_fit_decode_through_transformers(overrides):
     assert lean_decode.supports(tiny_llama())
     assert not lean_decode.supports(tiny_llama(**overrides))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_split_products_equal_f_linear_up_to_rounding(rows, parts):
+    weight, x = torch.randn(96, 40), torch.randn(rows, 40)
+    split = lean_decode.split_linear(x, weight.view(parts, -1, 40))
+    torch.testing.assert_close(split, torch.nn.functional.linear(x, weight), rtol=1e-6, atol=1e-5)
+
+
+def test_products_split_on_a_cpu_with_threads_only_where_rows_divide():
+    threads = torch.get_num_threads()
+    product = lean_decode.Product.of(torch.randn(4 * threads, 8), split_rows=4)
+    assert (product.blocks is not None) == (threads > 1)
+    odd = lean_decode.Product.of(torch.randn(4 * threads + 1, 8), split_rows=4)
+    assert odd.blocks is None
+    x = torch.randn(6, 8)  # more rows than split_rows: F.linear, bit for bit
+    assert torch.equal(product(x), torch.nn.functional.linear(x, product.weight))

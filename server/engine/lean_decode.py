@@ -13,7 +13,9 @@ hooks, keyword plumbing). This forward computes the same functions with the same
   logits came out equal to transformers' on the default model, tested to 1e-5);
 - rotary applied to q and k together, `rotate_half` as a flip of the two halves times a sine whose
   first half is negated (the same products and sum as transformers', bit for bit);
-- attention through `attention.attention` with the runner's layout, as every other step.
+- attention through `attention.attention` with the runner's layout, as every other step;
+- on a CPU, a product over a few rows as a batched product over row blocks of the weight
+  (`split_linear`): the same dot products, on all of torch's threads.
 
 Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
 none runs here. Models this does not fit (`supports` says which) decode through transformers.
@@ -32,13 +34,33 @@ from server.engine.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
+class Product:
+    """A weight's product with a step's rows: `split_linear` up to `split_rows` rows, F.linear beyond."""
+
+    weight: Tensor  # [out, in]
+    blocks: Tensor | None  # the weight as [threads, out / threads, in] (a view), where it splits evenly on a CPU
+    split_rows: int
+
+    @classmethod
+    def of(cls, weight: Tensor, split_rows: int) -> Product:
+        threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
+        split = threads > 1 and weight.shape[0] % threads == 0
+        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None, split_rows)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.blocks is not None and x.shape[0] <= self.split_rows:
+            return split_linear(x, self.blocks)
+        return F.linear(x, self.weight)
+
+
+@dataclass(frozen=True)
 class _Layer:
     input_norm: Tensor
-    qkv: Tensor  # [q + k + v features, hidden]
-    o: Tensor
+    qkv: Product  # [q + k + v features, hidden]
+    o: Product
     post_norm: Tensor
-    gate_up: Tensor  # [2 * intermediate, hidden]
-    down: Tensor
+    gate_up: Product  # [2 * intermediate, hidden]
+    down: Product
     attn: nn.Module  # the layer's attention module, handed to the attention function as transformers does
 
 
@@ -65,6 +87,27 @@ def supports(model: nn.Module) -> bool:
                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
 
 
+# Rows up to which `split_linear` beats F.linear (2-core AMD EPYC, torch 2.13, bench/RESULTS.md): a decoder
+# layer's weights up to 4 rows, the 49,152-entry LM head up to 32 (at 8 rows and more F.linear is as fast
+# for the layers' small weights; the head's still reads faster split).
+SPLIT_ROWS, SPLIT_HEAD_ROWS = 4, 32
+
+
+def split_linear(x: Tensor, blocks: Tensor) -> Tensor:
+    """`F.linear(x, weight)` over `blocks`, the weight's rows as [blocks, out / blocks, in] (a view, no copy).
+
+    Why: at a few rows, F.linear on a CPU is one matrix-vector product, which torch runs on one thread:
+    on the 2-core AMD EPYC it read the weights at 11 GB/s, against 24 GB/s for one core's plain
+    streaming read and 32 GB/s for two. `bmm` hands each block to a thread: 30-36 GB/s, 2.6x
+    faster over the model's weights at one row (per-shape figures in docs/internals/decode-profile.md).
+    Each output is still one dot product over the full input; only its summation order may differ from
+    F.linear's, by float rounding.
+    """
+    rows, (parts, width, depth) = x.shape[0], blocks.shape
+    products = torch.bmm(blocks, x.t().expand(parts, depth, rows))  # [blocks, out / blocks, rows]
+    return products.view(1, parts * width) if rows == 1 else products.permute(2, 0, 1).reshape(rows, -1)
+
+
 def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
     """One weight [sum of out features, in] for `first` and `rest`; each module's weight becomes a view of it."""
     modules = (first, *rest)
@@ -83,7 +126,7 @@ class LeanDecode:
     def __init__(self, model: nn.Module) -> None:
         cfg, inner = model.config, model.model
         self.embed = inner.embed_tokens.weight
-        self.head = model.get_output_embeddings().weight
+        self.head = Product.of(model.get_output_embeddings().weight, SPLIT_HEAD_ROWS)
         self.final_norm = inner.norm.weight
         self.eps = float(cfg.rms_norm_eps)
         self.rotary = inner.rotary_emb
@@ -94,9 +137,10 @@ class LeanDecode:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                layer.input_layernorm.weight, fuse_projections(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight,
-                layer.post_attention_layernorm.weight, fuse_projections(m.gate_proj, m.up_proj), m.down_proj.weight,
-                a,
+                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj), SPLIT_ROWS),
+                Product.of(a.o_proj.weight, SPLIT_ROWS), layer.post_attention_layernorm.weight,
+                Product.of(fuse_projections(m.gate_proj, m.up_proj), SPLIT_ROWS),
+                Product.of(m.down_proj.weight, SPLIT_ROWS), a,
             ))
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
@@ -112,7 +156,7 @@ class LeanDecode:
         qk_heads = heads + kv_heads
         for i, layer in enumerate(self.layers):
             x = torch.rms_norm(h, h.shape[-1:], layer.input_norm, self.eps)
-            qkv = F.linear(x, layer.qkv).view(n, qk_heads + kv_heads, d)
+            qkv = layer.qkv(x).view(n, qk_heads + kv_heads, d)
             qk = qkv[:, :qk_heads]
             # rotate_half(x) * sin == flip(halves of x) * (sin with its first half negated)
             qk = qk * cos + qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * sin
@@ -123,9 +167,10 @@ class LeanDecode:
             q = qk[:, :heads].transpose(0, 1).unsqueeze(0)  # [1, heads, N, d], as transformers hands it over
             o, _ = attention.attention(layer.attn, q, pool_k, pool_v, None, scaling=self.scaling,
                                        **{attention.LAYOUT_KWARG: layout})
-            h = h + F.linear(o.reshape(n, heads * d), layer.o)
+            h = h + layer.o(o.reshape(n, heads * d))
             x = torch.rms_norm(h, h.shape[-1:], layer.post_norm, self.eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, -1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, -1)
+            h = h + layer.down(F.silu(gate) * up)
         h = torch.rms_norm(h, h.shape[-1:], self.final_norm, self.eps)
-        return F.linear(h, self.head).float()
+        return self.head(h).float()
+
