@@ -48,7 +48,7 @@ class Product:
         return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None, split_rows)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.blocks is not None and x.shape[0] <= self.split_rows:
+        if self.blocks is not None and 0 < x.shape[0] <= self.split_rows:
             return split_linear(x, self.blocks)
         return F.linear(x, self.weight)
 

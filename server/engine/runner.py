@@ -95,6 +95,9 @@ class ModelRunner:
         # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
         # step traces transformers' forward, whose graph inductor fuses anyway.
         self.lean = LeanDecode(self.model) if supports(self.model) and not compile_decode else None
+        # The LM head of a prefill runs at the few positions kept: as the lean decode's product, which reads
+        # its weight on every thread (lean_decode.split_linear), not through F.linear on one.
+        self.head = self.lean.head if self.lean is not None else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
 
@@ -171,13 +174,13 @@ class ModelRunner:
 
     def _model_step(self, ids: Tensor, positions: Tensor, columns: Tensor,
                     layout: attention.Layout, plan: BatchPlan | None, keep: Tensor | int) -> Tensor:
-        extra = {PLAN_KWARG: plan} if plan is not None else {}
-        out = self.model(
-            input_ids=ids, position_ids=positions, cache_position=columns,
-            past_key_values=StepCache(self.cache, columns), use_cache=True, logits_to_keep=keep,
-            **{attention.LAYOUT_KWARG: layout}, **extra,
-        )
-        return out.logits[0].float()
+        inputs = dict(input_ids=ids, position_ids=positions, cache_position=columns,
+                      past_key_values=StepCache(self.cache, columns), use_cache=True,
+                      **{attention.LAYOUT_KWARG: layout}, **({PLAN_KWARG: plan} if plan is not None else {}))
+        if self.head is None:
+            return self.model(**inputs, logits_to_keep=keep).logits[0].float()
+        hidden = self.model.model(**inputs).last_hidden_state[0]
+        return self.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
 
 
 def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
