@@ -37,7 +37,7 @@ serve: install
 
 test: install
 	.venv/bin/ruff check server tests bench load_tests
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 # The unit tests alone: no server process, no base model (tests/conftest.py fails a test that needs
 # either without the `slow` marker). Under a minute; `make test` (CI) runs everything.

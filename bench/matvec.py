@@ -1,0 +1,73 @@
+"""Few-row products on this CPU: F.linear against `lean_decode.split_linear`, per weight shape of the model.
+
+    .venv/bin/python bench/matvec.py                  # the default model's shapes, 1-32 rows
+    .venv/bin/python bench/matvec.py --rows 1 --reps 40
+
+Why it exists: a decode step of few rows is a handful of matrix products per layer that read every
+weight once, so its floor is the memory bandwidth. This prints, per shape (30 weights of a layer's
+shape read back to back, as a step reads them; the LM head once), each way's time and the bytes of
+weight it read a second, beside the machine's plain streaming read (`torch.sum` over 540 MB) on one
+thread and on all of torch's. `SPLIT_ROWS` and `SPLIT_HEAD_ROWS` in lean_decode.py come from its rows table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.engine.lean_decode import split_linear  # noqa: E402
+
+# SmolLM2-135M: fused q/k/v, o, fused gate/up, down (30 layers each), the tied LM head.
+SHAPES = {"q/k/v": ((960, 576), 30), "o": ((576, 576), 30), "gate/up": ((3072, 576), 30),
+          "down": ((576, 1536), 30), "LM head": ((49152, 576), 1)}
+
+
+def timed(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def streaming_gbps(threads: int, reps: int) -> float:
+    torch.set_num_threads(threads)
+    data = torch.randn(135_000_000)
+    return data.numel() * 4 / timed(data.sum, reps) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; plain streaming read: "
+          f"{streaming_gbps(1, 5):.1f} GB/s on 1 thread, {streaming_gbps(threads, 5):.1f} GB/s on {threads}")
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    for name, ((out, inp), count) in SHAPES.items():
+        weights = [torch.randn(out, inp, generator=gen) for _ in range(count)]
+        nbytes = out * inp * 4 * count
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, inp, generator=gen)
+            plain = timed(lambda: [F.linear(x, w) for w in weights], args.reps)
+            split = timed(lambda: [split_linear(x, w.view(threads, -1, inp)) for w in weights], args.reps)
+            print(f"{name:8s} [{out}, {inp}] x{count} rows {rows:2d}: F.linear {1e6 * plain / count:7.0f} us "
+                  f"({nbytes / plain / 1e9:5.1f} GB/s), split {1e6 * split / count:7.0f} us "
+                  f"({nbytes / split / 1e9:5.1f} GB/s), {plain / split:4.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
