@@ -1,13 +1,13 @@
-"""Few-row products on this CPU: F.linear against `lean_decode.split_linear`, per weight shape of the model.
+"""Few-row products on this CPU: F.linear, `lean_decode.split_linear` and `onednn_linear`, per weight shape.
 
-    .venv/bin/python bench/matvec.py                  # the default model's shapes, 1-32 rows
+    .venv/bin/python bench/matvec.py                  # the default model's shapes, 1-512 rows
     .venv/bin/python bench/matvec.py --rows 1 --reps 40
 
 Why it exists: a decode step of few rows is a handful of matrix products per layer that read every
 weight once, so its floor is the memory bandwidth. This prints, per shape (30 weights of a layer's
 shape read back to back, as a step reads them; the LM head once), each way's time and the bytes of
 weight it read a second, beside the machine's plain streaming read (`torch.sum` over 540 MB) on one
-thread and on all of torch's. `SPLIT_ROWS` and `SPLIT_HEAD_ROWS` in lean_decode.py come from its rows table.
+thread and on all of torch's. `SPLIT_ROWS` in lean_decode.py comes from its rows table.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.engine.lean_decode import split_linear  # noqa: E402
+from server.engine.lean_decode import onednn_linear, split_linear  # noqa: E402
 
 # SmolLM2-135M: fused q/k/v, o, fused gate/up, down (30 layers each), the tied LM head.
 SHAPES = {"q/k/v": ((960, 576), 30), "o": ((576, 576), 30), "gate/up": ((3072, 576), 30),
@@ -49,7 +49,7 @@ def streaming_gbps(threads: int, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,512")
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
     threads = torch.get_num_threads()
@@ -62,11 +62,14 @@ def main() -> None:
         nbytes = out * inp * 4 * count
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, inp, generator=gen)
-            plain = timed(lambda: [F.linear(x, w) for w in weights], args.reps)
-            split = timed(lambda: [split_linear(x, w.view(threads, -1, inp)) for w in weights], args.reps)
-            print(f"{name:8s} [{out}, {inp}] x{count} rows {rows:2d}: F.linear {1e6 * plain / count:7.0f} us "
-                  f"({nbytes / plain / 1e9:5.1f} GB/s), split {1e6 * split / count:7.0f} us "
-                  f"({nbytes / split / 1e9:5.1f} GB/s), {plain / split:4.2f}x", flush=True)
+            blocks = [w.view(threads, -1, inp) for w in weights]
+            ways = {"F.linear": lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
+                    "split": lambda x=x, bs=blocks: [split_linear(x, b) for b in bs],
+                    "oneDNN": lambda x=x, ws=weights: [onednn_linear(x, w) for w in ws]}
+            seconds = {way: timed(fn, args.reps) for way, fn in ways.items()}
+            print(f"{name:8s} [{out}, {inp}] x{count} rows {rows:3d}: " + ", ".join(
+                f"{way} {1e6 * t / count:7.0f} us ({nbytes / t / 1e9:5.1f} GB/s)" for way, t in seconds.items()),
+                flush=True)
 
 
 if __name__ == "__main__":

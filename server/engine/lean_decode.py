@@ -15,7 +15,8 @@ hooks, keyword plumbing). This forward computes the same functions with the same
   first half is negated (the same products and sum as transformers', bit for bit);
 - attention through `attention.attention` with the runner's layout, as every other step;
 - on a CPU, a product over a few rows as a batched product over row blocks of the weight
-  (`split_linear`): the same dot products, on all of torch's threads.
+  (`split_linear`): the same dot products, on all of torch's threads; over more rows, oneDNN's
+  matmul (`onednn_linear`), not MKL's.
 
 Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
 none runs here. Models this does not fit (`supports` says which) decode through transformers.
@@ -32,24 +33,48 @@ from torch import Tensor, nn
 from server.engine import attention
 from server.engine.kv_cache import KVCache
 
+# Rows up to which `split_linear` beats oneDNN's product (bench/matvec.py on the 2-core AMD EPYC, torch 2.13),
+# for every weight of the default model, the LM head's included; at 8 rows oneDNN's is as fast or faster.
+SPLIT_ROWS = 4
+
+
+def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """`F.linear(x, weight)` through oneDNN's matmul, on the weight as it is (no packed copy).
+
+    Why: on a CPU, F.linear goes to MKL, whose products of a few to a few hundred rows ran 1.5-2x
+    slower than oneDNN's on the 2-core AMD EPYC (bench/matvec.py; at 16 rows F.linear read the
+    weights at 7-10 GB/s). The op is the one inductor's CPU lowering calls for linear layers
+    (torch.ops.mkldnn, underscored but kept: torch is pinned); results differ from F.linear's by float
+    rounding only.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def has_onednn_linear(weight: Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
 
 @dataclass(frozen=True)
 class Product:
-    """A weight's product with a step's rows: `split_linear` up to `split_rows` rows, F.linear beyond."""
+    """A weight's product with a step's rows: `split_linear` up to SPLIT_ROWS rows, oneDNN's beyond (on a CPU;
+    F.linear elsewhere)."""
 
     weight: Tensor  # [out, in]
     blocks: Tensor | None  # the weight as [threads, out / threads, in] (a view), where it splits evenly on a CPU
-    split_rows: int
+    onednn: bool
 
     @classmethod
-    def of(cls, weight: Tensor, split_rows: int) -> Product:
+    def of(cls, weight: Tensor) -> Product:
         threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
         split = threads > 1 and weight.shape[0] % threads == 0
-        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None, split_rows)
+        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None, has_onednn_linear(weight))
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.blocks is not None and 0 < x.shape[0] <= self.split_rows:
+        if self.blocks is not None and 0 < x.shape[0] <= SPLIT_ROWS:
             return split_linear(x, self.blocks)
+        if self.onednn:
+            return onednn_linear(x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -87,11 +112,6 @@ def supports(model: nn.Module) -> bool:
                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
 
 
-# Rows up to which `split_linear` beats F.linear (2-core AMD EPYC, torch 2.13, bench/RESULTS.md): a decoder
-# layer's weights up to 4 rows, the 49,152-entry LM head up to 32 (at 8 rows and more F.linear is as fast
-# for the layers' small weights; the head's still reads faster split).
-SPLIT_ROWS, SPLIT_HEAD_ROWS = 4, 32
-
 
 def split_linear(x: Tensor, blocks: Tensor) -> Tensor:
     """`F.linear(x, weight)` over `blocks`, the weight's rows as [blocks, out / blocks, in] (a view, no copy).
@@ -126,7 +146,7 @@ class LeanDecode:
     def __init__(self, model: nn.Module) -> None:
         cfg, inner = model.config, model.model
         self.embed = inner.embed_tokens.weight
-        self.head = Product.of(model.get_output_embeddings().weight, SPLIT_HEAD_ROWS)
+        self.head = Product.of(model.get_output_embeddings().weight)
         self.final_norm = inner.norm.weight
         self.eps = float(cfg.rms_norm_eps)
         self.rotary = inner.rotary_emb
@@ -137,10 +157,10 @@ class LeanDecode:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj), SPLIT_ROWS),
-                Product.of(a.o_proj.weight, SPLIT_ROWS), layer.post_attention_layernorm.weight,
-                Product.of(fuse_projections(m.gate_proj, m.up_proj), SPLIT_ROWS),
-                Product.of(m.down_proj.weight, SPLIT_ROWS), a,
+                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj)),
+                Product.of(a.o_proj.weight), layer.post_attention_layernorm.weight,
+                Product.of(fuse_projections(m.gate_proj, m.up_proj)),
+                Product.of(m.down_proj.weight), a,
             ))
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
