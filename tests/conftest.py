@@ -123,6 +123,12 @@ def error_of(r: httpx.Response, *statuses: int) -> str:
     return e["message"]
 
 
+# Logprobs of two float32 forwards whose products sum in different orders (the server's oneDNN and split
+# products against a reference forward's MKL ones) differ by up to about 1e-4 on the default model; a wrong
+# position, row or adapter moves them by 1e-2 and more.
+LOGPROB_ABS = 2e-4
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
     """Poll `predicate` until it returns something true (returned), or `timeout` seconds pass (then its last value)."""
     deadline = time.monotonic() + timeout

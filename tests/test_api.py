@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import adapter_file
 from server.model import ModelShape
-from tests.conftest import error_of, wait_for
+from tests.conftest import LOGPROB_ABS, error_of, wait_for
 
 EMOJI_DIR = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((EMOJI_DIR / "expected.json").read_text())["emoji"]
@@ -787,12 +787,12 @@ def test_echo_logprobs_of_the_base_model_equal_a_plain_forward(client, reference
 
     texts = TokenBytes(reference_model.tokenizer)
     for i, token in enumerate(prompt[1:], start=1):
-        assert lp["token_logprobs"][i] == pytest.approx(float(want[i - 1, token]), abs=1e-4)
+        assert lp["token_logprobs"][i] == pytest.approx(float(want[i - 1, token]), abs=LOGPROB_ABS)
         assert lp["tokens"][i] == texts.text_of(token)
         top = want[i - 1].topk(5)
         expected = {texts.text_of(t): float(v) for t, v in zip(top.indices.tolist(), top.values, strict=True)}
         for text, value in expected.items():
-            assert lp["top_logprobs"][i][text] == pytest.approx(value, abs=1e-4)
+            assert lp["top_logprobs"][i][text] == pytest.approx(value, abs=LOGPROB_ABS)
     # Offsets index the echoed text; special tokens (not in the text) take no room.
     text = choice["text"]
     for token, offset in zip(prompt, lp["text_offset"], strict=True):

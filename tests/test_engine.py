@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for
+from conftest import LOGPROB_ABS, wait_for
 
 from bench import common
 from server.adapter_file import Adapter, import_pyreft
@@ -1082,11 +1082,11 @@ def check_logprobs(engine: Engine, prompt: list[int], result: Result, adapter: A
     assert len(sampled) == len(generated)
     for position, (token, lp) in enumerate(zip(prompt[1:] + generated, list(echoed) + sampled, strict=True)):
         want = ref[position]
-        assert lp.logprob == pytest.approx(float(want[token]), abs=1e-4), position
+        assert lp.logprob == pytest.approx(float(want[token]), abs=LOGPROB_ABS), position
         assert len(lp.top) == top
         values = [v for _, v in lp.top]
-        assert values == pytest.approx(want.topk(top).values.tolist(), abs=1e-4), position
-        assert all(float(want[t]) == pytest.approx(v, abs=1e-4) for t, v in lp.top)
+        assert values == pytest.approx(want.topk(top).values.tolist(), abs=LOGPROB_ABS), position
+        assert all(float(want[t]) == pytest.approx(v, abs=LOGPROB_ABS) for t, v in lp.top)
     for lp in sampled:  # greedy: the chosen token is the most likely one
         assert lp.logprob == pytest.approx(lp.top[0][1], abs=1e-6)
 
@@ -1094,7 +1094,7 @@ def check_logprobs(engine: Engine, prompt: list[int], result: Result, adapter: A
 @pytest.mark.parametrize("which", ["base", "emoji", "lo", "split"])
 def test_logprobs_equal_a_plain_forward_with_the_intervention_hooks(engine, which):
     """Prompt (echo) and generated logprobs come from the serving forward, interventions included, and equal
-    a plain transformers forward's log-softmax with reference hooks within 1e-4 (fp32)."""
+    a plain transformers forward's log-softmax with reference hooks within LOGPROB_ABS (fp32)."""
     adapter = None if which == "base" else engine.emoji if which == "emoji" else engine.randoms[which]
     prompt = engine.chat_prompts[1]
     result = engine.run(prompt, SamplingParams(max_new_tokens=6, logprobs=3, prompt_logprobs=3), adapter)
@@ -1119,7 +1119,7 @@ def test_logprobs_are_the_same_alone_and_in_a_mixed_chunked_batch(engine):
             pairs += list(zip([lp for e in want.events for lp in e.logprobs],
                               [lp for e in got.events for lp in e.logprobs], strict=True))
             for a, b in pairs:
-                assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_ABS)
                 assert [t for t, _ in a.top] == [t for t, _ in b.top] or abs(a.top[0][1] - a.top[1][1]) < NEAR_TIE
         assert plain.wait().events[0].prompt_logprobs is None and not plain.events[0].logprobs
 
@@ -1132,5 +1132,5 @@ def test_max_tokens_zero_returns_the_prompt_logprobs_and_generates_nothing(engin
     assert event.completion_tokens == 0 and event.prompt_tokens == len(prompt)
     ref = reference_logprobs(engine, prompt, len(prompt), engine.emoji)
     assert [lp.logprob for lp in event.prompt_logprobs] == pytest.approx(
-        [float(ref[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-4)
+        [float(ref[i, t]) for i, t in enumerate(prompt[1:])], abs=LOGPROB_ABS)
     assert all(lp.top == () for lp in event.prompt_logprobs)

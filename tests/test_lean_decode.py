@@ -140,3 +140,23 @@ def test_products_split_on_a_cpu_with_threads_only_where_rows_divide():
     x = torch.randn(6, 8)  # more rows than SPLIT_ROWS: oneDNN's product (on a CPU), F.linear's up to rounding
     torch.testing.assert_close(product(x), torch.nn.functional.linear(x, product.weight), rtol=1e-6, atol=1e-5)
     assert product(torch.randn(0, 8)).shape == (0, 4 * threads)
+
+
+def test_inference_linear_uses_onednn_in_inference_mode_and_keeps_f_linear_for_training():
+    module = torch.nn.Linear(40, 96, bias=False)
+    reference = torch.nn.Linear(40, 96, bias=False)
+    reference.weight = module.weight
+    module.__class__ = lean_decode.InferenceLinear
+    x = torch.randn(1, 7, 40, requires_grad=True)
+    y = module(x)  # training: F.linear, with its backward
+    assert torch.equal(y, reference(x))
+    y.sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-6, atol=1e-5)
+
+
+def test_the_runner_routes_the_default_model_s_projections_and_still_fits_the_lean_forward(base, runner):
+    layer = base.layers[0]
+    assert type(layer.mlp.down_proj) is lean_decode.InferenceLinear
+    assert lean_decode.supports(base.model)

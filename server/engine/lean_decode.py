@@ -55,6 +55,30 @@ def has_onednn_linear(weight: Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+class InferenceLinear(nn.Linear):
+    """A bias-free nn.Linear whose products in inference mode go through `onednn_linear`.
+
+    The runner gives the decoder layers' projections this class (`use_onednn_products`), so that
+    prefill chunks, which run transformers' modules, read their weights through oneDNN as decode
+    steps do. Training runs outside inference mode and keeps F.linear: oneDNN's op has no backward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            return onednn_linear(x, self.weight)
+        return super().forward(x)
+
+
+def use_onednn_products(model: nn.Module) -> None:
+    """Route the decoder layers' projections of a model `supports` accepts through `InferenceLinear` (same
+    module, same weight: only the class changes), where oneDNN is there for their weights."""
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for module in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if has_onednn_linear(module.weight):
+                module.__class__ = InferenceLinear
+
+
 @dataclass(frozen=True)
 class Product:
     """A weight's product with a step's rows: `split_linear` up to SPLIT_ROWS rows, oneDNN's beyond (on a CPU;
@@ -107,7 +131,7 @@ def supports(model: nn.Module) -> bool:
         return False
     inner = getattr(model, "model", None)
     return inner is not None and all(
-        type(m) is nn.Linear for layer in inner.layers
+        type(m) in (nn.Linear, InferenceLinear) for layer in inner.layers
         for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
 

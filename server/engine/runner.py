@@ -22,7 +22,7 @@ from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
 from server.engine.compiled import CompiledDecode
 from server.engine.kv_cache import KVCache, Slot, StepCache
-from server.engine.lean_decode import LeanDecode, supports
+from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
 from server.model import BaseModel
@@ -95,6 +95,8 @@ class ModelRunner:
         # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
         # step traces transformers' forward, whose graph inductor fuses anyway.
         self.lean = LeanDecode(self.model) if supports(self.model) and not compile_decode else None
+        if self.lean is not None:
+            use_onednn_products(self.model)  # prefill's products as the lean decode's (lean_decode.onednn_linear)
         # The LM head of a prefill runs at the few positions kept: as the lean decode's product, which reads
         # its weight on every thread (lean_decode.split_linear), not through F.linear on one.
         self.head = self.lean.head if self.lean is not None else None
