@@ -186,8 +186,10 @@ def p2(args: argparse.Namespace, report: Report, load: Load, adapter: str) -> No
     r = {length: median(samples[length]["ratio"]) for length in lengths}
     # The noise floor: in each block the two requests of one side are the same request, yet differ. When the
     # block ratios swing as widely as these same-side pairs do, a swing is the machine, not the adapter.
-    same_side = {str(n): statistics.pstdev([v[i] / v[i + 1] for side in ("base", "adapter")
-                                            for v in [samples[n][side]] for i in range(0, len(v) - 1, 2)])
+    def pair_ratios(runs: list[float]) -> list[float]:  # a block's two runs of one side, in order
+        return [a / b for a, b in zip(runs[::2], runs[1::2], strict=True)]
+
+    same_side = {str(n): statistics.pstdev(pair_ratios(samples[n]["base"]) + pair_ratios(samples[n]["adapter"]))
                  for n in lengths}
     spread = {str(n): statistics.pstdev(samples[n]["ratio"]) for n in lengths}
     report.figure("P2", abs(r[1024] - r[32]) / r[32], "<=0.02", "relative", r32=r[32], r1024=r[1024],

@@ -69,12 +69,17 @@ class InferenceLinear(nn.Linear):
         return super().forward(x)
 
 
+def projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A Llama decoder layer's seven projections: q, k, v, o, gate, up, down."""
+    a, m = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
 def use_onednn_products(model: nn.Module) -> None:
     """Route the decoder layers' projections of a model `supports` accepts through `InferenceLinear` (same
     module, same weight: only the class changes), where oneDNN is there for their weights."""
     for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for module in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        for module in projections(layer):
             if has_onednn_linear(module.weight):
                 module.__class__ = InferenceLinear
 
@@ -131,10 +136,7 @@ def supports(model: nn.Module) -> bool:
         return False
     inner = getattr(model, "model", None)
     return inner is not None and all(
-        type(m) in (nn.Linear, InferenceLinear) for layer in inner.layers
-        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
-
+        type(m) in (nn.Linear, InferenceLinear) for layer in inner.layers for m in projections(layer))
 
 
 def split_linear(x: Tensor, blocks: Tensor) -> Tensor:
@@ -142,7 +144,7 @@ def split_linear(x: Tensor, blocks: Tensor) -> Tensor:
 
     Why: at a few rows, F.linear on a CPU is one matrix-vector product, which torch runs on one thread:
     on the 2-core AMD EPYC it read the weights at 11 GB/s, against 24 GB/s for one core's plain
-    streaming read and 32 GB/s for two. `bmm` hands each block to a thread: 30-36 GB/s, 2.6x
+    streaming read and 32 GB/s for two. `bmm` hands each block to a thread: 28-39 GB/s, about 3x
     faster over the model's weights at one row (per-shape figures in docs/internals/decode-profile.md).
     Each output is still one dot product over the full input; only its summation order may differ from
     F.linear's, by float rounding.
