@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/decode_profile.py                 # eager and compiled, 64-token prompt
     .venv/bin/python bench/decode_profile.py --modes eager --steps 64
+    .venv/bin/python bench/decode_profile.py --modes compiled-all   # `--compile`: transformers' forward
+
+Modes: `eager` (the lean forward, `--no-compile-single`), `compiled` (the lone-row step compiled, what
+`make serve` runs), `compiled-all` (`--compile`, every step through transformers' forward, compiled).
 
 The engine's own runner and sampler run in this process (no HTTP): a 64-token prompt is
 prefilled, then each step is `runner.decode` of one row plus the sampler, as the scheduler runs
@@ -14,8 +18,10 @@ them. Per mode:
 - breakdown: the same steps under torch.profiler, each op's self CPU time given to a category by
   the top-level op it ran under (a matrix product's kernel under `linear`, SDPA's under SDPA),
   or to the stage it ran in (the runner's input and index tensors, the attention layout, the
-  sampler). What no op accounts for is Python and dispatch between them; in a compiled step that
-  includes inductor's fused C++ kernels (norms, rotary, SiLU × up, adds), which are no torch op;
+  sampler). What no op accounts for is Python and dispatch between them. In `compiled` mode
+  inductor's C++ kernels are timed one by one (`cpp.enable_kernel_profile`): each layer's
+  products are fused with its norms, rotary, SiLU × up and adds into kernels of their own, so
+  those count together; in `compiled-all` they are not timed apart from the Python;
 - scheduler: one greedy request through the engine's real scheduler thread; its time per token
   beyond its decode steps (runner, sampler, output events and text, timed in that thread) is the
   loop's own (planning, admission, locking).
@@ -36,6 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,6 +63,7 @@ CATEGORY = {
     **dict.fromkeys(("aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
                      "mkl::_mkl_linear"), MATMULS),
     "aten::scaled_dot_product_attention": "attention (SDPA)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA)",
     **dict.fromkeys(("aten::matmul", "aten::softmax", "aten::masked_fill", "aten::where", "aten::index",
                      "aten::_softmax"), "attention (SDPA)"),
     "aten::index_copy_": "attention: KV write",
@@ -64,6 +72,8 @@ CATEGORY = {
                      "aten::sin", "aten::add_"), ELEMENTWISE),
     "aten::embedding": "embedding",
 }
+FUSED_PRODUCTS = "compiled kernels with products (norms, rotary, SiLU x up, adds fused in)"
+FUSED_OTHER = "compiled kernels without products (norms, rotary, KV write, adds)"
 STAGES = {"layout": "attention layout (decode_layout)", "sampler": "sampler",
           "runner": "runner: input and index tensors"}
 
@@ -91,6 +101,8 @@ def _attribute(prof: profile, steps: int) -> tuple[dict[str, float], float]:
             category = STAGES[stage]
         elif stage == "runner":
             category = STAGES["runner"]
+        elif kernel := next((e.name for e in ops if "cpp_fused" in e.name), None):  # `compiled`'s kernel profile
+            category = FUSED_PRODUCTS if "mm" in kernel.split("_") or "bmm" in kernel.split("_") else FUSED_OTHER
         else:
             category = CATEGORY.get(outermost, "views and casts")
         out[category] += event.self_cpu_time_total / 1000 / steps
@@ -156,9 +168,13 @@ def _scheduler_ms_per_token(base, runner: ModelRunner, prompt: list[int], tokens
 def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: int, threads: list[int]) -> dict:
     base = load_base_model()
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27)
-    runner = ModelRunner(base, cache, compile_decode=mode == "compiled", max_rows=32)
+    runner = ModelRunner(base, cache, compile_decode=mode == "compiled-all", compile_single=mode == "compiled",
+                         max_rows=32)
     started = time.perf_counter()
-    runner.warm_up()
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": mode == "compiled"}):
+        runner.warm_up()
+    if mode == "compiled" and runner.lone_row is None:
+        raise SystemExit("the lone-row step did not compile: see the warning above")
     compile_s = time.perf_counter() - started
     sampler = Sampler(32, int(base.model.config.vocab_size), base.device)
     slot = cache.allocate(prompt_len + warm + steps + 2 * profiled_steps + 8)
@@ -195,6 +211,8 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     attention.decode_layout = _ranged("layout", kept_layout)
     if runner.compiled is not None:
         runner.compiled._step = _ranged("model", runner.compiled._step)
+    elif runner.lone_row is not None:
+        runner.lone_row._step = _ranged("model", runner.lone_row._step)
     elif runner.lean is not None:
         runner.lean = _ranged("model", runner.lean)
     else:
@@ -232,7 +250,7 @@ def main() -> None:
         r = run_mode(mode, args.prompt, args.steps, args.warm, args.profiled_steps, threads)
         bound = r["weight_bytes"] / (args.gbps * 1e9) * 1000
         print(f"\n== {mode}: weight-read bound {bound:.1f} ms ({r['weight_bytes'] / 1e6:.0f} MB at {args.gbps:g} GB/s)"
-              + (f", compiled in {r['compile_s']:.1f} s" if mode == "compiled" else ""))
+              + (f", compiled in {r['compile_s']:.1f} s" if mode != "eager" else ""))
         for n, ms in r["wall_ms"].items():
             print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s, {ms / bound:.2f}x the bound) with {n} torch "
                   f"threads; the calling thread's CPU time {r['cpu_ms'][n]:.1f} ms")
@@ -243,7 +261,7 @@ def main() -> None:
             print(f"   {ms:7.2f} ms {100 * ms / r['profiled_ms']:5.1f}%  {name}")
         rest = r["profiled_ms"] - ops
         print(f"   {rest:7.2f} ms {100 * rest / r['profiled_ms']:5.1f}%  Python and dispatch outside any op"
-              + (" (and inductor's fused kernels)" if mode == "compiled" else ""))
+              + (" (and inductor's fused kernels)" if mode == "compiled-all" else ""))
         print(f"   scheduler: {r['scheduler_ms']:.1f} ms a token through the engine thread, of which its decode "
               f"step (runner, sampler, output events) {r['engine_step_ms']:.1f} ms "
               f"({r['scheduler_ms'] - r['engine_step_ms']:+.1f} ms)", flush=True)

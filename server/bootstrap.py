@@ -74,7 +74,8 @@ def build_engine(settings: Settings) -> Engine:
                            settings.kv_cache_bytes or default_budget(base.device))
     log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
-    runner = ModelRunner(base, kv, compile_decode=settings.compile, max_rows=settings.max_batch_size)
+    runner = ModelRunner(base, kv, compile_decode=settings.compile, compile_single=settings.compile_single,
+                         max_rows=settings.max_batch_size)
     policy = Scheduler(
         kv, cache.get,
         max_batch_size=settings.max_batch_size,

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="decode steps through torch.compile (inductor; CUDA graphs on GPU), compiled at start-up"
     )
+    compile_single: bool = Field(
+        True, description="on a CPU, the decode step of a lone row (one stream) through torch.compile, compiled at "
+                          "start-up: about 40 s the first time, about 10 s from inductor's cache; needs a C++ "
+                          "compiler (without one, or with this off, that step runs eagerly)")
     prefix_cache: bool = Field(
         True, description="keep the KV of full prompt blocks after their request and reuse it for prompts that start "
                           "the same way (across adapters where no intervention differs); evicted whenever admission "

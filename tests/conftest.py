@@ -71,8 +71,9 @@ class ReftServer(ServerProcess):
 
     def __init__(self, registry: Path, log_path: Path, env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:
+        # No lone-row compile: it would add 10-60 s to every server start here; test_compile_single.py tests it.
         defaults = {"REFT_DEVICE": os.environ.get("REFT_TEST_DEVICE", "cpu"), "REFT_DTYPE": "float32",
-                    "REFT_LOG_LEVEL": "info"}
+                    "REFT_LOG_LEVEL": "info", "REFT_COMPILE_SINGLE": "0"}
         super().__init__(registry, log_path, env={**defaults, **(env or {})}, args=args or ())
 
     def start(self, timeout: float = 180.0) -> float:

@@ -1,17 +1,32 @@
-"""The decode step under torch.compile (`--compile`, `REFT_COMPILE`).
+"""Decode steps under torch.compile: a lone row's lean step by default on a CPU, every step with `--compile`.
 
 Why: a decode step of a small batch computes little; run eagerly, it spends its time in the
 framework (dispatching a few hundred small ops, and on a GPU launching a kernel for each), not in
 reading the weights, which is the floor. Compiled, inductor fuses the elementwise work and, on a
 GPU (`mode="reduce-overhead"`), the step is replayed as a CUDA graph: one launch.
 
-What is captured: the base model's forward for one decode step, over the engine's KV cache, with
-attention as `attention.indexed_decode` (index tensors, not a Python layout). Shapes are the only
-thing that changes between steps: the batch is padded up to a bucket (padding rows write and read
-a scratch slot of their own) and the keys up to a power of two, and both sizes are symbolic, so
-dynamo compiles once for one row and once for more (it specialises size 1), during `warm_up()` at
-start-up, and never again as rows join and leave. A GPU records one CUDA graph per (bucket, keys)
-pair it meets: a small fixed set.
+`CompiledLoneRow` (on by default on a CPU; `--no-compile-single` turns it off): the step of one row
+alone, the one person chatting with the server, through the lean forward (`LeanDecode.one_row`).
+Inductor turns each decoder layer into one C++ kernel around its attention call (the products
+included: its vectorised dot products read the weights as fast as `split_linear`), so the step
+runs about 1.2x the eager lean step and reaches the weight-read floor's neighbourhood
+(docs/internals/decode-profile.md). Its shapes are fixed but for the row's first column and key
+count, two ints made symbolic (`dynamic_sources`), so one graph serves every slot and length and
+start-up compiles it once: about 40 s on the 2-core CPU, about 10 s when inductor's on-disk cache
+(under the server's cache directory) already holds it. The step skips dynamo's guards: about 400
+tensors are read from the model and the cache at each call, and checking them cost about 1 ms a
+step. That is sound because one call site feeds it: one row, int64 tensors on the model's device,
+in inference mode, with the pools and weights it was compiled on (both fixed for the process).
+`warm_up` checks the compiled step against the eager one at a second slot and length, and runs
+eagerly, with a warning, if it differs or cannot be compiled (no C++ compiler, say).
+
+`CompiledDecode` (`--compile`, `REFT_COMPILE`): every decode step, through transformers' forward
+over the engine's KV cache, with attention as `attention.indexed_decode` (index tensors, not a
+Python layout). Shapes are the only thing that changes between steps: the batch is padded up to a
+bucket (padding rows write and read a scratch slot of their own) and the keys up to a power of
+two, and both sizes are symbolic, so dynamo compiles once for one row and once for more (it
+specialises size 1), during `warm_up()` at start-up, and never again as rows join and leave. A GPU
+records one CUDA graph per (bucket, keys) pair it meets: a small fixed set.
 
 Not captured: prefill (it carries the interventions, a per-step plan of Python objects, and its
 shapes vary widely; it stays eager). The decoder layers' intervention hooks run inside the traced
@@ -27,14 +42,20 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
+from torch._inductor.cpp_builder import get_cpp_compiler  # underscored, but torch is pinned
 
 from server.engine.attention import DecodeIndex
 from server.engine.kv_cache import KVCache, Slot
+from server.engine.lean_decode import LeanDecode
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_KEYS = 16  # never 1: dynamo would specialise a size-1 key dimension into a graph of its own
+
+# `LeanDecode.one_row`'s ints that vary from step to step: symbolic in the graph, so it never specialises on them.
+LONE_ROW_DYNAMIC = "L['start'],L['kv_len']"
+LONE_ROW_CHECK_ABS = 1e-3  # compiled against eager logits at warm-up: float rounding is ~1e-5, a wrong slot is O(1)
 
 DecodeForward = Callable[[Tensor, Tensor, Tensor, DecodeIndex], Tensor]
 
@@ -92,3 +113,58 @@ class CompiledDecode:
         with torch._dynamo.config.patch(specialize_float=True):
             logits = self._step(tensor(tokens)[None], tensor(positions)[None], columns, index)
         return logits[:n]
+
+
+class CompiledLoneRow:
+    """The decode step of one row alone (`LeanDecode.one_row`) through one compiled graph."""
+
+    def __init__(self, lean: LeanDecode, cache: KVCache) -> None:
+        self.lean, self.cache = lean, cache
+        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False,
+                                   options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+
+    def _forward(self, ids: Tensor, positions: Tensor, columns: Tensor, start: int, kv_len: int) -> Tensor:
+        return self.lean.one_row(self.cache, ids, positions, columns, start, kv_len)
+
+    @torch.inference_mode()
+    def warm_up(self) -> bool:
+        """Compile now and check the result; False (and a warning) if the step must run eagerly instead.
+
+        The trace runs at the second of two fresh slots and at position 2, so neither int is 0 or 1, values
+        dynamo would specialise on; the check then runs at the first slot, at another position."""
+        try:  # before tracing, which takes most of the compile time: inductor's CPU kernels need a C++ compiler
+            get_cpp_compiler()
+        except Exception as exc:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its probe raises
+            log.warning("no C++ compiler for torch.compile (%s); the lone-row decode step runs eagerly", exc)
+            return False
+        start = time.perf_counter()
+        slots = [self.cache.allocate(8), self.cache.allocate(8)]
+        try:
+            for slot in slots:
+                self.cache.writing(slot, 8)
+            self(3, 2, slots[1])
+            compiled = self(5, 6, slots[0])
+            eager = self.lean.one_row(self.cache, *self._inputs(5, 6, slots[0]), slots[0].start, 7)
+            error = (compiled - eager).abs().max().item()
+            if not error <= LONE_ROW_CHECK_ABS:
+                log.warning("the compiled lone-row decode step differs from the eager one by %.3g; decoding eagerly",
+                            error)
+                return False
+        except Exception:  # noqa: BLE001 - any failure to compile (no C++ compiler, say) leaves the eager step
+            log.warning("could not compile the lone-row decode step; decoding eagerly", exc_info=True)
+            return False
+        finally:
+            for slot in slots:
+                self.cache.free(slot)
+        log.info("lone-row decode step compiled in %.1f s", time.perf_counter() - start)
+        return True
+
+    def __call__(self, token: int, position: int, slot: Slot) -> Tensor:
+        """Next-token logits [1, V] for `token` fed at `position` of `slot`."""
+        with torch.compiler.config.patch(dynamic_sources=LONE_ROW_DYNAMIC):
+            return self._step(*self._inputs(token, position, slot), slot.start, position + 1)
+
+    def _inputs(self, token: int, position: int, slot: Slot) -> tuple[Tensor, Tensor, Tensor]:
+        device = self.lean.embed.device
+        return (torch.tensor([token], device=device), torch.tensor([position], device=device),
+                torch.tensor([slot.start + position], device=device))

@@ -24,6 +24,7 @@ none runs here. Models this does not fit (`supports` says which) decode through 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,26 @@ class LeanDecode:
                  layout: attention.Layout) -> Tensor:
         """ids, positions, columns: [N] (one token per row), written at `columns` of `cache`; logits [N, V] in
         float32. Called in inference mode (the runner's decode)."""
+
+        def attend(layer: _Layer, q: Tensor, pool_k: Tensor, pool_v: Tensor) -> Tensor:
+            return attention.attention(layer.attn, q, pool_k, pool_v, None, scaling=self.scaling,
+                                       **{attention.LAYOUT_KWARG: layout})[0]
+
+        return self._forward(cache, ids, positions, columns, attend)
+
+    def one_row(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor, start: int,
+                kv_len: int) -> Tensor:
+        """`__call__` for one row whose keys are columns [start, start + kv_len), the `SingleDecode` layout's
+        arithmetic, written for torch.compile: `start` and `kv_len` are plain ints it can keep symbolic, and no
+        layout object reaches the graph (`compiled.CompiledLoneRow`)."""
+
+        def attend(layer: _Layer, q: Tensor, pool_k: Tensor, pool_v: Tensor) -> Tensor:
+            return attention.single_row(q, pool_k, pool_v, start, kv_len, self.scaling)
+
+        return self._forward(cache, ids, positions, columns, attend)
+
+    def _forward(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
+                 attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         h = F.embedding(ids, self.embed)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
@@ -211,12 +232,10 @@ class LeanDecode:
             pool_k.index_copy_(1, columns, k.transpose(0, 1))
             pool_v.index_copy_(1, columns, v.transpose(0, 1))
             q = qk[:, :heads].transpose(0, 1).unsqueeze(0)  # [1, heads, N, d], as transformers hands it over
-            o, _ = attention.attention(layer.attn, q, pool_k, pool_v, None, scaling=self.scaling,
-                                       **{attention.LAYOUT_KWARG: layout})
+            o = attend(layer, q, pool_k, pool_v)  # [1, N, heads, d]
             h = h + layer.o(o.reshape(n, heads * d))
             x = torch.rms_norm(h, h.shape[-1:], layer.post_norm, self.eps)
             gate, up = layer.gate_up(x).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
         h = torch.rms_norm(h, h.shape[-1:], self.final_norm, self.eps)
         return self.head(h).float()
-

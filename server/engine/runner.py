@@ -20,7 +20,7 @@ from torch import Tensor
 
 from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
-from server.engine.compiled import CompiledDecode
+from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
 from server.engine.plan import BatchPlan, PlanRow, build_plan
@@ -78,7 +78,8 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
-    def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, max_rows: int = 32) -> None:
+    def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, compile_single: bool = False,
+                 max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -102,11 +103,17 @@ class ModelRunner:
         self.head = self.lean.head if self.lean is not None else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
+        # A lone row's step through a compiled lean forward (compiled.py): on a CPU, where it was measured to pay.
+        self.lone_row: CompiledLoneRow | None = None
+        if compile_single and self.lean is not None and self.device.type == "cpu":
+            self.lone_row = CompiledLoneRow(self.lean, cache)
 
     def warm_up(self) -> None:
-        """Compile the decode step (and on a GPU record its CUDA graphs) in the thread that will run it."""
+        """Compile the decode steps (and on a GPU record their CUDA graphs) in the thread that will run them."""
         if self.compiled is not None:
             self.compiled.warm_up()
+        if self.lone_row is not None and not self.lone_row.warm_up():
+            self.lone_row = None
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> PrefillResult:
@@ -149,6 +156,8 @@ class ModelRunner:
             self.cache.writing(r.slot, r.position + 1)
         if self.compiled is not None:
             return self.compiled([(r.token, r.position, r.slot) for r in rows])
+        if self.lone_row is not None and len(rows) == 1:
+            return self.lone_row(rows[0].token, rows[0].position, rows[0].slot)
         layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
                                          self.cache.block_tokens, self.device)
         if self.lean is not None:
