@@ -150,7 +150,7 @@ class CompiledLoneRow:
                 log.warning("the compiled lone-row decode step differs from the eager one by %.3g; decoding eagerly",
                             error)
                 return False
-        except Exception:  # noqa: BLE001 - any failure to compile (no C++ compiler, say) leaves the eager step
+        except Exception:  # noqa: BLE001 - any failure to compile or run it (a compiler error, say) leaves the eager step
             log.warning("could not compile the lone-row decode step; decoding eagerly", exc_info=True)
             return False
         finally:
