@@ -78,7 +78,7 @@ STAGES = {"layout": "attention layout (decode_layout)", "sampler": "sampler",
           "runner": "runner: input and index tensors"}
 
 
-def _attribute(prof: profile, steps: int) -> tuple[dict[str, float], float]:
+def attribute(prof: profile, steps: int) -> tuple[dict[str, float], float]:
     """Self CPU ms per step by category, and top-level ops per step."""
     out: dict[str, float] = defaultdict(float)
     top_level = 0
@@ -169,7 +169,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     base = load_base_model()
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27)
     runner = ModelRunner(base, cache, compile_decode=mode == "compiled-all", compile_single=mode == "compiled",
-                         max_rows=32)
+                         pack_weights=True, max_rows=32)  # as `make serve`; one row never reads the packed copies
     started = time.perf_counter()
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": mode == "compiled"}):
         runner.warm_up()
@@ -225,7 +225,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
             profiled_ms = (time.perf_counter() - t) * 1000 / profiled_steps
     finally:
         attention.decode_layout = kept_layout
-    breakdown, calls = _attribute(prof, profiled_steps)
+    breakdown, calls = attribute(prof, profiled_steps)
     cache.free(slot)
     scheduler_ms, engine_step_ms = _scheduler_ms_per_token(base, runner, prompt, steps)
     return {"mode": mode, "wall_ms": {n: 1000 * statistics.median(ts) for n, ts in times.items()},

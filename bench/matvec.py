@@ -1,4 +1,5 @@
-"""Few-row products on this CPU: F.linear, `lean_decode.split_linear` and `onednn_linear`, per weight shape.
+"""Few-row products on this CPU: F.linear, `lean_decode.split_linear` and `onednn_linear` (over the weight as it
+is and over its `packed_weight` copy), per weight shape.
 
     .venv/bin/python bench/matvec.py                  # the default model's shapes, 1-512 rows
     .venv/bin/python bench/matvec.py --rows 1 --reps 40
@@ -7,7 +8,8 @@ Why it exists: a decode step of few rows is a handful of matrix products per lay
 weight once, so its floor is the memory bandwidth. This prints, per shape (30 weights of a layer's
 shape read back to back, as a step reads them; the LM head once), each way's time and the bytes of
 weight it read a second, beside the machine's plain streaming read (`torch.sum` over 540 MB) on one
-thread and on all of torch's. `SPLIT_ROWS` in lean_decode.py comes from its rows table.
+thread and on all of torch's, and the products' GFLOPS (past a few rows they are bound by arithmetic, not by
+reading). `SPLIT_ROWS` in lean_decode.py comes from its rows table.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.engine.lean_decode import onednn_linear, split_linear  # noqa: E402
+from server.engine.lean_decode import onednn_linear, packed_weight, split_linear  # noqa: E402
 
 # SmolLM2-135M: fused q/k/v, o, fused gate/up, down (30 layers each), the tied LM head.
 SHAPES = {"q/k/v": ((960, 576), 30), "o": ((576, 576), 30), "gate/up": ((3072, 576), 30),
@@ -59,16 +61,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for name, ((out, inp), count) in SHAPES.items():
         weights = [torch.randn(out, inp, generator=gen) for _ in range(count)]
+        packed = [packed_weight(w) for w in weights]
         nbytes = out * inp * 4 * count
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, inp, generator=gen)
             blocks = [w.view(threads, -1, inp) for w in weights]
             ways = {"F.linear": lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
                     "split": lambda x=x, bs=blocks: [split_linear(x, b) for b in bs],
-                    "oneDNN": lambda x=x, ws=weights: [onednn_linear(x, w) for w in ws]}
+                    "oneDNN": lambda x=x, ws=weights: [onednn_linear(x, w) for w in ws],
+                    "packed": lambda x=x, ps=packed: [onednn_linear(x, p) for p in ps]}
             seconds = {way: timed(fn, args.reps) for way, fn in ways.items()}
+            flops = nbytes / 2 * rows  # 2 FLOP per weight (4 bytes) and row
             print(f"{name:8s} [{out}, {inp}] x{count} rows {rows:3d}: " + ", ".join(
-                f"{way} {1e6 * t / count:7.0f} us ({nbytes / t / 1e9:5.1f} GB/s)" for way, t in seconds.items()),
+                f"{way} {1e6 * t / count:7.0f} us ({nbytes / t / 1e9:5.1f} GB/s, {flops / t / 1e9:4.0f} GFLOPS)"
+                for way, t in seconds.items()),
                 flush=True)
 
 

@@ -23,3 +23,19 @@ def test_build_engine_freezes_what_it_loaded(tmp_path):
     finally:
         engine.loop.stop()
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_packed_weights_setting_reaches_the_runner(tmp_path, caplog, packed):
+    """On by default (`Settings.packed_weights`); its memory is logged, since it is the weights' bytes again."""
+    settings = Settings(adapters=str(tmp_path), device="cpu", dtype="float32", compile_single=False,
+                        **({} if packed else {"packed_weights": False}))
+    with caplog.at_level("INFO", logger="server.bootstrap"):
+        engine = build_engine(settings)
+    try:
+        lean = engine.loop.runner.lean
+        assert lean is not None and (lean.packed_bytes > 0) == packed
+        assert ("Packed weight copies" in caplog.text) == packed
+    finally:
+        engine.loop.stop()
+        gc.unfreeze()

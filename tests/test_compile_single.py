@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def lone():
     base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 28),
-                         compile_single=True)
+                         compile_single=True, pack_weights=True)  # the server's defaults
     graphs = counters["stats"].get("unique_graphs", 0)
     runner.warm_up()
     assert runner.lone_row is not None, "the lone-row step did not compile (see the warning in the log)"

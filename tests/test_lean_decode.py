@@ -38,7 +38,8 @@ def base() -> BaseModel:
 
 @pytest.fixture(scope="module")
 def runner(base: BaseModel) -> ModelRunner:
-    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26))
+    """With packed weight copies, as the server runs by default (`Settings.packed_weights`)."""
+    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26), pack_weights=True)
 
 
 def both_ways(runner: ModelRunner, rows: list[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +141,28 @@ def test_products_split_on_a_cpu_with_threads_only_where_rows_divide():
     x = torch.randn(6, 8)  # more rows than SPLIT_ROWS: oneDNN's product (on a CPU), F.linear's up to rounding
     torch.testing.assert_close(product(x), torch.nn.functional.linear(x, product.weight), rtol=1e-6, atol=1e-5)
     assert product(torch.randn(0, 8)).shape == (0, 4 * threads)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 16])
+def test_packed_products_equal_f_linear_and_split_only_up_to_two_rows(rows):
+    weight = torch.randn(96, 40)
+    packed = lean_decode.Product.of(weight, pack=True)
+    plain = lean_decode.Product.of(weight)
+    assert (packed.packed_bytes, plain.packed_bytes) == (weight.nbytes, 0)
+    assert (packed.split_rows, plain.split_rows) == (lean_decode.SPLIT_ROWS_PACKED, lean_decode.SPLIT_ROWS)
+    assert packed.onednn is not weight and packed.onednn.is_mkldnn
+    x = torch.randn(rows, 40)
+    torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(packed(x), plain(x), rtol=1e-6, atol=1e-5)
+
+
+def test_the_packed_copy_costs_the_weights_bytes_once(base, runner):
+    """Every product the lean forward holds is packed once: the four of each layer and the LM head."""
+    products = [runner.lean.head, *(p for layer in runner.lean.layers for p in (layer.qkv, layer.o, layer.gate_up,
+                                                                                 layer.down))]
+    assert runner.lean.packed_bytes == sum(p.weight.nbytes for p in products)
+    projections = sum(m.weight.nbytes for layer in base.layers for m in lean_decode.projections(layer))
+    assert runner.lean.packed_bytes == projections + base.model.get_output_embeddings().weight.nbytes
 
 
 def test_inference_linear_uses_onednn_in_inference_mode_and_keeps_f_linear_for_training():

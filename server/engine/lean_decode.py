@@ -16,7 +16,8 @@ hooks, keyword plumbing). This forward computes the same functions with the same
 - attention through `attention.attention` with the runner's layout, as every other step;
 - on a CPU, a product over a few rows as a batched product over row blocks of the weight
   (`split_linear`): the same dot products, on all of torch's threads; over more rows, oneDNN's
-  matmul (`onednn_linear`), not MKL's.
+  matmul (`onednn_linear`), not MKL's, on a packed copy of the weight (`packed_weight`) unless the
+  runner was told not to keep one.
 
 Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
 none runs here. Models this does not fit (`supports` says which) decode through transformers.
@@ -35,8 +36,11 @@ from server.engine import attention
 from server.engine.kv_cache import KVCache
 
 # Rows up to which `split_linear` beats oneDNN's product (bench/matvec.py on the 2-core AMD EPYC, torch 2.13),
-# for every weight of the default model, the LM head's included; at 8 rows oneDNN's is as fast or faster.
+# summed over the default model's weights, the LM head's included: over the weight as it is, 4 (at 8 rows oneDNN's
+# is as fast or faster); over its packed copy, 2 (at 3 rows the packed products took 6% less time in all).
 SPLIT_ROWS = 4
+SPLIT_ROWS_PACKED = 2
+PACK_HINT_ROWS = 16
 
 
 def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -49,6 +53,18 @@ def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
     rounding only.
     """
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """oneDNN's own blocked copy of `weight` [out, in], for `onednn_linear` (an opaque mkldnn tensor, as many bytes).
+
+    Why: from 4 to 64 rows, oneDNN's product over a weight it has packed ran 1.5-2x faster than over the weight
+    as it is on the 2-core AMD EPYC (bench/matvec.py: 140-160 GFLOPS at 16 rows against 75-95), and a decode
+    step of many streams is those products. The copy costs the weight's bytes again, so the runner keeps one
+    only when told to (`Settings.packed_weights`). The op is the one inductor's CPU weight prepacking calls.
+    Its batch-size hint picks the blocking; 4, 16 and 64 gave the same speeds from 4 to 128 rows.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT_ROWS)
 
 
 def has_onednn_linear(weight: Tensor) -> bool:
@@ -87,24 +103,34 @@ def use_onednn_products(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Product:
-    """A weight's product with a step's rows: `split_linear` up to SPLIT_ROWS rows, oneDNN's beyond (on a CPU;
-    F.linear elsewhere)."""
+    """A weight's product with a step's rows: `split_linear` up to `split_rows` rows, oneDNN's beyond (on a CPU, over
+    the packed copy where there is one; F.linear elsewhere)."""
 
     weight: Tensor  # [out, in]
     blocks: Tensor | None  # the weight as [threads, out / threads, in] (a view), where it splits evenly on a CPU
-    onednn: bool
+    onednn: Tensor | None  # what oneDNN's product reads: `packed_weight(weight)` or the weight itself; None off a CPU
+    split_rows: int  # rows up to which `blocks` are used
 
     @classmethod
-    def of(cls, weight: Tensor) -> Product:
+    def of(cls, weight: Tensor, *, pack: bool = False) -> Product:
         threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
         split = threads > 1 and weight.shape[0] % threads == 0
-        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None, has_onednn_linear(weight))
+        onednn = has_onednn_linear(weight)
+        pack = pack and onednn
+        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None,
+                   (packed_weight(weight) if pack else weight) if onednn else None,
+                   SPLIT_ROWS_PACKED if pack else SPLIT_ROWS)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed copy (0 without one)."""
+        return 0 if self.onednn is None or self.onednn is self.weight else self.weight.nbytes
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.blocks is not None and 0 < x.shape[0] <= SPLIT_ROWS:
+        if self.blocks is not None and 0 < x.shape[0] <= self.split_rows:
             return split_linear(x, self.blocks)
-        if self.onednn:
-            return onednn_linear(x, self.weight)
+        if self.onednn is not None:
+            return onednn_linear(x, self.onednn)
         return F.linear(x, self.weight)
 
 
@@ -170,10 +196,11 @@ def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
 class LeanDecode:
     """The base model's decode forward over the engine's KV cache: packed rows in, next-token logits out."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, pack: bool = False) -> None:
+        """pack: keep oneDNN-packed copies of the products' weights (`packed_weight`), for steps of many rows."""
         cfg, inner = model.config, model.model
         self.embed = inner.embed_tokens.weight
-        self.head = Product.of(model.get_output_embeddings().weight)
+        self.head = Product.of(model.get_output_embeddings().weight, pack=pack)
         self.final_norm = inner.norm.weight
         self.eps = float(cfg.rms_norm_eps)
         self.rotary = inner.rotary_emb
@@ -184,13 +211,19 @@ class LeanDecode:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj)),
-                Product.of(a.o_proj.weight), layer.post_attention_layernorm.weight,
-                Product.of(fuse_projections(m.gate_proj, m.up_proj)),
-                Product.of(m.down_proj.weight), a,
+                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj), pack=pack),
+                Product.of(a.o_proj.weight, pack=pack), layer.post_attention_layernorm.weight,
+                Product.of(fuse_projections(m.gate_proj, m.up_proj), pack=pack),
+                Product.of(m.down_proj.weight, pack=pack), a,
             ))
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed weight copies this forward holds beyond the model's own."""
+        products = [self.head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        return sum(p.packed_bytes for p in products)
 
     def __call__(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
                  layout: attention.Layout) -> Tensor:

@@ -79,7 +79,7 @@ class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
     def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, compile_single: bool = False,
-                 max_rows: int = 32) -> None:
+                 pack_weights: bool = False, max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -95,7 +95,7 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
         # step traces transformers' forward, whose graph inductor fuses anyway.
-        self.lean = LeanDecode(self.model) if supports(self.model) and not compile_decode else None
+        self.lean = LeanDecode(self.model, pack=pack_weights) if supports(self.model) and not compile_decode else None
         if self.lean is not None:
             use_onednn_products(self.model)  # prefill's products as the lean decode's (lean_decode.onednn_linear)
         # The LM head of a prefill runs at the few positions kept: as the lean decode's product, which reads

@@ -1,0 +1,76 @@
+"""A decode step of many streams, in-process: with the packed weight copies (`REFT_PACKED_WEIGHTS`, the
+default) against without them, side by side, and where the packed step's time goes.
+
+    .venv/bin/python bench/many_streams.py                      # 16 rows of 1,024-token contexts
+    .venv/bin/python bench/many_streams.py --rows 32 --context 64
+
+The two runners share the model and one KV cache: every row's prompt is prefilled once, then the two
+steps alternate, each feeding the same token at the same position of every row (so each writes the
+same KV columns and reads the same keys). Prints each side's median step, their ratio, how far their
+logits differ, and one profiled packed step by kind of op (the categories of `decode_profile.py`).
+This is the step `LLAMA_LONG` and `P8` time through HTTP (`bench/llamacpp.py`, `bench/run.py --only
+long`); here it stands without the server, the sampler or the other side's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_profile import attribute  # noqa: E402
+
+from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
+from server.model import load_base_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--context", type=int, default=1024, help="prompt tokens of every row")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps of each side")
+    args = ap.parse_args()
+    base = load_base_model()
+    cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 31)
+    sides = {"packed": ModelRunner(base, cache, pack_weights=True), "unpacked": ModelRunner(base, cache)}
+    gen = torch.Generator().manual_seed(0)
+    slots = [cache.allocate(args.context + 8) for _ in range(args.rows)]
+    for slot in slots:
+        prompt = torch.randint(100, 49000, (args.context,), generator=gen).tolist()
+        sides["unpacked"].prefill([PrefillChunk(prompt, 0, args.context, slot)])
+    rows = [DecodeRow(7, args.context, slot) for slot in slots]
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    logits: dict[str, torch.Tensor] = {}
+    for step in range(args.steps + 3):
+        for name, runner in sides.items():
+            started = time.perf_counter()
+            logits[name] = runner.decode(rows)
+            if step >= 3:  # the first steps warm caches and oneDNN's primitives
+                times[name].append(time.perf_counter() - started)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    print(f"{args.rows} rows x {args.context} keys, {torch.get_num_threads()} torch threads; packed copies: "
+          f"{sides['packed'].lean.packed_bytes / 2**20:.0f} MiB")
+    print(f"   step: packed {ms['packed']:.1f} ms, unpacked {ms['unpacked']:.1f} ms "
+          f"(unpacked / packed {ms['unpacked'] / ms['packed']:.3f}); logits differ by at most "
+          f"{(logits['packed'] - logits['unpacked']).abs().max().item():.2e}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            with record_function("stage::model"):
+                sides["packed"].decode(rows)
+    breakdown, calls = attribute(prof, 3)
+    print(f"   the packed step under the profiler, {calls:.0f} top-level torch ops:")
+    for name, spent in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+        print(f"   {spent:7.2f} ms  {name}")
+
+
+if __name__ == "__main__":
+    main()
