@@ -115,11 +115,12 @@ class Product:
     def of(cls, weight: Tensor, *, pack: bool = False) -> Product:
         threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
         split = threads > 1 and weight.shape[0] % threads == 0
-        onednn = has_onednn_linear(weight)
-        pack = pack and onednn
-        return cls(weight, weight.view(threads, -1, weight.shape[1]) if split else None,
-                   (packed_weight(weight) if pack else weight) if onednn else None,
-                   SPLIT_ROWS_PACKED if pack else SPLIT_ROWS)
+        onednn = None
+        if has_onednn_linear(weight):
+            onednn = packed_weight(weight) if pack else weight
+        blocks = weight.view(threads, -1, weight.shape[1]) if split else None
+        packed = onednn is not None and onednn is not weight
+        return cls(weight, blocks, onednn, SPLIT_ROWS_PACKED if packed else SPLIT_ROWS)
 
     @property
     def packed_bytes(self) -> int:
@@ -143,6 +144,10 @@ class _Layer:
     gate_up: Product  # [2 * intermediate, hidden]
     down: Product
     attn: nn.Module  # the layer's attention module, handed to the attention function as transformers does
+
+    @property
+    def products(self) -> tuple[Product, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
 
 
 def supports(model: nn.Module) -> bool:
@@ -222,8 +227,7 @@ class LeanDecode:
     @property
     def packed_bytes(self) -> int:
         """Bytes of the packed weight copies this forward holds beyond the model's own."""
-        products = [self.head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
-        return sum(p.packed_bytes for p in products)
+        return self.head.packed_bytes + sum(p.packed_bytes for layer in self.layers for p in layer.products)
 
     def __call__(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
                  layout: attention.Layout) -> Tensor:
