@@ -74,6 +74,23 @@ def test_compiled_and_eager_agree_at_every_slot_and_length(lone):
     assert counters["stats"].get("unique_graphs", 0) == graphs, "recompiled"
 
 
+def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
+    """Guards are skipped: another runner, with pools of another size, must not run the first one's graph."""
+    _, first = lone
+    base = load_base_model()  # a runner hooks its model's layers: a model of its own, as in the server
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27),
+                         compile_single=True, pack_weights=True)
+    runner.warm_up()
+    assert runner.lone_row is not None and runner.cache.k[0].shape != first.cache.k[0].shape
+    slot = runner.cache.allocate(40)
+    try:
+        runner.prefill([PrefillChunk(list(range(100, 120)), 0, 20, slot)])
+        row = [DecodeRow(7, 20, slot)]
+        assert (runner.decode(row) - eager(runner, row)).abs().max().item() < 1e-3
+    finally:
+        runner.cache.free(slot)
+
+
 def test_pyreft_greedy_tokens_through_the_compiled_lone_row(lone):
     """Requests one at a time (every decode step has one row): pyreft's exact tokens for the emoji adapter."""
     base, runner = lone

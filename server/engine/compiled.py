@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -120,7 +121,12 @@ class CompiledLoneRow:
 
     def __init__(self, lean: LeanDecode, cache: KVCache) -> None:
         self.lean, self.cache = lean, cache
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False,
+        # Guards are skipped, so nothing tells one instance's graph from another's, and dynamo keeps compiled
+        # code per code object: a second runner in the process (other pools, other weights) would run the first
+        # one's graph. A copy of `_forward`'s code gives each instance its own.
+        forward = CompiledLoneRow._forward
+        own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__)
+        self._step = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False,
                                    options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def _forward(self, ids: Tensor, positions: Tensor, columns: Tensor, start: int, kv_len: int) -> Tensor:
