@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.engine import attention  # noqa: E402
 from server.engine.adapter_cache import DeviceAdapterCache  # noqa: E402
+from server.engine.attention_kernel import PROFILE_NAME  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.loop import EngineLoop  # noqa: E402
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
@@ -66,6 +67,7 @@ CATEGORY = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA)",
     **dict.fromkeys(("aten::matmul", "aten::softmax", "aten::masked_fill", "aten::where", "aten::index",
                      "aten::_softmax"), "attention (SDPA)"),
+    PROFILE_NAME: "attention (kernel)",
     "aten::index_copy_": "attention: KV write",
     **dict.fromkeys(("aten::rms_norm", "aten::pow", "aten::mean", "aten::rsqrt"), "norms"),
     **dict.fromkeys(("aten::mul", "aten::add", "aten::silu", "aten::flip", "aten::neg", "aten::cat", "aten::cos",

@@ -1,13 +1,14 @@
-"""A decode step of many streams, in-process: with the packed weight copies (`REFT_PACKED_WEIGHTS`, the
-default) against without them, side by side, and where the packed step's time goes.
+"""A decode step of many streams, in-process: as the server runs it (the packed weight copies of
+`REFT_PACKED_WEIGHTS` and the decode attention kernel of `REFT_ATTENTION_KERNEL`) against each of the two
+turned off, side by side, and where the served step's time goes.
 
     .venv/bin/python bench/many_streams.py                      # 16 rows of 1,024-token contexts
     .venv/bin/python bench/many_streams.py --rows 32 --context 64
 
-The two runners share the model and one KV cache: every row's prompt is prefilled once, then the two
-steps alternate, each feeding the same token at the same position of every row (so each writes the
-same KV columns and reads the same keys). Prints each side's median step, their ratio, how far their
-logits differ, and one profiled packed step by kind of op (the categories of `decode_profile.py`).
+The three runners share the model and one KV cache: every row's prompt is prefilled once, then the
+steps take turns, each feeding the same token at the same position of every row (so each writes the
+same KV columns and reads the same keys). Prints each side's median step, its ratio to the served one,
+how far its logits differ, and one profiled served step by kind of op (the categories of `decode_profile.py`).
 This is the step `LLAMA_LONG` and `P8` time through HTTP (`bench/llamacpp.py`, `bench/run.py --only
 long`); here it stands without the server, the sampler or the other side's load.
 """
@@ -41,12 +42,16 @@ def main() -> None:
     args = ap.parse_args()
     base = load_base_model()
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 31)
-    sides = {"packed": ModelRunner(base, cache, pack_weights=True), "unpacked": ModelRunner(base, cache)}
+    sides = {"served": ModelRunner(base, cache, pack_weights=True, attention_kernel=True),
+             "no packed copies": ModelRunner(base, cache, attention_kernel=True),
+             "SDPA attention": ModelRunner(base, cache, pack_weights=True)}
+    if sides["served"].kernel is None:
+        raise SystemExit("the decode attention kernel could not be built here (the log says why)")
     gen = torch.Generator().manual_seed(0)
     slots = [cache.allocate(args.context + 8) for _ in range(args.rows)]
     for slot in slots:
         prompt = torch.randint(100, 49000, (args.context,), generator=gen).tolist()
-        sides["unpacked"].prefill([PrefillChunk(prompt, 0, args.context, slot)])
+        sides["served"].prefill([PrefillChunk(prompt, 0, args.context, slot)])
     rows = [DecodeRow(7, args.context, slot) for slot in slots]
     times: dict[str, list[float]] = {name: [] for name in sides}
     logits: dict[str, torch.Tensor] = {}
@@ -58,16 +63,18 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     print(f"{args.rows} rows x {args.context} keys, {torch.get_num_threads()} torch threads; packed copies: "
-          f"{sides['packed'].lean.packed_bytes / 2**20:.0f} MiB")
-    print(f"   step: packed {ms['packed']:.1f} ms, unpacked {ms['unpacked']:.1f} ms "
-          f"(unpacked / packed {ms['unpacked'] / ms['packed']:.3f}); logits differ by at most "
-          f"{(logits['packed'] - logits['unpacked']).abs().max().item():.2e}")
+          f"{sides['served'].lean.packed_bytes / 2**20:.0f} MiB")
+    for name in sides:
+        versus = "" if name == "served" else (
+            f" ({ms[name] / ms['served']:.3f}x the served step; logits differ from its by at most "
+            f"{(logits[name] - logits['served']).abs().max().item():.2e})")
+        print(f"   step {name}: {ms[name]:.1f} ms{versus}")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             with record_function("stage::model"):
-                sides["packed"].decode(rows)
+                sides["served"].decode(rows)
     breakdown, calls = attribute(prof, 3)
-    print(f"   the packed step under the profiler, {calls:.0f} top-level torch ops:")
+    print(f"   the served step under the profiler, {calls:.0f} top-level torch ops:")
     for name, spent in sorted(breakdown.items(), key=lambda kv: -kv[1]):
         print(f"   {spent:7.2f} ms  {name}")
 

@@ -25,6 +25,21 @@ def test_build_engine_freezes_what_it_loaded(tmp_path):
         gc.unfreeze()
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_the_attention_kernel_setting_reaches_the_runner(tmp_path, caplog, on):
+    """On by default (`Settings.attention_kernel`): built at start-up, and said so."""
+    settings = Settings(adapters=str(tmp_path), device="cpu", dtype="float32", compile_single=False,
+                        packed_weights=False, **({} if on else {"attention_kernel": False}))
+    with caplog.at_level("INFO", logger="server.engine.attention_kernel"):
+        engine = build_engine(settings)
+    try:
+        assert (engine.loop.runner.kernel is not None) == on
+        assert ("decode attention kernel built" in caplog.text) == on
+    finally:
+        engine.loop.stop()
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_packed_weights_setting_reaches_the_runner(tmp_path, caplog, packed):
     """On by default (`Settings.packed_weights`); its memory is logged, since it is the weights' bytes again."""

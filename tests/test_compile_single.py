@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def lone():
     base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 28),
-                         compile_single=True, pack_weights=True)  # the server's defaults
+                         compile_single=True, pack_weights=True, attention_kernel=True)  # the server's defaults
     graphs = counters["stats"].get("unique_graphs", 0)
     runner.warm_up()
     assert runner.lone_row is not None, "the lone-row step did not compile (see the warning in the log)"
@@ -79,7 +79,7 @@ def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
     _, first = lone
     base = load_base_model()  # a runner hooks its model's layers: a model of its own, as in the server
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27),
-                         compile_single=True, pack_weights=True)
+                         compile_single=True, pack_weights=True, attention_kernel=True)
     runner.warm_up()
     assert runner.lone_row is not None and runner.cache.k[0].shape != first.cache.k[0].shape
     slot = runner.cache.allocate(40)

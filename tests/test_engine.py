@@ -165,7 +165,10 @@ QUESTIONS = ["Tell me a joke about the sea.", "List three colors.", "Why is the 
 def engine():
     torch.manual_seed(0)
     base = load_base_model()
-    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30))
+    # Decode attention as the server runs it on a CPU (the kernel); the test servers add the packed copies
+    # and the compiled lone row.
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30),
+                         attention_kernel=True)
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 28, set())
     policy = Scheduler(runner.cache, cache.get, max_batch_size=32, max_queue=64, max_prefill_tokens=8192,
                        max_prompt_tokens=MAX_PROMPT_TOKENS, max_context=MAX_CONTEXT)

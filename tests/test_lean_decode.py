@@ -38,8 +38,10 @@ def base() -> BaseModel:
 
 @pytest.fixture(scope="module")
 def runner(base: BaseModel) -> ModelRunner:
-    """With packed weight copies, as the server runs by default (`Settings.packed_weights`)."""
-    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26), pack_weights=True)
+    """With packed weight copies and the attention kernel, as the server runs by default (`Settings.packed_weights`,
+    `Settings.attention_kernel`)."""
+    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26), pack_weights=True,
+                       attention_kernel=True)
 
 
 def both_ways(runner: ModelRunner, rows: list[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +76,32 @@ def test_lean_logits_equal_the_transformers_forward(runner, lengths):
             torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-4)
             assert torch.equal(lean.argmax(-1), reference.argmax(-1))
             tokens = lean.argmax(-1).tolist()
+    finally:
+        for slot in slots:
+            runner.cache.free(slot)
+
+
+@pytest.mark.parametrize("lengths", [(64,), (7, 40, 130, 1), (5, 9, 17, 33, 65, 90, 300, 2)])
+def test_the_attention_kernel_and_grouped_sdpa_give_the_same_steps(runner, lengths):
+    """The runner's decode step with its attention kernel, then with SDPA over grouped slots (as without one)."""
+    assert runner.kernel is not None
+    rng = random.Random(len(lengths))
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
+    slots = [runner.cache.allocate(n + 8) for n in lengths]
+    try:
+        logits = runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]).logits
+        tokens = logits.argmax(-1).tolist()
+        for step in range(3):
+            rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
+            with_kernel = runner.decode(rows)
+            kept, runner.kernel = runner.kernel, None
+            try:
+                grouped = runner.decode(rows)  # writes the same columns again: same keys, same values
+            finally:
+                runner.kernel = kept
+            torch.testing.assert_close(with_kernel, grouped, rtol=1e-5, atol=1e-4)  # float rounding of the sums
+            assert torch.equal(with_kernel.argmax(-1), grouped.argmax(-1))
+            tokens = with_kernel.argmax(-1).tolist()
     finally:
         for slot in slots:
             runner.cache.free(slot)

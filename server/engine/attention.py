@@ -16,7 +16,10 @@ calls the same function with the same layouts):
 - decode of a single row (`SingleDecode`): its query against exactly its own columns, no index
   tensor, no mask and no copy in or out (one person chatting alone runs this at every step);
 - a compiled decode step (`compiled.py`): the same result from index tensors of fixed meaning
-  (`DecodeIndex`), so one captured graph serves every mix of rows.
+  (`DecodeIndex`), so one captured graph serves every mix of rows;
+- decode on a CPU where the runner built `attention_kernel.DecodeKernel` (`KernelDecode`): every row
+  against exactly its own columns in one call per layer, no groups and no mask; the grouped SDPA calls
+  above serve where it is not there (a GPU, no compiler, `REFT_ATTENTION_KERNEL=false`).
 
 Any forward without a layout (training, reference checks) is plain SDPA.
 """
@@ -34,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.engine.attention_kernel import DecodeKernel
 from server.engine.kv_cache import Slot
 
 ATTENTION_NAME = "reft_slots"
@@ -87,13 +91,22 @@ class SingleDecode:
 
 
 @dataclass(frozen=True)
+class KernelDecode:
+    """A decode step through `kernel`: row b's keys are columns [starts[b], starts[b] + lengths[b])."""
+
+    kernel: DecodeKernel
+    starts: Tensor  # [B] int64
+    lengths: Tensor  # [B] int64, this step's key included
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
     decode: tuple[DecodeGroup, ...] = ()
     prefill: tuple[PrefillSpan, ...] = ()
 
 
 # What the runner passes with a forward: which pool columns each query reads.
-Layout = AttentionLayout | SingleDecode | DecodeIndex
+Layout = AttentionLayout | SingleDecode | DecodeIndex | KernelDecode
 
 
 def install(model: torch.nn.Module) -> None:
@@ -173,6 +186,9 @@ def attention(
         return indexed_decode(query, key, value, layout, scaling), None
     if isinstance(layout, SingleDecode):
         return single_row(query, key, value, layout.start, layout.kv_len, scaling), None
+    if isinstance(layout, KernelDecode):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return layout.kernel(query, key, value, layout.starts, layout.lengths, scale), None
     # query [1, heads, N, dim]; key/value: this layer's pool [kv_heads, capacity, dim]
     heads, kv_heads, dim = query.shape[1], key.shape[0], key.shape[2]
     gqa = heads != kv_heads

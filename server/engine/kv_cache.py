@@ -22,6 +22,8 @@ decode attention is one batched SDPA call per block, not one call per row (on th
 32 rows at 80 tokens: 19 ms of attention per step batched, 46 ms in a loop over rows). The
 price is rounding: a row holds at most twice its reservation, and a block stays with its size
 while any of its slots is in use.
+(On a CPU the decode attention kernel, `attention_kernel.py`, reads each row's slot by its first
+column and length and needs no grouping; the blocks serve SDPA's path: a GPU, or no compiler.)
 
 On CPU the pool is an anonymous mapping: the kernel hands out zeroed pages on first touch, so the
 budget costs memory only where rows have written, and columns never written read as zeros.

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
+from server.engine.attention_kernel import DecodeKernel
 from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
@@ -79,7 +80,7 @@ class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
     def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, compile_single: bool = False,
-                 pack_weights: bool = False, max_rows: int = 32) -> None:
+                 pack_weights: bool = False, attention_kernel: bool = False, max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -103,6 +104,11 @@ class ModelRunner:
         self.head = self.lean.head if self.lean is not None else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
+        # Decode attention through a kernel built at start-up, on a CPU over float32 pools (attention_kernel.py);
+        # None where it was not asked for or could not be built: SDPA over grouped slots then.
+        self.kernel: DecodeKernel | None = None
+        if attention_kernel and self.device.type == "cpu" and cache.dtype == torch.float32:
+            self.kernel = DecodeKernel.build()
         # A lone row's step through a compiled lean forward (compiled.py): on a CPU, where it was measured to pay.
         self.lone_row: CompiledLoneRow | None = None
         if compile_single and self.lean is not None and self.device.type == "cpu":
@@ -158,8 +164,13 @@ class ModelRunner:
             return self.compiled([(r.token, r.position, r.slot) for r in rows])
         if self.lone_row is not None and len(rows) == 1:
             return self.lone_row(rows[0].token, rows[0].position, rows[0].slot)
-        layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
-                                         self.cache.block_tokens, self.device)
+        layout: attention.Layout
+        if self.kernel is not None:
+            layout = attention.KernelDecode(self.kernel, self._tensor([r.slot.start for r in rows]),
+                                            self._tensor([r.position + 1 for r in rows]))
+        else:
+            layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
+                                             self.cache.block_tokens, self.device)
         if self.lean is not None:
             ids, positions = [r.token for r in rows], [r.position for r in rows]
             return self.lean(self.cache, self._tensor(ids), self._tensor(positions),

@@ -1,0 +1,132 @@
+"""The CPU decode attention kernel (`attention_kernel.py`): SDPA's answer for each row, from exactly its columns.
+
+Columns outside a row's range (another row's, a freed slot's, the row's own future ones) hold NaN here:
+the kernel must never read them. The reference is plain SDPA over the row's own keys, with the query
+heads paired to key heads as transformers' `repeat_kv` pairs them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import attention, attention_kernel
+from server.engine.attention_kernel import DecodeKernel
+from server.engine.kv_cache import KVCache, Slot
+
+CPU = torch.device("cpu")
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def kernel() -> DecodeKernel:
+    built = DecodeKernel.build()
+    assert built is not None, "the kernel did not build: the log says why (this machine has the C++ compiler)"
+    return built
+
+
+def pools(kv_heads: int, tokens: int = 8192) -> KVCache:
+    cache = KVCache(layers=1, kv_heads=kv_heads, head_dim=DIM, dtype=torch.float32, device=CPU,
+                    budget_bytes=tokens * 2 * kv_heads * DIM * 4)
+    cache.k[0].fill_(float("nan"))
+    cache.v[0].fill_(float("nan"))
+    return cache
+
+
+def rows(cache: KVCache, lengths: list[int], heads: int, seed: int) -> tuple[list[Slot], torch.Tensor]:
+    """A slot per length (reserved with room to spare), its first `length` columns random; a random query."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = [cache.allocate(n + 5) for n in lengths]
+    for slot, n in zip(slots, lengths, strict=True):
+        for pool in (cache.k[0], cache.v[0]):
+            pool[:, slot.start : slot.start + n] = torch.randn(cache.kv_heads, n, DIM, generator=gen)
+    return slots, torch.randn(1, heads, len(lengths), DIM, generator=gen)
+
+
+def reference(cache: KVCache, slots: list[Slot], lengths: list[int], query: torch.Tensor) -> torch.Tensor:
+    heads = query.shape[1]
+    out = []
+    for b, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+        k, v = (pool[:, slot.start : slot.start + n].repeat_interleave(heads // cache.kv_heads, 0)[None]
+                for pool in (cache.k[0], cache.v[0]))
+        out.append(F.scaled_dot_product_attention(query[:, :, b : b + 1], k, v, scale=DIM**-0.5)[0, :, 0])
+    return torch.stack(out)[None]  # [1, rows, heads, dim]
+
+
+def run(layout: attention.Layout, cache: KVCache, query: torch.Tensor) -> torch.Tensor:
+    return attention.attention(torch.nn.Module(), query, cache.k[0], cache.v[0], None, scaling=DIM**-0.5,
+                               **{attention.LAYOUT_KWARG: layout})[0]
+
+
+def kernel_layout(kernel: DecodeKernel, slots: list[Slot], lengths: list[int]) -> attention.KernelDecode:
+    return attention.KernelDecode(kernel, torch.tensor([s.start for s in slots]), torch.tensor(lengths))
+
+
+@pytest.mark.parametrize(("kv_heads", "heads"), [(3, 9), (4, 4), (1, 8)])
+@pytest.mark.parametrize("lengths", [[1], [2, 1], [37, 5, 130, 1, 64], [3000, 17, 700]])
+def test_each_row_gets_sdpa_over_exactly_its_own_columns(kernel, kv_heads, heads, lengths):
+    cache = pools(kv_heads)
+    slots, query = rows(cache, lengths, heads, seed=len(lengths))
+    got = run(kernel_layout(kernel, slots, lengths), cache, query)
+    assert got.shape == (1, len(lengths), heads, DIM)
+    assert torch.isfinite(got).all(), "a column outside some row's range reached its output"
+    torch.testing.assert_close(got, reference(cache, slots, lengths, query), rtol=1e-5, atol=1e-5)
+
+
+def test_it_gives_what_the_grouped_sdpa_layout_gives(kernel):
+    """The same step both ways the runner can lay it out: rows in one block, in another block, in a run of blocks.
+
+    Zeros, not NaN, outside the rows: the grouped layout reads a shorter row's slot up to its group's longest row
+    (behind a mask), and relies on the cache zeroing what a freed slot held (kv_cache.py)."""
+    cache = pools(3, tokens=1 << 14)
+    cache.k[0].zero_()
+    cache.v[0].zero_()
+    lengths = [40, 12, 33, 100, 600, 900]
+    slots, query = rows(cache, lengths, 9, seed=7)
+    assert len({s.block for s in slots}) > 1
+    grouped = attention.decode_layout(slots, lengths, cache.block_tokens, CPU)
+    torch.testing.assert_close(run(kernel_layout(kernel, slots, lengths), cache, query),
+                               run(grouped, cache, query), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_it_cannot_read_safely_are_refused(kernel):
+    cache = pools(3)
+    slots, query = rows(cache, [8, 9], 9, seed=1)
+    starts, lengths = torch.tensor([s.start for s in slots]), torch.tensor([8, 9])
+    key, value = cache.k[0], cache.v[0]
+    for bad in (
+        (query, key.transpose(0, 1).contiguous().transpose(0, 1), value, starts, lengths),  # a strided pool
+        (query, key, value, starts.int(), lengths),
+        (query.double(), key, value, starts, lengths),
+        (query, key, value, starts[:1], lengths[:1]),  # fewer rows than queries
+    ):
+        with pytest.raises(ValueError, match="decode attention kernel needs"):
+            kernel(*bad, DIM**-0.5)
+
+
+def test_without_a_compiler_it_is_not_built(monkeypatch, caplog):
+    def no_compiler() -> str:
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(attention_kernel, "get_cpp_compiler", no_compiler)
+    assert DecodeKernel.build() is None
+    assert "no C++ compiler for the decode attention kernel" in caplog.text
+
+
+def test_a_failing_build_is_reported(monkeypatch, caplog):
+    monkeypatch.setattr(attention_kernel, "FLAGS", (*attention_kernel.FLAGS, "-no-such-flag"))
+    assert DecodeKernel.build() is None
+    assert "could not build the decode attention kernel" in caplog.text
+    assert "no-such-flag" in caplog.text  # the compiler's own message
+
+
+def test_a_kernel_that_computes_something_else_is_refused(monkeypatch, tmp_path, caplog):
+    """The start-up check against SDPA: here the source scales the scores twice over."""
+    wrong = tmp_path / "decode_attention.cpp"
+    source = attention_kernel.SOURCE.read_text()
+    assert "dot * scale" in source
+    wrong.write_text(source.replace("dot * scale", "dot * scale * 2.f"))
+    monkeypatch.setattr(attention_kernel, "SOURCE", wrong)
+    assert DecodeKernel.build() is None
+    assert "differs from SDPA" in caplog.text
