@@ -8,9 +8,9 @@
 #
 # The container runs as deploy/ runs it: a read-only root filesystem with a tmpfs /tmp (the only path the
 # server writes besides the registry volume), every capability dropped, no privilege escalation.
-# Checks: /health, one generation with an example adapter, the lone-row decode step left eager (no C++
-# compiler in the image) and said so in the log, HEALTHCHECK turning healthy, the server's uid
-# (not root), the root read-only and /tmp writable, an upload refused (403) by the default command without
+# Checks: /health, one generation with an example adapter, the lone-row decode step left eager and decode
+# attention left to SDPA (no C++ compiler in the image), each said in the log, HEALTHCHECK turning healthy,
+# the server's uid (not root), the root read-only and /tmp writable, an upload refused (403) by the default command without
 # an admin key, `docker stop` with a request in flight (answered in full, exit code 0); then with
 # REFT_ADMIN_KEY: an upload accepted and kept on the volume across a restart, a pyreft archive over 1 MiB
 # (spooled and unpacked in /tmp) imported and served, and an idle `docker stop`. Prints its figures; exit
@@ -177,6 +177,8 @@ check "generation with the example adapter emoji" probe generate emoji
 # The image has no C++ compiler: the lone-row decode step must say so and run eagerly, not fail the start.
 check "no C++ compiler: the lone-row decode step runs eagerly, said in the log" \
     sh -c "docker logs '$NAME' 2>&1 | grep -q 'no C++ compiler for torch.compile'"
+check "no C++ compiler: decode attention runs through SDPA, said in the log" \
+    sh -c "docker logs '$NAME' 2>&1 | grep -q 'no C++ compiler for the decode attention kernel'"
 check "example adapters listed" probe models emoji pirate shout
 pid=$(docker inspect -f '{{.State.Pid}}' "$NAME")
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
