@@ -36,7 +36,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.engine import attention  # noqa: E402
-from server.engine.attention_kernel import DecodeKernel  # noqa: E402
+from server.engine.attention_kernel import DecodeKernel, RowColumns  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.model import load_base_model  # noqa: E402
 
@@ -109,8 +109,8 @@ def main() -> None:
     kernel = DecodeKernel.build()
     if kernel is None:
         raise SystemExit("the decode attention kernel could not be built here (the log says why)")
-    kernel_layout = attention.KernelDecode(kernel, torch.tensor([s.start for s in slots]),
-                                           torch.full((args.rows,), args.context))
+    kernel_layout = attention.KernelDecode(kernel, RowColumns.of([s.start for s in slots], [args.context] * args.rows,
+                                                                 torch.device("cpu")))
 
     def served(q: Tensor, layer: int) -> Tensor:
         return attention.attention(None, q, cache.k[layer], cache.v[layer], None, scaling=scale,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine import attention, attention_kernel
-from server.engine.attention_kernel import DecodeKernel
+from server.engine.attention_kernel import DecodeKernel, RowColumns
 from server.engine.kv_cache import KVCache, Slot
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def run(layout: attention.Layout, cache: KVCache, query: torch.Tensor) -> torch.
 
 
 def kernel_layout(kernel: DecodeKernel, slots: list[Slot], lengths: list[int]) -> attention.KernelDecode:
-    return attention.KernelDecode(kernel, torch.tensor([s.start for s in slots]), torch.tensor(lengths))
+    return attention.KernelDecode(kernel, RowColumns.of([s.start for s in slots], lengths, CPU))
 
 
 @pytest.mark.parametrize(("kv_heads", "heads"), [(3, 9), (4, 4), (1, 8)])
@@ -93,16 +93,20 @@ def test_it_gives_what_the_grouped_sdpa_layout_gives(kernel):
 def test_inputs_it_cannot_read_safely_are_refused(kernel):
     cache = pools(3)
     slots, query = rows(cache, [8, 9], 9, seed=1)
-    starts, lengths = torch.tensor([s.start for s in slots]), torch.tensor([8, 9])
+    columns = RowColumns.of([s.start for s in slots], [8, 9], CPU)
     key, value = cache.k[0], cache.v[0]
+    past_the_pool = RowColumns.of([0, cache.capacity - 3], [8, 9], CPU)
     for bad in (
-        (query, key.transpose(0, 1).contiguous().transpose(0, 1), value, starts, lengths),  # a strided pool
-        (query, key, value, starts.int(), lengths),
-        (query.double(), key, value, starts, lengths),
-        (query, key, value, starts[:1], lengths[:1]),  # fewer rows than queries
+        (query, key.transpose(0, 1).contiguous().transpose(0, 1), value, columns),  # a strided pool
+        (query.double(), key, value, columns),
+        (query[:, :, :1], key, value, columns),  # fewer queries than rows
+        (query, key, value, past_the_pool),
     ):
         with pytest.raises(ValueError, match="decode attention kernel needs"):
             kernel(*bad, DIM**-0.5)
+    for starts, lengths in (([-1, 5], [8, 9]), ([0, 5], [8, 0]), ([0], [8, 9])):
+        with pytest.raises(ValueError, match="decode rows need"):
+            RowColumns.of(starts, lengths, CPU)
 
 
 def test_without_a_compiler_it_is_not_built(monkeypatch, caplog):

@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from server.engine.attention_kernel import DecodeKernel
+from server.engine.attention_kernel import DecodeKernel, RowColumns
 from server.engine.kv_cache import Slot
 
 ATTENTION_NAME = "reft_slots"
@@ -92,11 +92,10 @@ class SingleDecode:
 
 @dataclass(frozen=True)
 class KernelDecode:
-    """A decode step through `kernel`: row b's keys are columns [starts[b], starts[b] + lengths[b])."""
+    """A decode step through `kernel`, each row against its `columns`."""
 
     kernel: DecodeKernel
-    starts: Tensor  # [B] int64
-    lengths: Tensor  # [B] int64, this step's key included
+    columns: RowColumns
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def attention(
         return single_row(query, key, value, layout.start, layout.kv_len, scaling), None
     if isinstance(layout, KernelDecode):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return layout.kernel(query, key, value, layout.starts, layout.lengths, scale), None
+        return layout.kernel(query, key, value, layout.columns, scale), None
     # query [1, heads, N, dim]; key/value: this layer's pool [kv_heads, capacity, dim]
     heads, kv_heads, dim = query.shape[1], key.shape[0], key.shape[2]
     gqa = heads != kv_heads

@@ -6,8 +6,8 @@ read of them. For one query row it runs its products as matrix products three ro
 heads sharing a key head), where BLAS is slow. Every other way torch offers was measured no faster
 (`bench/decode_attention.py`: two `bmm`s and a softmax per key head, the attention written as sums for
 torch.compile, oneDNN's matmul per row). The kernel reads each row's keys once for all the query heads
-that share them, then its values once: at 16 rows of 1,024 keys it took 0.59x SDPA's time, 1.18x the
-plain read (and 0.46x at 32 rows of 64 keys; 2-core AMD EPYC, the default model's shape).
+that share them, then its values once: at 16 rows of 1,024 keys it took 0.56x SDPA's time, 1.16x the
+plain read (and 0.45x at 32 rows of 64 keys; 2-core AMD EPYC, the default model's shape).
 
 What it computes is SDPA's result for one query per row, in float32, each row against exactly its own
 columns [start, start + length): no mask, and no column past a row's keys is read. Only the order of its
@@ -26,6 +26,7 @@ import logging
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,23 @@ CHECK_ABS = 1e-4  # against SDPA at start-up: float rounding is ~1e-6, a wrong c
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURE = [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int, _ptr]
+
+
+@dataclass(frozen=True)
+class RowColumns:
+    """Each decode row's keys: columns [starts[b], starts[b] + lengths[b]) of a layer's pool, checked once a step."""
+
+    starts: Tensor  # [N] int64
+    lengths: Tensor  # [N] int64, this step's key included
+    end: int  # one past the last column any row reads
+
+    @classmethod
+    def of(cls, starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> RowColumns:
+        if len(starts) != len(lengths) or any(s < 0 or n < 1 for s, n in zip(starts, lengths, strict=True)):
+            raise ValueError(f"decode rows need a first column >= 0 and >= 1 key each: {starts}, {lengths}")
+        return cls(torch.tensor(starts, dtype=torch.int64, device=device),
+                   torch.tensor(lengths, dtype=torch.int64, device=device),
+                   max((s + n for s, n in zip(starts, lengths, strict=True)), default=0))
 
 
 @dataclass(frozen=True)
@@ -79,31 +97,29 @@ class DecodeKernel:
         log.info("decode attention kernel built and checked in %.1f s", time.perf_counter() - started)
         return kernel
 
-    def __call__(self, query: Tensor, key: Tensor, value: Tensor, starts: Tensor, lengths: Tensor,
-                 scaling: float) -> Tensor:
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, columns: RowColumns, scaling: float) -> Tensor:
         """query [1, heads, N, dim] (row b's query at index b); key, value: a layer's pools [kv_heads, capacity, dim];
-        starts, lengths: [N] int64, row b's columns. Returns [1, N, heads, dim], as `attention.attention` does."""
-        rows = query.shape[2]
-        # The kernel trusts these (a wrong dtype or stride reads the wrong memory), so they are checked at each call.
+        `columns`: each row's. Returns [1, N, heads, dim], as `attention.attention` does."""
+        # The kernel trusts these (a wrong dtype, stride or column reads the wrong memory): checked at each call.
         if not (key.dtype == value.dtype == query.dtype == torch.float32 and key.is_contiguous()
                 and value.is_contiguous() and key.shape == value.shape and key.shape[2] == query.shape[3]
-                and query.shape[1] % key.shape[0] == 0 and starts.dtype == lengths.dtype == torch.int64
-                and starts.is_contiguous() and lengths.is_contiguous() and starts.numel() == lengths.numel() == rows):
-            raise ValueError("the decode attention kernel needs float32 contiguous pools, a query of as many rows "
-                             "as starts and lengths, and int64 starts and lengths")
+                and query.shape[1] % key.shape[0] == 0 and columns.starts.numel() == query.shape[2]
+                and columns.end <= key.shape[1]):
+            raise ValueError("the decode attention kernel needs float32 contiguous pools holding every row's columns "
+                             "and a query of one row per row of columns")
         if torch.autograd._profiler_enabled():  # named for bench/decode_profile.py; a ctypes call is no torch op
             with torch.profiler.record_function(PROFILE_NAME):
-                return self._run(query, key, value, starts, lengths, scaling)
-        return self._run(query, key, value, starts, lengths, scaling)
+                return self._run(query, key, value, columns, scaling)
+        return self._run(query, key, value, columns, scaling)
 
-    def _run(self, query: Tensor, key: Tensor, value: Tensor, starts: Tensor, lengths: Tensor,
-             scaling: float) -> Tensor:
+    def _run(self, query: Tensor, key: Tensor, value: Tensor, columns: RowColumns, scaling: float) -> Tensor:
         kv_heads, capacity, dim = key.shape
         heads, rows = query.shape[1], query.shape[2]
         q = query[0].transpose(0, 1).contiguous()  # [N, heads, dim] = [N, kv_heads, group, dim]
         out = torch.empty_like(q)
-        self.function(q.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, starts.data_ptr(), lengths.data_ptr(),
-                      rows, kv_heads, heads // kv_heads, dim, scaling, torch.get_num_threads(), out.data_ptr())
+        self.function(q.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, columns.starts.data_ptr(),
+                      columns.lengths.data_ptr(), rows, kv_heads, heads // kv_heads, dim, scaling,
+                      torch.get_num_threads(), out.data_ptr())
         return out.unsqueeze(0)
 
     def check(self) -> float:
@@ -118,7 +134,7 @@ class DecodeKernel:
             key[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen)
             value[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen)
         with torch.inference_mode():
-            got = self(query, key, value, torch.tensor(starts), torch.tensor(lengths), dim**-0.5)
+            got = self(query, key, value, RowColumns.of(starts, lengths, key.device), dim**-0.5)
             for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
                 q = query[:, :, b : b + 1].reshape(1, kv_heads, group, dim)
                 want = torch.nn.functional.scaled_dot_product_attention(

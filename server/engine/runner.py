@@ -20,7 +20,7 @@ from torch import Tensor
 
 from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
-from server.engine.attention_kernel import DecodeKernel
+from server.engine.attention_kernel import DecodeKernel, RowColumns
 from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
@@ -166,8 +166,8 @@ class ModelRunner:
             return self.lone_row(rows[0].token, rows[0].position, rows[0].slot)
         layout: attention.Layout
         if self.kernel is not None:
-            layout = attention.KernelDecode(self.kernel, self._tensor([r.slot.start for r in rows]),
-                                            self._tensor([r.position + 1 for r in rows]))
+            layout = attention.KernelDecode(self.kernel, RowColumns.of(
+                [r.slot.start for r in rows], [r.position + 1 for r in rows], self.device))
         else:
             layout = attention.decode_layout([r.slot for r in rows], [r.position + 1 for r in rows],
                                              self.cache.block_tokens, self.device)
