@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,15 +45,42 @@ def runner(base: BaseModel) -> ModelRunner:
                        attention_kernel=True)
 
 
-def both_ways(runner: ModelRunner, rows: list[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's logits through the lean forward, then through transformers' modules (same KV columns)."""
-    lean = runner.decode(rows)
-    kept, runner.lean = runner.lean, None
+def without(runner: ModelRunner, name: str) -> Callable[[list[DecodeRow]], torch.Tensor]:
+    """The runner's decode step with its attribute `name` (`lean`, `kernel`) set to None, as if it had none."""
+
+    def decode(rows: list[DecodeRow]) -> torch.Tensor:
+        kept = getattr(runner, name)
+        setattr(runner, name, None)
+        try:
+            return runner.decode(rows)
+        finally:
+            setattr(runner, name, kept)
+
+    return decode
+
+
+def steps_agree(runner: ModelRunner, lengths: tuple[int, ...],
+                reference: Callable[[list[DecodeRow]], torch.Tensor]) -> None:
+    """Rows of `lengths` prefilled, then three decode steps (each step's keys written by the last): the runner's
+    logits against `reference`'s for the same rows, which writes the same columns again, up to float rounding."""
+    rng = random.Random(len(lengths))
+    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
+    slots = [runner.cache.allocate(n + 8) for n in lengths]
     try:
-        reference = runner.decode(rows)
+        logits = runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]).logits
+        tokens = logits.argmax(-1).tolist()
+        for step in range(3):
+            rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
+            got = runner.decode(rows)
+            want = reference(rows)
+            # float32 rounding only: products and attention sum in other orders. Measured: 2e-5 at most for the
+            # lean forward, 5e-5 for the attention kernel, on logits up to about 20 in magnitude.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            tokens = got.argmax(-1).tolist()
     finally:
-        runner.lean = kept
-    return lean, reference
+        for slot in slots:
+            runner.cache.free(slot)
 
 
 def test_the_default_model_decodes_through_the_lean_forward(runner):
@@ -61,50 +89,15 @@ def test_the_default_model_decodes_through_the_lean_forward(runner):
 
 @pytest.mark.parametrize("lengths", [(64,), (7, 40, 130), (5, 9, 17, 33, 65, 90)])
 def test_lean_logits_equal_the_transformers_forward(runner, lengths):
-    """A lone row and rows of different lengths, over several steps (each step's keys written by the last)."""
-    rng = random.Random(len(lengths))
-    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
-    slots = [runner.cache.allocate(n + 8) for n in lengths]
-    try:
-        logits = runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]).logits
-        tokens = logits.argmax(-1).tolist()
-        for step in range(3):
-            rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
-            lean, reference = both_ways(runner, rows)
-            # float32 rounding only: split_linear sums each product in another order than F.linear. Measured:
-            # 2e-5 at most, on logits up to 19.4 in magnitude (1e-6 of the largest).
-            torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-4)
-            assert torch.equal(lean.argmax(-1), reference.argmax(-1))
-            tokens = lean.argmax(-1).tolist()
-    finally:
-        for slot in slots:
-            runner.cache.free(slot)
+    """A lone row and rows of different lengths, through the lean forward and through transformers' modules."""
+    steps_agree(runner, lengths, without(runner, "lean"))
 
 
 @pytest.mark.parametrize("lengths", [(64,), (7, 40, 130, 1), (5, 9, 17, 33, 65, 90, 300, 2)])
 def test_the_attention_kernel_and_grouped_sdpa_give_the_same_steps(runner, lengths):
     """The runner's decode step with its attention kernel, then with SDPA over grouped slots (as without one)."""
     assert runner.kernel is not None
-    rng = random.Random(len(lengths))
-    prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
-    slots = [runner.cache.allocate(n + 8) for n in lengths]
-    try:
-        logits = runner.prefill([PrefillChunk(p, 0, len(p), s) for p, s in zip(prompts, slots, strict=True)]).logits
-        tokens = logits.argmax(-1).tolist()
-        for step in range(3):
-            rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
-            with_kernel = runner.decode(rows)
-            kept, runner.kernel = runner.kernel, None
-            try:
-                grouped = runner.decode(rows)  # writes the same columns again: same keys, same values
-            finally:
-                runner.kernel = kept
-            torch.testing.assert_close(with_kernel, grouped, rtol=1e-5, atol=1e-4)  # float rounding of the sums
-            assert torch.equal(with_kernel.argmax(-1), grouped.argmax(-1))
-            tokens = with_kernel.argmax(-1).tolist()
-    finally:
-        for slot in slots:
-            runner.cache.free(slot)
+    steps_agree(runner, lengths, without(runner, "kernel"))
 
 
 def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
@@ -114,8 +107,8 @@ def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
     try:
         slot = runner.cache.allocate(80)
         logits = runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)]).logits
-        lean, reference = both_ways(runner, [DecodeRow(int(logits.argmax()), 64, slot)])
-        torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-4)  # rounding, as above
+        rows = [DecodeRow(int(logits.argmax()), 64, slot)]
+        torch.testing.assert_close(runner.decode(rows), without(runner, "lean")(rows), rtol=1e-5, atol=1e-4)
     finally:
         runner.cache = kept
 
