@@ -7,6 +7,8 @@ heads paired to key heads as transformers' `repeat_kv` pairs them.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,8 +120,20 @@ def test_without_a_compiler_it_is_not_built(monkeypatch, caplog):
     assert "no C++ compiler for the decode attention kernel" in caplog.text
 
 
-def test_a_failing_build_is_reported(monkeypatch, caplog):
-    monkeypatch.setattr(attention_kernel, "FLAGS", (*attention_kernel.FLAGS, "-no-such-flag"))
+def test_loading_it_keeps_subnormal_floats(kernel):
+    """Linked with -ffast-math, the library would turn on flush-to-zero for the whole process at load time: torch's
+    float32 arithmetic and Python's own would then round subnormals to zero (and hypothesis refuses to run)."""
+    assert kernel is not None
+    tiny = sys.float_info.min
+    assert tiny / 4 > 0.0
+    subnormal = torch.tensor([1e-39], dtype=torch.float32)
+    assert (subnormal * 0.5).item() > 0.0
+    assert subnormal.item() > 0.0
+
+
+@pytest.mark.parametrize("stage", ["COMPILE_FLAGS", "LINK_FLAGS"])
+def test_a_failing_build_is_reported(monkeypatch, caplog, stage):
+    monkeypatch.setattr(attention_kernel, stage, (*getattr(attention_kernel, stage), "-no-such-flag"))
     assert DecodeKernel.build() is None
     assert "could not build the decode attention kernel" in caplog.text
     assert "no-such-flag" in caplog.text  # the compiler's own message

@@ -14,7 +14,8 @@ columns [start, start + length): no mask, and no column past a row's keys is rea
 sums differs, by float rounding (outputs within about 1e-6 of SDPA's; `check` holds it to `CHECK_ABS`).
 
 Built with the C++ compiler inductor uses, for this CPU (`-march=native`), into a temporary directory
-at every start (about 0.3 s), since a cached library could be loaded by another CPU. Threads: OpenMP,
+at every start (about 0.3 s), since a cached library could be loaded by another CPU. Loading it leaves
+the process's floating-point state alone (no flush-to-zero: see `COMPILE_FLAGS`). Threads: OpenMP,
 in the runtime torch already loaded, as many as torch's. Without a compiler, or if the build or the
 check fails, the runner keeps SDPA and says so.
 """
@@ -37,7 +38,10 @@ from torch._inductor.cpp_builder import get_cpp_compiler  # underscored, but tor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Compiled with -ffast-math (glibc's vectorised expf needs it), linked without it: linking with it adds gcc's
+# crtfastmath.o, whose constructor turns on flush-to-zero for the whole process (torch's arithmetic included).
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c")
+LINK_FLAGS = ("-shared", "-fopenmp")
 PROFILE_NAME = "reft::decode_attention"
 CHECK_ABS = 1e-4  # against SDPA at start-up: float rounding is ~1e-6, a wrong column is O(1)
 
@@ -79,13 +83,14 @@ class DecodeKernel:
             return None
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="reft-attention-") as tmp:
-            library = Path(tmp) / "decode_attention.so"
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(library), "-lm"], capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                log.warning("could not build the decode attention kernel (%s exited %d: %s); decode attention runs "
-                            "through SDPA", compiler, done.returncode, done.stderr.strip()[-500:])
-                return None
+            objects, library = Path(tmp) / "decode_attention.o", Path(tmp) / "decode_attention.so"
+            for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(objects)],
+                            [compiler, *LINK_FLAGS, str(objects), "-o", str(library), "-lm"]):
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    log.warning("could not build the decode attention kernel (%s exited %d: %s); decode attention "
+                                "runs through SDPA", compiler, done.returncode, done.stderr.strip()[-500:])
+                    return None
             function = ctypes.CDLL(str(library)).reft_decode_attention  # mapped: the file may go
         function.argtypes, function.restype = _SIGNATURE, None
         kernel = cls(function)
