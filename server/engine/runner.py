@@ -105,9 +105,10 @@ class ModelRunner:
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
         # Decode attention through a kernel built at start-up, on a CPU over float32 pools (attention_kernel.py);
-        # None where it was not asked for or could not be built: SDPA over grouped slots then.
+        # None where it was not asked for or could not be built: SDPA over grouped slots then. A compiled decode step
+        # has its own attention (attention.indexed_decode), so it is not built for one.
         self.kernel: DecodeKernel | None = None
-        if attention_kernel and self.device.type == "cpu" and cache.dtype == torch.float32:
+        if attention_kernel and not compile_decode and self.device.type == "cpu" and cache.dtype == torch.float32:
             self.kernel = DecodeKernel.build()
         # A lone row's step through a compiled lean forward (compiled.py): on a CPU, where it was measured to pay.
         self.lone_row: CompiledLoneRow | None = None
