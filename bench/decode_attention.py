@@ -3,13 +3,14 @@ of reading the keys and values and against the other ways torch offers to comput
 
     .venv/bin/python bench/decode_attention.py                    # 16 rows of 1,024 keys, the default model's shape
     .venv/bin/python bench/decode_attention.py --rows 4 --context 1024
+    .venv/bin/python bench/decode_attention.py --dtype bfloat16   # pools as `--dtype bfloat16` holds them
 
 Every layer's keys and values sit in a `KVCache` shaped for the default model, each row in its slot as the engine
 places it, so a pass over the layers reads them from memory, not from the CPU's caches, as a decode step does. Each
 way runs over every layer, in rounds that take the ways in turn; the figures are medians over the rounds:
 
 - `read`: the columns attention reads, summed (`Tensor.sum` of each group's keys and values): the cost of reading
-  them, the floor of any attention over float32 keys and values;
+  them, the floor of any attention over those keys and values;
 - `kernel`: `attention.attention` with the runner's `KernelDecode` layout, what the server runs on a CPU;
 - `sdpa`: `attention.attention` with the step's `decode_layout`, what the server runs without the kernel;
 - `bmm`: per key head, the scores as one `bmm` over the rows, a softmax, and a second `bmm` with the values;
@@ -54,9 +55,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--context", type=int, default=1024, help="keys of every row")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the pools' and queries'")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     config = load_base_model().model.config
-    cache = KVCache.for_model(config, torch.float32, torch.device("cpu"), 1 << 31)
+    cache = KVCache.for_model(config, dtype, torch.device("cpu"), 1 << 31)
     heads, kv_heads, dim = config.num_attention_heads, cache.kv_heads, cache.head_dim
     scale = dim**-0.5
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +70,7 @@ def main() -> None:
                 pool[:, slot.start : slot.start + args.context] = torch.randn(kv_heads, args.context, dim,
                                                                              generator=gen)
     layout = attention.decode_layout(slots, [args.context] * args.rows, cache.block_tokens, torch.device("cpu"))
-    queries = [torch.randn(1, heads, args.rows, dim, generator=gen) for _ in range(cache.layers)]
+    queries = [torch.randn(1, heads, args.rows, dim, generator=gen).to(dtype) for _ in range(cache.layers)]
 
     def views(layer: int, group: attention.DecodeGroup) -> tuple[Tensor, Tensor]:
         columns = slice(group.start, group.start + group.slots * group.slot_size)
@@ -106,7 +109,7 @@ def main() -> None:
         return attention.attention(None, q, cache.k[layer], cache.v[layer], None, scaling=scale,
                                    **{attention.LAYOUT_KWARG: layout})[0]
 
-    kernel = DecodeKernel.build()
+    kernel = DecodeKernel.build(heads // kv_heads, dim)
     if kernel is None:
         raise SystemExit("the decode attention kernel could not be built here (the log says why)")
     kernel_layout = attention.KernelDecode(kernel, RowColumns.of([s.start for s in slots], [args.context] * args.rows,
@@ -131,8 +134,9 @@ def main() -> None:
                 if round_:
                     ms[name].append(1000 * (time.perf_counter() - started))
     sdpa_ms = statistics.median(ms["sdpa"])
-    read_bytes = 2 * cache.layers * args.rows * args.context * kv_heads * dim * 4
-    print(f"{args.rows} rows x {args.context} keys, {cache.layers} layers, {torch.get_num_threads()} torch threads; "
+    read_bytes = 2 * cache.layers * args.rows * args.context * kv_heads * dim * dtype.itemsize
+    print(f"{args.rows} rows x {args.context} keys, {args.dtype}, {cache.layers} layers, {torch.get_num_threads()} "
+          "torch threads; "
           f"keys and values read: {read_bytes / 1e6:.0f} MB a step")
     for name, times in ms.items():
         median = statistics.median(times)

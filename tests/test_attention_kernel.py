@@ -18,7 +18,7 @@ from server.engine.attention_kernel import DecodeKernel, RowColumns
 from server.engine.kv_cache import KVCache, Slot
 
 CPU = torch.device("cpu")
-DIM = 16
+DIM = 16  # a head size the kernel has no compiled form for: its run-time loops (`attend_any`)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,14 @@ def kernel() -> DecodeKernel:
     return built
 
 
-def pools(kv_heads: int, tokens: int = 8192) -> KVCache:
-    cache = KVCache(layers=1, kv_heads=kv_heads, head_dim=DIM, dtype=torch.float32, device=CPU,
-                    budget_bytes=tokens * 2 * kv_heads * DIM * 4)
+# Per pool dtype, how close to float32 SDPA over the same stored values: float rounding in float32; in bfloat16, the
+# kernel's result rounded once to the nearest bfloat16 (at most one unit in the last place, 2^-8 relative).
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 8e-3, "atol": 1e-3}}
+
+
+def pools(kv_heads: int, tokens: int = 8192, dtype: torch.dtype = torch.float32, dim: int = DIM) -> KVCache:
+    cache = KVCache(layers=1, kv_heads=kv_heads, head_dim=dim, dtype=dtype, device=CPU,
+                    budget_bytes=tokens * 2 * kv_heads * dim * dtype.itemsize)
     cache.k[0].fill_(float("nan"))
     cache.v[0].fill_(float("nan"))
     return cache
@@ -42,22 +47,24 @@ def rows(cache: KVCache, lengths: list[int], heads: int, seed: int) -> tuple[lis
     slots = [cache.allocate(n + 5) for n in lengths]
     for slot, n in zip(slots, lengths, strict=True):
         for pool in (cache.k[0], cache.v[0]):
-            pool[:, slot.start : slot.start + n] = torch.randn(cache.kv_heads, n, DIM, generator=gen)
-    return slots, torch.randn(1, heads, len(lengths), DIM, generator=gen)
+            pool[:, slot.start : slot.start + n] = torch.randn(cache.kv_heads, n, cache.head_dim, generator=gen)
+    return slots, torch.randn(1, heads, len(lengths), cache.head_dim, generator=gen).to(cache.dtype)
 
 
 def reference(cache: KVCache, slots: list[Slot], lengths: list[int], query: torch.Tensor) -> torch.Tensor:
-    heads = query.shape[1]
+    """SDPA per row in float32 over the stored values (bfloat16 ones widened)."""
+    heads, query = query.shape[1], query.float()
     out = []
     for b, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-        k, v = (pool[:, slot.start : slot.start + n].repeat_interleave(heads // cache.kv_heads, 0)[None]
+        k, v = (pool[:, slot.start : slot.start + n].float().repeat_interleave(heads // cache.kv_heads, 0)[None]
                 for pool in (cache.k[0], cache.v[0]))
-        out.append(F.scaled_dot_product_attention(query[:, :, b : b + 1], k, v, scale=DIM**-0.5)[0, :, 0])
+        out.append(F.scaled_dot_product_attention(query[:, :, b : b + 1], k, v,
+                                                  scale=cache.head_dim**-0.5)[0, :, 0])
     return torch.stack(out)[None]  # [1, rows, heads, dim]
 
 
 def run(layout: attention.Layout, cache: KVCache, query: torch.Tensor) -> torch.Tensor:
-    return attention.attention(torch.nn.Module(), query, cache.k[0], cache.v[0], None, scaling=DIM**-0.5,
+    return attention.attention(torch.nn.Module(), query, cache.k[0], cache.v[0], None, scaling=cache.head_dim**-0.5,
                                **{attention.LAYOUT_KWARG: layout})[0]
 
 
@@ -65,15 +72,30 @@ def kernel_layout(kernel: DecodeKernel, slots: list[Slot], lengths: list[int]) -
     return attention.KernelDecode(kernel, RowColumns.of([s.start for s in slots], lengths, CPU))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [DIM, 64])  # at 64 each group below has a compiled form (`task_for`)
 @pytest.mark.parametrize(("kv_heads", "heads"), [(3, 9), (4, 4), (1, 8)])
 @pytest.mark.parametrize("lengths", [[1], [2, 1], [37, 5, 130, 1, 64], [3000, 17, 700]])
-def test_each_row_gets_sdpa_over_exactly_its_own_columns(kernel, kv_heads, heads, lengths):
-    cache = pools(kv_heads)
+def test_each_row_gets_sdpa_over_exactly_its_own_columns(kernel, kv_heads, heads, lengths, dtype, dim):
+    cache = pools(kv_heads, dtype=dtype, dim=dim)
     slots, query = rows(cache, lengths, heads, seed=len(lengths))
     got = run(kernel_layout(kernel, slots, lengths), cache, query)
-    assert got.shape == (1, len(lengths), heads, DIM)
+    assert got.shape == (1, len(lengths), heads, dim) and got.dtype == dtype
     assert torch.isfinite(got).all(), "a column outside some row's range reached its output"
-    torch.testing.assert_close(got, reference(cache, slots, lengths, query), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), reference(cache, slots, lengths, query), **TOLERANCE[dtype])
+
+
+def test_bfloat16_results_are_rounded_as_torch_rounds(kernel):
+    """Two equal keys: each value weighs exactly 1/2, so the float32 result is exact and its bfloat16 one is
+    torch's rounding of it (to nearest, ties to even), bit for bit."""
+    cache = pools(2, dtype=torch.bfloat16)
+    slots, query = rows(cache, [2], 4, seed=3)
+    start = slots[0].start
+    cache.k[0][:, start + 1] = cache.k[0][:, start]
+    got = run(kernel_layout(kernel, slots, [2]), cache, query)
+    values = cache.v[0][:, start : start + 2].float()
+    want = ((values[:, 0] + values[:, 1]) / 2).to(torch.bfloat16).repeat_interleave(2, 0)  # [heads, dim]
+    assert torch.equal(got[0, 0], want)
 
 
 def test_it_gives_what_the_grouped_sdpa_layout_gives(kernel):
@@ -101,6 +123,8 @@ def test_inputs_it_cannot_read_safely_are_refused(kernel):
     for bad in (
         (query, key.transpose(0, 1).contiguous().transpose(0, 1), value, columns),  # a strided pool
         (query.double(), key, value, columns),
+        (query.bfloat16(), key, value, columns),  # a query of another dtype than the pools'
+        (query.double(), key.double(), value.double(), columns),  # a dtype it has no entry point for
         (query[:, :, :1], key, value, columns),  # fewer queries than rows
         (query, key, value, past_the_pool),
     ):
@@ -143,8 +167,8 @@ def test_a_kernel_that_computes_something_else_is_refused(monkeypatch, tmp_path,
     """The start-up check against SDPA: here the source scales the scores twice over."""
     wrong = tmp_path / "decode_attention.cpp"
     source = attention_kernel.SOURCE.read_text()
-    assert "dot * scale" in source
-    wrong.write_text(source.replace("dot * scale", "dot * scale * 2.f"))
+    assert source.count("* scale;") == 2  # the compiled shapes' loops and the run-time ones
+    wrong.write_text(source.replace("* scale;", "* scale * 2.f;"))
     monkeypatch.setattr(attention_kernel, "SOURCE", wrong)
     assert DecodeKernel.build() is None
     assert "differs from SDPA" in caplog.text

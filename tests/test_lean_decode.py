@@ -60,9 +60,12 @@ def without(runner: ModelRunner, name: str) -> Callable[[list[DecodeRow]], torch
 
 
 def steps_agree(runner: ModelRunner, lengths: tuple[int, ...],
-                reference: Callable[[list[DecodeRow]], torch.Tensor]) -> None:
+                reference: Callable[[list[DecodeRow]], torch.Tensor], *, atol: float = 1e-4) -> None:
     """Rows of `lengths` prefilled, then three decode steps (each step's keys written by the last): the runner's
-    logits against `reference`'s for the same rows, which writes the same columns again, up to float rounding."""
+    logits against `reference`'s for the same rows, which writes the same columns again, up to float rounding.
+
+    float32 rounding by default: products sum in other orders. Measured: 2e-5 at most for the lean forward, on
+    logits up to about 20 in magnitude."""
     rng = random.Random(len(lengths))
     prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
     slots = [runner.cache.allocate(n + 8) for n in lengths]
@@ -73,9 +76,7 @@ def steps_agree(runner: ModelRunner, lengths: tuple[int, ...],
             rows = [DecodeRow(t, n + step, s) for t, n, s in zip(tokens, lengths, slots, strict=True)]
             got = runner.decode(rows)
             want = reference(rows)
-            # float32 rounding only: products and attention sum in other orders. Measured: 2e-5 at most for the
-            # lean forward, 5e-5 for the attention kernel, on logits up to about 20 in magnitude.
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
             assert torch.equal(got.argmax(-1), want.argmax(-1))
             tokens = got.argmax(-1).tolist()
     finally:
@@ -95,9 +96,12 @@ def test_lean_logits_equal_the_transformers_forward(runner, lengths):
 
 @pytest.mark.parametrize("lengths", [(64,), (7, 40, 130, 1), (5, 9, 17, 33, 65, 90, 300, 2)])
 def test_the_attention_kernel_and_grouped_sdpa_give_the_same_steps(runner, lengths):
-    """The runner's decode step with its attention kernel, then with SDPA over grouped slots (as without one)."""
+    """The runner's decode step with its attention kernel, then with SDPA over grouped slots (as without one).
+
+    Float rounding, grown over 30 layers: logits 5e-5 apart at most on the AMD EPYC, 3.5e-4 on a Xeon, where the
+    kernel's attention alone was closer to float64's than SDPA's (1-2e-6 against 3-5e-6)."""
     assert runner.kernel is not None
-    steps_agree(runner, lengths, without(runner, "kernel"))
+    steps_agree(runner, lengths, without(runner, "kernel"), atol=1e-3)
 
 
 def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):

@@ -12,6 +12,9 @@ plain read (and 0.45x at 32 rows of 64 keys; 2-core AMD EPYC, the default model'
 What it computes is SDPA's result for one query per row, in float32, each row against exactly its own
 columns [start, start + length): no mask, and no column past a row's keys is read. Only the order of its
 sums differs, by float rounding (outputs within about 1e-6 of SDPA's; `check` holds it to `CHECK_ABS`).
+Over bfloat16 pools (`--dtype bfloat16`) it reads the stored values, computes in float32 and rounds the
+result once; SDPA's CPU kernel also rounds its probabilities to bfloat16 before the values' product, so
+the two differ by about one bfloat16 rounding of the result (`CHECK_ABS_BF16`).
 
 Built with the C++ compiler inductor uses, for this CPU (`-march=native`), into a temporary directory
 at every start (about 0.3 s), since a cached library could be loaded by another CPU. Loading it leaves
@@ -44,6 +47,8 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c
 LINK_FLAGS = ("-shared", "-fopenmp")
 PROFILE_NAME = "reft::decode_attention"
 CHECK_ABS = 1e-4  # against SDPA at start-up: float rounding is ~1e-6, a wrong column is O(1)
+CHECK_ABS_BF16 = 2e-2  # bfloat16 results of |x| < 4 are 1/64 apart; a wrong column is O(1)
+ENTRY_POINTS = {torch.float32: "reft_decode_attention", torch.bfloat16: "reft_decode_attention_bf16"}
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURE = [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int, _ptr]
@@ -70,11 +75,12 @@ class RowColumns:
 class DecodeKernel:
     """The loaded kernel: `__call__` is one layer's decode attention for every row of a step."""
 
-    function: ctypes._CFuncPtr
+    functions: dict[torch.dtype, ctypes._CFuncPtr]  # per storage dtype of the pools (`ENTRY_POINTS`)
 
     @classmethod
-    def build(cls) -> DecodeKernel | None:
-        """Compile and load the kernel, then `check` it; None (and a warning) where that fails."""
+    def build(cls, group: int = 3, dim: int = 64) -> DecodeKernel | None:
+        """Compile and load the kernel, then `check` it at the model's shape (query heads per key head, head size;
+        the default model's by default) in both dtypes; None (and a warning) where that fails."""
         try:
             compiler = get_cpp_compiler()
         except Exception as exc:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its probe raises
@@ -91,14 +97,17 @@ class DecodeKernel:
                     log.warning("could not build the decode attention kernel (%s exited %d: %s); decode attention "
                                 "runs through SDPA", compiler, done.returncode, done.stderr.strip()[-500:])
                     return None
-            function = ctypes.CDLL(str(library)).reft_decode_attention  # mapped: the file may go
-        function.argtypes, function.restype = _SIGNATURE, None
-        kernel = cls(function)
-        error = kernel.check()
-        if not error <= CHECK_ABS:
-            log.warning("the decode attention kernel differs from SDPA by %.3g; decode attention runs through SDPA",
-                        error)
-            return None
+            loaded = ctypes.CDLL(str(library))  # mapped: the file may go
+        functions = {dtype: getattr(loaded, name) for dtype, name in ENTRY_POINTS.items()}
+        for function in functions.values():
+            function.argtypes, function.restype = _SIGNATURE, None
+        kernel = cls(functions)
+        for dtype, limit in ((torch.float32, CHECK_ABS), (torch.bfloat16, CHECK_ABS_BF16)):
+            error = kernel.check(dtype, group, dim)
+            if not error <= limit:
+                log.warning("the decode attention kernel differs from SDPA by %.3g in %s; decode attention runs "
+                            "through SDPA", error, dtype)
+                return None
         log.info("decode attention kernel built and checked in %.1f s", time.perf_counter() - started)
         return kernel
 
@@ -106,12 +115,12 @@ class DecodeKernel:
         """query [1, heads, N, dim] (row b's query at index b); key, value: a layer's pools [kv_heads, capacity, dim];
         `columns`: each row's. Returns [1, N, heads, dim], as `attention.attention` does."""
         # The kernel trusts these (a wrong dtype, stride or column reads the wrong memory): checked at each call.
-        if not (key.dtype == value.dtype == query.dtype == torch.float32 and key.is_contiguous()
+        if not (key.dtype == value.dtype == query.dtype and key.dtype in self.functions and key.is_contiguous()
                 and value.is_contiguous() and key.shape == value.shape and key.shape[2] == query.shape[3]
                 and query.shape[1] % key.shape[0] == 0 and columns.starts.numel() == query.shape[2]
                 and columns.end <= key.shape[1]):
-            raise ValueError("the decode attention kernel needs float32 contiguous pools holding every row's columns "
-                             "and a query of one row per row of columns")
+            raise ValueError("the decode attention kernel needs float32 or bfloat16 contiguous pools holding every "
+                             "row's columns and a query of their dtype, one row per row of columns")
         if torch.autograd._profiler_enabled():  # named for bench/decode_profile.py; a ctypes call is no torch op
             with torch.profiler.record_function(PROFILE_NAME):
                 return self._run(query, key, value, columns, scaling)
@@ -122,27 +131,28 @@ class DecodeKernel:
         heads, rows = query.shape[1], query.shape[2]
         q = query[0].transpose(0, 1).contiguous()  # [N, heads, dim] = [N, kv_heads, group, dim]
         out = torch.empty_like(q)
-        self.function(q.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, columns.starts.data_ptr(),
-                      columns.lengths.data_ptr(), rows, kv_heads, heads // kv_heads, dim, scaling,
-                      torch.get_num_threads(), out.data_ptr())
+        self.functions[key.dtype](q.data_ptr(), key.data_ptr(), value.data_ptr(), capacity,
+                                  columns.starts.data_ptr(), columns.lengths.data_ptr(), rows, kv_heads,
+                                  heads // kv_heads, dim, scaling, torch.get_num_threads(), out.data_ptr())
         return out.unsqueeze(0)
 
-    def check(self) -> float:
-        """Largest difference from SDPA over rows of 1 to 300 keys in a pool whose other columns hold NaN."""
+    def check(self, dtype: torch.dtype = torch.float32, group: int = 3, dim: int = 64) -> float:
+        """Largest difference from SDPA (in float32, over the same stored values) over rows of 1 to 300 keys in a
+        pool of `dtype` whose other columns hold NaN, `group` query heads per key head of `dim` values."""
         gen = torch.Generator().manual_seed(0)
-        kv_heads, group, dim, capacity = 3, 3, 64, 1024
-        key, value = (torch.full((kv_heads, capacity, dim), float("nan")) for _ in range(2))
+        kv_heads, capacity = 3, 1024
+        key, value = (torch.full((kv_heads, capacity, dim), float("nan"), dtype=dtype) for _ in range(2))
         starts, lengths = [5, 400, 700], [1, 300, 77]
-        query = torch.randn(1, kv_heads * group, len(starts), dim, generator=gen)
+        query = torch.randn(1, kv_heads * group, len(starts), dim, generator=gen).to(dtype)
         error = 0.0
         for s, n in zip(starts, lengths, strict=True):
-            key[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen)
-            value[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen)
+            key[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen).to(dtype)
+            value[:, s : s + n] = torch.randn(kv_heads, n, dim, generator=gen).to(dtype)
         with torch.inference_mode():
-            got = self(query, key, value, RowColumns.of(starts, lengths, key.device), dim**-0.5)
+            got = self(query, key, value, RowColumns.of(starts, lengths, key.device), dim**-0.5).float()
             for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
-                q = query[:, :, b : b + 1].reshape(1, kv_heads, group, dim)
+                q = query[:, :, b : b + 1].reshape(1, kv_heads, group, dim).float()
                 want = torch.nn.functional.scaled_dot_product_attention(
-                    q, key[None, :, s : s + n], value[None, :, s : s + n], scale=dim**-0.5)
+                    q, key[None, :, s : s + n].float(), value[None, :, s : s + n].float(), scale=dim**-0.5)
                 error = max(error, (got[0, b] - want.reshape(-1, dim)).abs().max().item())
         return error

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from server.engine import attention
 from server.engine.adapter_cache import ResidentAdapter
-from server.engine.attention_kernel import DecodeKernel, RowColumns
+from server.engine.attention_kernel import ENTRY_POINTS, DecodeKernel, RowColumns
 from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
@@ -104,12 +104,12 @@ class ModelRunner:
         self.head = self.lean.head if self.lean is not None else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
-        # Decode attention through a kernel built at start-up, on a CPU over float32 pools (attention_kernel.py);
-        # None where it was not asked for or could not be built: SDPA over grouped slots then. A compiled decode step
-        # has its own attention (attention.indexed_decode), so it is not built for one.
+        # Decode attention through a kernel built at start-up, on a CPU over float32 or bfloat16 pools
+        # (attention_kernel.py); None where it was not asked for or could not be built: SDPA over grouped slots then.
+        # A compiled decode step has its own attention (attention.indexed_decode), so it is not built for one.
         self.kernel: DecodeKernel | None = None
-        if attention_kernel and not compile_decode and self.device.type == "cpu" and cache.dtype == torch.float32:
-            self.kernel = DecodeKernel.build()
+        if attention_kernel and not compile_decode and self.device.type == "cpu" and cache.dtype in ENTRY_POINTS:
+            self.kernel = DecodeKernel.build(*_attention_shape(self.model.config))
         # A lone row's step through a compiled lean forward (compiled.py): on a CPU, where it was measured to pay.
         self.lone_row: CompiledLoneRow | None = None
         if compile_single and self.lean is not None and self.device.type == "cpu":
@@ -204,6 +204,13 @@ class ModelRunner:
             return self.model(**inputs, logits_to_keep=keep).logits[0].float()
         hidden = self.model.model(**inputs).last_hidden_state[0]
         return self.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
+
+
+def _attention_shape(config: object) -> tuple[int, int]:
+    """A model's query heads per key head and head size."""
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads // getattr(config, "num_key_value_heads", heads), dim
 
 
 def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
