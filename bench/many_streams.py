@@ -4,6 +4,7 @@ turned off, side by side, and where the served step's time goes.
 
     .venv/bin/python bench/many_streams.py                      # 16 rows of 1,024-token contexts
     .venv/bin/python bench/many_streams.py --rows 32 --context 64
+    .venv/bin/python bench/many_streams.py --dtype bfloat16     # as `--dtype bfloat16` serves it
 
 The three runners share the model and one KV cache: every row's prompt is prefilled once, then the
 steps take turns, each feeding the same token at the same position of every row (so each writes the
@@ -39,8 +40,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of every row")
     ap.add_argument("--steps", type=int, default=20, help="timed steps of each side")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
-    base = load_base_model()
+    base = load_base_model(dtype=args.dtype)
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 31)
     sides = {"served": ModelRunner(base, cache, pack_weights=True, attention_kernel=True),
              "no packed copies": ModelRunner(base, cache, attention_kernel=True),
@@ -62,7 +64,8 @@ def main() -> None:
             if step >= 3:  # the first steps warm caches and oneDNN's primitives
                 times[name].append(time.perf_counter() - started)
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    print(f"{args.rows} rows x {args.context} keys, {torch.get_num_threads()} torch threads; packed copies: "
+    print(f"{args.rows} rows x {args.context} keys, {args.dtype}, {torch.get_num_threads()} torch threads; "
+          f"packed copies: "
           f"{sides['served'].lean.packed_bytes / 2**20:.0f} MiB")
     for name in sides:
         versus = "" if name == "served" else (

@@ -94,6 +94,29 @@ def test_lean_logits_equal_the_transformers_forward(runner, lengths):
     steps_agree(runner, lengths, without(runner, "lean"))
 
 
+@pytest.fixture(scope="module")
+def bf16_runner() -> ModelRunner:
+    """The default model in bfloat16, as `--dtype bfloat16` runs it on a CPU."""
+    if not lean_decode.bfloat16_products():
+        pytest.skip("this CPU has neither avx512_bf16 nor AMX: oneDNN has no bfloat16 products here")
+    base = load_base_model(dtype="bfloat16")
+    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 25), pack_weights=True,
+                       attention_kernel=True, compile_single=True)
+
+
+def test_bfloat16_keeps_the_lone_row_step_eager(bf16_runner):
+    """Compiled, its logits would part from the eager step's by more than a check could tell from a wrong step."""
+    assert bf16_runner.lone_row is None
+
+
+@pytest.mark.parametrize("lengths", [(64,), (7, 40, 130), (5, 9, 17, 33, 65, 90)])
+def test_bfloat16_lean_logits_equal_the_transformers_forward(bf16_runner, lengths):
+    """In bfloat16 each op is transformers' own; only the fused products could sum in another order. Measured equal
+    bit for bit on a Xeon with AMX; allowed: a few units in the last place of logits near 30 (0.125 each)."""
+    assert bf16_runner.lean is not None and bf16_runner.kernel is not None
+    steps_agree(bf16_runner, lengths, without(bf16_runner, "lean"), atol=0.5)
+
+
 @pytest.mark.parametrize("lengths", [(64,), (7, 40, 130, 1), (5, 9, 17, 33, 65, 90, 300, 2)])
 def test_the_attention_kernel_and_grouped_sdpa_give_the_same_steps(runner, lengths):
     """The runner's decode step with its attention kernel, then with SDPA over grouped slots (as without one).
@@ -147,6 +170,27 @@ def tiny_llama(**overrides: object) -> LlamaForCausalLM:
 def test_models_it_does_not_fit_decode_through_transformers(overrides):
     assert lean_decode.supports(tiny_llama())
     assert not lean_decode.supports(tiny_llama(**overrides))
+
+
+def test_bfloat16_decodes_lean_only_where_the_cpu_has_bfloat16_products():
+    assert lean_decode.supports(tiny_llama().to(torch.bfloat16)) == lean_decode.bfloat16_products()
+    assert not lean_decode.supports(tiny_llama().to(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_norm_is_transformers_rmsnorm(dtype):
+    """Bit for bit in bfloat16, where transformers rounds the normalised states before the weight's product."""
+    model = tiny_llama().to(dtype)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight.data = torch.randn(32).to(dtype)
+    lean = lean_decode.LeanDecode(model)
+    h = (torch.randn(5, 32) * 3).to(dtype)
+    with torch.inference_mode():
+        got, want = lean.norm(h, norm.weight), norm(h)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -10,7 +10,8 @@ hooks, keyword plumbing). This forward computes the same functions with the same
   of one fused tensor per layer (`fuse_projections`), so prefill, training and the reference
   forwards read the same memory and no weight is held twice;
 - RMSNorm as `torch.rms_norm` (one fused op, float32 throughout like transformers' five; the step's
-  logits came out equal to transformers' on the default model, tested to 1e-5);
+  logits came out equal to transformers' on the default model, tested to 1e-5); in bfloat16, as
+  transformers rounds it: normalised in float32, rounded to bfloat16, then times the weight;
 - rotary applied to q and k together, `rotate_half` as a flip of the two halves times a sine whose
   first half is negated (the same products and sum as transformers', bit for bit);
 - attention through `attention.attention` with the runner's layout, as every other step;
@@ -21,6 +22,10 @@ hooks, keyword plumbing). This forward computes the same functions with the same
 
 Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
 none runs here. Models this does not fit (`supports` says which) decode through transformers.
+
+float32 everywhere; bfloat16 (`--dtype bfloat16`) on a CPU, where oneDNN runs its products on AMX or
+avx512_bf16: each op is transformers' own in bfloat16, so the two forwards part by the products' summation
+order only. bfloat16 on a GPU keeps transformers' forward (the lean one has never run on a GPU in bfloat16).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ from server.engine.kv_cache import KVCache
 SPLIT_ROWS = 4
 SPLIT_ROWS_PACKED = 2
 PACK_HINT_ROWS = 16
+# The same in bfloat16 (bench/matvec.py --dtype bfloat16 on a 2-core Xeon with AMX, torch 2.13), where oneDNN's
+# products of a few rows cost 60-80 us each whatever the weight's size: over the weight as it is, split products
+# took less time in all up to 32 rows (the most measured); over the packed copy, up to 2 (from 4, packed ones).
+SPLIT_ROWS_BF16 = 32
+SPLIT_ROWS_PACKED_BF16 = 2
 
 
 def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -68,8 +78,18 @@ def packed_weight(weight: Tensor) -> Tensor:
 
 
 def has_onednn_linear(weight: Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN's product is there for `weight`: on a CPU, in float32, or in bfloat16 where the CPU has the
+    instructions oneDNN needs for it (avx512_bf16 or AMX)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and bfloat16_products())
+
+
+def bfloat16_products() -> bool:
+    """oneDNN computes bfloat16 products natively on this CPU (without, it emulates them, slower than float32)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class InferenceLinear(nn.Linear):
@@ -120,6 +140,8 @@ class Product:
             onednn = packed_weight(weight) if pack else weight
         blocks = weight.view(threads, -1, weight.shape[1]) if split else None
         packed = onednn is not None and onednn is not weight
+        if weight.dtype == torch.bfloat16:
+            return cls(weight, blocks, onednn, SPLIT_ROWS_PACKED_BF16 if packed else SPLIT_ROWS_BF16)
         return cls(weight, blocks, onednn, SPLIT_ROWS_PACKED if packed else SPLIT_ROWS)
 
     @property
@@ -151,13 +173,13 @@ class _Layer:
 
 
 def supports(model: nn.Module) -> bool:
-    """A float32 Llama decoder with no biases, SiLU, plain RoPE and untouched projections.
-
-    float32 only: in bfloat16 transformers' RMSNorm rounds before its weight and `torch.rms_norm` after,
-    so the two forwards would part by a rounding step.
-    """
+    """A Llama decoder with no biases, SiLU, plain RoPE and untouched projections, in float32 or (on a CPU
+    whose oneDNN has bfloat16 products) in bfloat16."""
     cfg = model.config
-    if model.dtype != torch.float32:
+    if model.dtype == torch.bfloat16:
+        if model.device.type != "cpu" or not bfloat16_products():
+            return False
+    elif model.dtype != torch.float32:
         return False
     if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         return False
@@ -224,6 +246,13 @@ class LeanDecode:
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
 
+    def norm(self, h: Tensor, weight: Tensor) -> Tensor:
+        """The model's RMSNorm, transformers' arithmetic: in float32 throughout; in bfloat16, normalised in float32
+        and rounded before the weight's product, where `torch.rms_norm` would round after it."""
+        if h.dtype == torch.float32:
+            return torch.rms_norm(h, h.shape[-1:], weight, self.eps)
+        return torch.rms_norm(h.float(), h.shape[-1:], None, self.eps).to(h.dtype) * weight
+
     @property
     def packed_bytes(self) -> int:
         """Bytes of the packed weight copies this forward holds beyond the model's own."""
@@ -259,7 +288,7 @@ class LeanDecode:
         cos, sin = cos[0, :, None], (sin[0] * self._sign)[:, None]  # [N, 1, d]: broadcast over heads
         qk_heads = heads + kv_heads
         for i, layer in enumerate(self.layers):
-            x = torch.rms_norm(h, h.shape[-1:], layer.input_norm, self.eps)
+            x = self.norm(h, layer.input_norm)
             qkv = layer.qkv(x).view(n, qk_heads + kv_heads, d)
             qk = qkv[:, :qk_heads]
             # rotate_half(x) * sin == flip(halves of x) * (sin with its first half negated)
@@ -271,8 +300,8 @@ class LeanDecode:
             q = qk[:, :heads].transpose(0, 1).unsqueeze(0)  # [1, heads, N, d], as transformers hands it over
             o = attend(layer, q, pool_k, pool_v)  # [1, N, heads, d]
             h = h + layer.o(o.reshape(n, heads * d))
-            x = torch.rms_norm(h, h.shape[-1:], layer.post_norm, self.eps)
+            x = self.norm(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
-        h = torch.rms_norm(h, h.shape[-1:], self.final_norm, self.eps)
+        h = self.norm(h, self.final_norm)
         return self.head(h).float()
