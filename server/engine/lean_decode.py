@@ -30,6 +30,7 @@ order only. bfloat16 on a GPU keeps transformers' forward (the lean one has neve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,9 +88,13 @@ def has_onednn_linear(weight: Tensor) -> bool:
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and bfloat16_products())
 
 
+@functools.cache
 def bfloat16_products() -> bool:
-    """oneDNN computes bfloat16 products natively on this CPU (without, it emulates them, slower than float32)."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """oneDNN computes bfloat16 products natively on this CPU: with AMX or avx512_bf16. (torch's own check,
+    `_is_mkldnn_bf16_supported`, also admits any AVX-512 CPU, where oneDNN emulates them, slower than float32.)"""
+    capability = torch._C._cpu._get_cpu_capability()  # underscored, but torch is pinned
+    native = bool(capability.get("amx_bf16") or capability.get("avx512_bf16"))
+    return native and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class InferenceLinear(nn.Linear):
