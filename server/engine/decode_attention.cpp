@@ -128,31 +128,26 @@ void attend_any(const T* query, const T* keys, const T* values, int64_t n, int64
     for (int64_t i = 0; i < group * dim; i++) store(sums[i], result + i);
 }
 
-using Task = void (*)(const void*, const void*, const void*, int64_t, float, float*, void*);
-
-template <typename T, int64_t G, int64_t D>
-void task_of(const void* q, const void* k, const void* v, int64_t n, float scale, float* scores, void* out) {
-    attend_task<T, G, D>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), n, scale,
-                         scores, static_cast<T*>(out));
-}
+template <typename T>
+using Task = void (*)(const T*, const T*, const T*, int64_t, float, float*, T*);
 
 // (group, head size) of common Llama-family models, compiled for: SmolLM2 135M and 360M (3, 64), SmolLM2 1.7B
 // (1, 64), TinyLlama (8, 64), Llama 3 8B (4, 128); nullptr for any other, which `attend_any` computes.
 template <typename T>
-Task task_for(int64_t group, int64_t dim) {
+Task<T> task_for(int64_t group, int64_t dim) {
     if (dim == 64) {
         switch (group) {
-            case 1: return task_of<T, 1, 64>;
-            case 2: return task_of<T, 2, 64>;
-            case 3: return task_of<T, 3, 64>;
-            case 4: return task_of<T, 4, 64>;
-            case 8: return task_of<T, 8, 64>;
+            case 1: return attend_task<T, 1, 64>;
+            case 2: return attend_task<T, 2, 64>;
+            case 3: return attend_task<T, 3, 64>;
+            case 4: return attend_task<T, 4, 64>;
+            case 8: return attend_task<T, 8, 64>;
         }
     } else if (dim == 128) {
         switch (group) {
-            case 1: return task_of<T, 1, 128>;
-            case 4: return task_of<T, 4, 128>;
-            case 8: return task_of<T, 8, 128>;
+            case 1: return attend_task<T, 1, 128>;
+            case 4: return attend_task<T, 4, 128>;
+            case 8: return attend_task<T, 8, 128>;
         }
     }
     return nullptr;
@@ -161,7 +156,7 @@ Task task_for(int64_t group, int64_t dim) {
 template <typename T>
 void attend(const T* q, const T* k, const T* v, int64_t capacity, const int64_t* starts, const int64_t* lengths,
             int64_t rows, int64_t kv_heads, int64_t group, int64_t dim, float scale, int threads, T* out) {
-    const Task task = task_for<T>(group, dim);
+    const Task<T> task = task_for<T>(group, dim);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < rows * kv_heads; t++) {
         const int64_t row = t / kv_heads, head = t % kv_heads, n = lengths[row];

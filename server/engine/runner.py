@@ -109,7 +109,7 @@ class ModelRunner:
         # A compiled decode step has its own attention (attention.indexed_decode), so it is not built for one.
         self.kernel: DecodeKernel | None = None
         if attention_kernel and not compile_decode and self.device.type == "cpu" and cache.dtype in ENTRY_POINTS:
-            self.kernel = DecodeKernel.build(*_attention_shape(self.model.config))
+            self.kernel = DecodeKernel.build(self.model.config.num_attention_heads // cache.kv_heads, cache.head_dim)
         # A lone row's step through a compiled lean forward (compiled.py): on a CPU in float32, where it was measured
         # to pay. Not in bfloat16: inductor keeps fused intermediates in float32 where the eager step rounds each op,
         # so the two steps' logits part by up to several units, more than a check could tell from a wrong result,
@@ -207,13 +207,6 @@ class ModelRunner:
             return self.model(**inputs, logits_to_keep=keep).logits[0].float()
         hidden = self.model.model(**inputs).last_hidden_state[0]
         return self.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
-
-
-def _attention_shape(config: object) -> tuple[int, int]:
-    """A model's query heads per key head and head size."""
-    heads = config.num_attention_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads // getattr(config, "num_key_value_heads", heads), dim
 
 
 def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
