@@ -48,7 +48,7 @@ class Settings(BaseSettings):
                           "of 3 or more rows (many streams): 1.5-2x faster products, for the weights' bytes again "
                           "(513 MiB with the default model)")
     attention_kernel: bool = Field(
-        True, description="on a CPU, decode attention through a small C++ kernel built at start-up (about 0.3 s; "
+        True, description="on a CPU, decode attention through a small C++ kernel built at start-up (about 0.7 s; "
                           "needs a C++ compiler, else SDPA): half SDPA's time for many streams")
     prefix_cache: bool = Field(
         True, description="keep the KV of full prompt blocks after their request and reuse it for prompts that start "

@@ -8,8 +8,8 @@ heads sharing a key head), where BLAS is slow. Every other way torch offers was 
 torch.compile, oneDNN's matmul per row). The kernel reads each row's keys once for all the query heads
 that share them, then its values once: at 16 rows of 1,024 keys it took 0.56x SDPA's time, 1.16x the
 plain read (and 0.45x at 32 rows of 64 keys; 2-core AMD EPYC, the default model's shape); 0.83x SDPA's
-time on a 2-core Xeon, where the loops must have the group and head size as compile-time constants
-(`decode_attention.cpp` says why and for which shapes).
+time on a 2-core Xeon, where the loops must have the group and head size as compile-time constants:
+it is built for the served model's shape (`decode_attention.cpp` says why).
 
 What it computes is SDPA's result for one query per row, in float32, each row against exactly its own
 columns [start, start + length): no mask, and no column past a row's keys is read. Only the order of its
@@ -19,7 +19,7 @@ result once; SDPA's CPU kernel also rounds its probabilities to bfloat16 before 
 the two differ by about one bfloat16 rounding of the result (`CHECK_ABS_BF16`).
 
 Built with the C++ compiler inductor uses, for this CPU (`-march=native`), into a temporary directory
-at every start (about 0.3 s), since a cached library could be loaded by another CPU. Loading it leaves
+at every start (about 0.7 s), since a cached library could be loaded by another CPU. Loading it leaves
 the process's floating-point state alone (no flush-to-zero: see `COMPILE_FLAGS`). Threads: OpenMP,
 in the runtime torch already loaded, as many as torch's. Without a compiler, or if the build or the
 check fails, the runner keeps SDPA and says so.
@@ -92,7 +92,8 @@ class DecodeKernel:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="reft-attention-") as tmp:
             objects, library = Path(tmp) / "decode_attention.o", Path(tmp) / "decode_attention.so"
-            for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(objects)],
+            shape = (f"-DREFT_GROUP={group}", f"-DREFT_DIM={dim}")  # the loops compiled for this shape
+            for command in ([compiler, *COMPILE_FLAGS, *shape, str(SOURCE), "-o", str(objects)],
                             [compiler, *LINK_FLAGS, str(objects), "-o", str(library), "-lm"]):
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:

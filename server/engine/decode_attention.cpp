@@ -19,6 +19,14 @@
 #include <cstring>
 #include <limits>
 
+// The served model's query heads per key head and head size, given by attention_kernel.py at build time.
+#ifndef REFT_GROUP
+#define REFT_GROUP 3
+#endif
+#ifndef REFT_DIM
+#define REFT_DIM 64
+#endif
+
 namespace {
 
 using bf16 = uint16_t;
@@ -63,7 +71,8 @@ void softmax(float* scores, int64_t group, int64_t n) {
 // One (row, key head) task: G query heads of D values each against n keys, in `scores` [G, n]. G and D are
 // compile-time constants, so that a key's G dot products and a value's G sums stay in registers across the head
 // dimension; with run-time sizes the compiler reloaded them at every step (1.5x the time on a Xeon, 16 rows of
-// 1,024 keys). `attend` instantiates it for the shapes of common Llama models.
+// 1,024 keys). `attend` instantiates it for the served model's shape only (REFT_GROUP, REFT_DIM): each further
+// shape costs start-up compile time (eight shapes took 2.0 s to build, one 0.7 s).
 template <typename T, int64_t G, int64_t D>
 void attend_task(const T* query, const T* keys, const T* values, int64_t n, float scale, float* scores, T* result) {
     float q[G][D], sums[G][D];
@@ -97,7 +106,7 @@ void attend_task(const T* query, const T* keys, const T* values, int64_t n, floa
     }
 }
 
-// The same for sizes known at run time only: any other model's shape.
+// The same for sizes known at run time only: any other shape.
 template <typename T>
 void attend_any(const T* query, const T* keys, const T* values, int64_t n, int64_t group, int64_t dim, float scale,
                 float* scores, T* result) {
@@ -129,34 +138,9 @@ void attend_any(const T* query, const T* keys, const T* values, int64_t n, int64
 }
 
 template <typename T>
-using Task = void (*)(const T*, const T*, const T*, int64_t, float, float*, T*);
-
-// (group, head size) of common Llama-family models, compiled for: SmolLM2 135M and 360M (3, 64), SmolLM2 1.7B
-// (1, 64), TinyLlama (8, 64), Llama 3 8B (4, 128); nullptr for any other, which `attend_any` computes.
-template <typename T>
-Task<T> task_for(int64_t group, int64_t dim) {
-    if (dim == 64) {
-        switch (group) {
-            case 1: return attend_task<T, 1, 64>;
-            case 2: return attend_task<T, 2, 64>;
-            case 3: return attend_task<T, 3, 64>;
-            case 4: return attend_task<T, 4, 64>;
-            case 8: return attend_task<T, 8, 64>;
-        }
-    } else if (dim == 128) {
-        switch (group) {
-            case 1: return attend_task<T, 1, 128>;
-            case 4: return attend_task<T, 4, 128>;
-            case 8: return attend_task<T, 8, 128>;
-        }
-    }
-    return nullptr;
-}
-
-template <typename T>
 void attend(const T* q, const T* k, const T* v, int64_t capacity, const int64_t* starts, const int64_t* lengths,
             int64_t rows, int64_t kv_heads, int64_t group, int64_t dim, float scale, int threads, T* out) {
-    const Task<T> task = task_for<T>(group, dim);
+    const bool fixed = group == REFT_GROUP && dim == REFT_DIM;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < rows * kv_heads; t++) {
         const int64_t row = t / kv_heads, head = t % kv_heads, n = lengths[row];
@@ -168,8 +152,9 @@ void attend(const T* q, const T* k, const T* v, int64_t capacity, const int64_t*
             continue;
         }
         const int64_t first = (head * capacity + starts[row]) * dim;
-        if (task != nullptr) {
-            task(q + t * group * dim, k + first, v + first, n, scale, scores, result);
+        if (fixed) {
+            attend_task<T, REFT_GROUP, REFT_DIM>(q + t * group * dim, k + first, v + first, n, scale, scores,
+                                                 result);
         } else {
             attend_any(q + t * group * dim, k + first, v + first, n, group, dim, scale, scores, result);
         }
