@@ -171,7 +171,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     base = load_base_model()
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27)
     runner = ModelRunner(base, cache, compile_decode=mode == "compiled-all", compile_single=mode == "compiled",
-                         pack_weights=True, max_rows=32)  # as `make serve`; one row never reads the packed copies
+                         pack_weights=True, attention_kernel=True, max_rows=32)  # as `make serve`
     started = time.perf_counter()
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": mode == "compiled"}):
         runner.warm_up()
@@ -209,7 +209,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
                 cpu[n].append(time.thread_time() - c)
     torch.set_num_threads(threads[0])  # the profiled run: the first count asked for
     # Ranges around the model's forward and the layout, so that the runner's own ops stand apart.
-    kept_layout = attention.decode_layout
+    kept_layout, kept_lean = attention.decode_layout, runner.lean
     attention.decode_layout = _ranged("layout", kept_layout)
     if runner.compiled is not None:
         runner.compiled._step = _ranged("model", runner.compiled._step)
@@ -226,7 +226,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
                 step(True)
             profiled_ms = (time.perf_counter() - t) * 1000 / profiled_steps
     finally:
-        attention.decode_layout = kept_layout
+        attention.decode_layout, runner.lean = kept_layout, kept_lean
     breakdown, calls = attribute(prof, profiled_steps)
     cache.free(slot)
     scheduler_ms, engine_step_ms = _scheduler_ms_per_token(base, runner, prompt, steps)

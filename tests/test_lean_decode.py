@@ -40,9 +40,11 @@ def base() -> BaseModel:
 @pytest.fixture(scope="module")
 def runner(base: BaseModel) -> ModelRunner:
     """With packed weight copies and the attention kernel, as the server runs by default (`Settings.packed_weights`,
-    `Settings.attention_kernel`)."""
-    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26), pack_weights=True,
-                       attention_kernel=True)
+    `Settings.attention_kernel`), and warmed up as at start-up: its product forms timed on this CPU."""
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26),
+                         pack_weights=True, attention_kernel=True)
+    runner.warm_up()
+    return runner
 
 
 def without(runner: ModelRunner, name: str) -> Callable[[list[DecodeRow]], torch.Tensor]:
@@ -100,8 +102,10 @@ def bf16_runner() -> ModelRunner:
     if not lean_decode.bfloat16_products():
         pytest.skip("this CPU has neither avx512_bf16 nor AMX: oneDNN has no bfloat16 products here")
     base = load_base_model(dtype="bfloat16")
-    return ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 25), pack_weights=True,
-                       attention_kernel=True, compile_single=True)
+    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 25),
+                         pack_weights=True, attention_kernel=True, compile_single=True)
+    runner.warm_up()
+    return runner
 
 
 def test_bfloat16_keeps_the_lone_row_step_eager(bf16_runner):
@@ -223,6 +227,46 @@ def test_packed_products_equal_f_linear_and_split_only_up_to_two_rows(rows):
     x = torch.randn(rows, 40)
     torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(packed(x), plain(x), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_every_form_of_a_product_equals_f_linear_up_to_rounding(pack):
+    weight = torch.randn(96, 40)
+    product = lean_decode.Product.of(weight, pack=pack)
+    assert "linear" in product.forms and ("onednn" in product.forms) == lean_decode.has_onednn_linear(weight)
+    assert ("split" in product.forms) == (torch.get_num_threads() > 1)
+    for rows in (1, 2, 3, 6, 16):
+        x = torch.randn(rows, 40)
+        for form in product.forms:
+            torch.testing.assert_close(product.run(form, x), torch.nn.functional.linear(x, weight), rtol=1e-6,
+                                       atol=1e-5)
+
+
+def test_tuning_keeps_the_rule_unless_a_form_beats_it_by_the_margin():
+    """A policy over fake timings: at n rows, the timings of the first measured count >= n decide."""
+
+    def rule(rows: int) -> str:
+        return "split" if rows <= 2 else "onednn"
+
+    medians = {1: {"split": 1.0, "linear": 0.5, "onednn": 2.0},  # twice as fast: taken
+               2: {"split": 1.0, "linear": 0.95, "onednn": 2.0},  # 5% faster, within the margin: the rule's kept
+               4: {"split": 1.0, "linear": 3.0, "onednn": 1.2}}  # the rule's oneDNN 20% slower than split: split
+    assert lean_decode.choose_forms(rule, medians) == ("linear", "split", "split", "split")
+    even = {rows: {"split": 1.0, "linear": 1.0, "onednn": 1.0} for rows in (1, 2, 4)}
+    assert lean_decode.choose_forms(rule, even) == ("split", "split", "onednn", "onednn")
+    # a compiled step's rows time only the forms it can hold: the rule's oneDNN was not timed at 4 rows
+    untimed = {4: {"split": 1.0, "linear": 0.98}}
+    assert lean_decode.choose_forms(rule, untimed) == ("split", "split", "linear", "linear")
+
+
+def test_tuning_gives_each_weight_shape_one_form_per_row_count_that_its_products_have(runner):
+    layers = runner.lean.layers
+    for products in ([runner.lean.head], *([layer.products[i] for layer in layers] for i in range(4))):
+        assert len({p.tuned for p in products}) == 1  # one choice per shape, every layer's alike
+        tuned = products[0].tuned
+        assert len(tuned) == lean_decode.TUNED_ROWS[-1] and set(tuned) <= set(products[0].forms)
+    # past the rows timed, the untuned rule: oneDNN's product over the packed copy
+    assert runner.lean.head.form(lean_decode.TUNED_ROWS[-1] + 1) == "onednn"
 
 
 def test_the_packed_copy_costs_the_weights_bytes_once(base, runner):

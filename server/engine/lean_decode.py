@@ -18,7 +18,9 @@ hooks, keyword plumbing). This forward computes the same functions with the same
 - on a CPU, a product over a few rows as a batched product over row blocks of the weight
   (`split_linear`): the same dot products, on all of torch's threads; over more rows, oneDNN's
   matmul (`onednn_linear`), not MKL's, on a packed copy of the weight (`packed_weight`) unless the
-  runner was told not to keep one.
+  runner was told not to keep one. Which of these (or F.linear, MKL's) is fastest at a few rows
+  depends on the CPU, so the runner times them at start-up on the model's own weights and keeps
+  the fastest per weight shape and row count (`LeanDecode.tune`).
 
 Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
 none runs here. Models this does not fit (`supports` says which) decode through transformers.
@@ -31,8 +33,11 @@ order only. bfloat16 on a GPU keeps transformers' forward (the lean one has neve
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,8 @@ from torch import Tensor, nn
 
 from server.engine import attention
 from server.engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 # Rows up to which `split_linear` beats oneDNN's product (bench/matvec.py on the 2-core AMD EPYC, torch 2.13),
 # summed over the default model's weights, the LM head's included: over the weight as it is, 4 (at 8 rows oneDNN's
@@ -52,6 +59,17 @@ PACK_HINT_ROWS = 16
 # took less time in all up to 32 rows (the most measured); over the packed copy, up to 2 (from 4, packed ones).
 SPLIT_ROWS_BF16 = 32
 SPLIT_ROWS_PACKED_BF16 = 2
+# `LeanDecode.tune` times each form at these row counts; a step of n rows takes the choice made at the first >= n.
+# Past the last, the rule above holds (many rows: oneDNN's product, whose packed copy was made for them).
+TUNED_ROWS = (1, 2, 3, 4, 8, 16)
+TUNE_REPS = 4
+# A form replaces the untuned rule's only where its median took at most this share of the rule's time: on a
+# machine where two forms are about as fast, start-up timings then do not flip the choice from one run to the next.
+TUNE_MARGIN = 0.9
+FORMS = ("split", "onednn", "linear")
+# The forms a compiled step can hold: inductor lowers oneDNN's op only over weights it froze into the graph as
+# constants, which the lone-row step's are not (they are read from the model at each call).
+TRACEABLE_FORMS = ("split", "linear")
 
 
 def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -128,13 +146,15 @@ def use_onednn_products(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Product:
-    """A weight's product with a step's rows: `split_linear` up to `split_rows` rows, oneDNN's beyond (on a CPU, over
-    the packed copy where there is one; F.linear elsewhere)."""
+    """A weight's product with a step's rows in one of `FORMS`: `split_linear` up to `split_rows` rows, oneDNN's
+    beyond (on a CPU, over the packed copy where there is one; F.linear elsewhere), unless `tuned` names the form
+    for the step's row count."""
 
     weight: Tensor  # [out, in]
     blocks: Tensor | None  # the weight as [threads, out / threads, in] (a view), where it splits evenly on a CPU
     onednn: Tensor | None  # what oneDNN's product reads: `packed_weight(weight)` or the weight itself; None off a CPU
-    split_rows: int  # rows up to which `blocks` are used
+    split_rows: int  # rows up to which `blocks` are used, where `tuned` does not say
+    tuned: tuple[str, ...] = ()  # the form for a product of n rows at index n - 1 (`LeanDecode.tune`)
 
     @classmethod
     def of(cls, weight: Tensor, *, pack: bool = False) -> Product:
@@ -154,12 +174,72 @@ class Product:
         """Bytes held by the packed copy (0 without one)."""
         return 0 if self.onednn is None or self.onednn is self.weight else self.weight.nbytes
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.blocks is not None and 0 < x.shape[0] <= self.split_rows:
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """The forms this product can run in, of `FORMS`."""
+        return tuple(f for f in FORMS if f == "linear" or (self.blocks if f == "split" else self.onednn) is not None)
+
+    def form(self, rows: int) -> str:
+        if 0 < rows <= len(self.tuned):
+            return self.tuned[rows - 1]
+        if self.blocks is not None and 0 < rows <= self.split_rows:
+            return "split"
+        return "onednn" if self.onednn is not None else "linear"
+
+    def run(self, form: str, x: Tensor) -> Tensor:
+        if form == "split":
             return split_linear(x, self.blocks)
-        if self.onednn is not None:
+        if form == "onednn":
             return onednn_linear(x, self.onednn)
         return F.linear(x, self.weight)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.run(self.form(x.shape[0]), x)
+
+
+def choose_forms(default: Callable[[int], str], medians: dict[int, dict[str, float]]) -> tuple[str, ...]:
+    """The form for 1 to max(medians) rows from each form's median time at the measured row counts (`medians`:
+    rows -> form -> seconds), at n rows those at the first measured count >= n: the untuned rule's form (`default`)
+    unless another took at most `TUNE_MARGIN` of its time or it was not timed; else the fastest."""
+    measured = sorted(medians)
+    chosen = []
+    for rows in range(1, measured[-1] + 1):
+        at = medians[next(m for m in measured if m >= rows)]
+        usual = default(rows)
+        fastest = min(at, key=at.__getitem__)
+        chosen.append(usual if usual in at and at[usual] * TUNE_MARGIN < at[fastest] else fastest)
+    return tuple(chosen)
+
+
+def _spans(forms: tuple[str, ...]) -> str:
+    """("linear", "linear", "onednn") -> "1-2 linear, 3 onednn"."""
+    spans: list[tuple[int, int, str]] = []
+    for rows, form in enumerate(forms, 1):
+        if spans and spans[-1][2] == form:
+            spans[-1] = (spans[-1][0], rows, form)
+        else:
+            spans.append((rows, rows, form))
+    return ", ".join(f"{a} {f}" if a == b else f"{a}-{b} {f}" for a, b, f in spans)
+
+
+def tune_products(products: Sequence[Product], traced_rows: int = 0, reps: int = TUNE_REPS) -> tuple[str, ...]:
+    """Time every form of `products` (weights of one shape, every layer's, read back to back as a step reads them)
+    at each of `TUNED_ROWS`, forms interleaved in each of `reps` rounds, and choose from the medians. Up to
+    `traced_rows` rows, only `TRACEABLE_FORMS` compete: those steps run compiled."""
+    first = products[0]
+    medians: dict[int, dict[str, float]] = {}
+    for rows in TUNED_ROWS:
+        x = torch.randn(rows, first.weight.shape[1], dtype=first.weight.dtype, device=first.weight.device)
+        forms = [f for f in first.forms if rows > traced_rows or f in TRACEABLE_FORMS]
+        times: dict[str, list[float]] = {form: [] for form in forms}
+        for _ in range(reps + 1):  # the first round warms each form up and is not kept
+            for form, kept in times.items():
+                started = time.perf_counter()
+                for product in products:
+                    product.run(form, x)
+                kept.append(time.perf_counter() - started)
+        medians[rows] = {form: statistics.median(kept[1:]) for form, kept in times.items()}
+    return choose_forms(first.form, medians)
 
 
 @dataclass(frozen=True)
@@ -251,6 +331,26 @@ class LeanDecode:
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
 
+    @torch.inference_mode()
+    def tune(self, traced_rows: int = 0) -> None:
+        """Choose each weight shape's product form per row count by timing them here (`tune_products`), on a CPU:
+        which is fastest at a few rows differs between CPUs (split products on an AMD EPYC, where MKL's one-row
+        product runs on one thread; MKL's F.linear on a Xeon, where the split products' `bmm` ran 2x slower).
+        Called at start-up, in the thread that runs the steps, before any step is compiled (a compiled step keeps
+        the forms it was traced with); steps of up to `traced_rows` rows will be (`tune_products`)."""
+        if self.embed.device.type != "cpu":
+            return
+        started = time.perf_counter()
+        roles = {"q/k/v": "qkv", "o": "o", "gate/up": "gate_up", "down": "down"}
+        tuned = {name: tune_products([getattr(layer, role) for layer in self.layers], traced_rows)
+                 for name, role in roles.items()}
+        tuned["LM head"] = tune_products([self.head])  # outside the compiled step (`one_row`)
+        self.layers = [replace(layer, **{role: replace(getattr(layer, role), tuned=tuned[name])
+                                         for name, role in roles.items()}) for layer in self.layers]
+        self.head = replace(self.head, tuned=tuned["LM head"])
+        log.info("decode products timed in %.1f s; by rows: %s", time.perf_counter() - started,
+                 "; ".join(f"{name} {_spans(forms)}" for name, forms in tuned.items()))
+
     def norm(self, h: Tensor, weight: Tensor) -> Tensor:
         """The model's RMSNorm, transformers' arithmetic: in float32 throughout; in bfloat16, normalised in float32
         and rounded before the weight's product, where `torch.rms_norm` would round after it."""
@@ -277,16 +377,22 @@ class LeanDecode:
     def one_row(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor, start: int,
                 kv_len: int) -> Tensor:
         """`__call__` for one row whose keys are columns [start, start + kv_len), the `SingleDecode` layout's
-        arithmetic, written for torch.compile: `start` and `kv_len` are plain ints it can keep symbolic, and no
-        layout object reaches the graph (`compiled.CompiledLoneRow`)."""
+        arithmetic, up to the LM head: the final norm's output [1, hidden], whose logits are `head`'s product.
+        Written for torch.compile (`compiled.CompiledLoneRow`): `start` and `kv_len` are plain ints it can keep
+        symbolic, no layout object reaches the graph, and the head's product stays out of it, free to take
+        oneDNN's form, which a compiled graph cannot hold (`TRACEABLE_FORMS`)."""
 
         def attend(layer: _Layer, q: Tensor, pool_k: Tensor, pool_v: Tensor) -> Tensor:
             return attention.single_row(q, pool_k, pool_v, start, kv_len, self.scaling)
 
-        return self._forward(cache, ids, positions, columns, attend)
+        return self._hidden(cache, ids, positions, columns, attend)
 
     def _forward(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
                  attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        return self.head(self._hidden(cache, ids, positions, columns, attend)).float()
+
+    def _hidden(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
+                attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         h = F.embedding(ids, self.embed)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
@@ -308,5 +414,4 @@ class LeanDecode:
             x = self.norm(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
-        h = self.norm(h, self.final_norm)
-        return self.head(h).float()
+        return self.norm(h, self.final_norm)

@@ -99,9 +99,6 @@ class ModelRunner:
         self.lean = LeanDecode(self.model, pack=pack_weights) if supports(self.model) and not compile_decode else None
         if self.lean is not None:
             use_onednn_products(self.model)  # prefill's products as the lean decode's (lean_decode.onednn_linear)
-        # The LM head of a prefill runs at the few positions kept: as the lean decode's product, which reads
-        # its weight on every thread (lean_decode.split_linear), not through F.linear on one.
-        self.head = self.lean.head if self.lean is not None else None
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
         # Decode attention through a kernel built at start-up, on a CPU over float32 or bfloat16 pools
@@ -119,7 +116,10 @@ class ModelRunner:
             self.lone_row = CompiledLoneRow(self.lean, cache)
 
     def warm_up(self) -> None:
-        """Compile the decode steps (and on a GPU record their CUDA graphs) in the thread that will run them."""
+        """Time the lean forward's product forms, then compile the decode steps (and on a GPU record their CUDA
+        graphs), in the thread that will run them."""
+        if self.lean is not None:
+            self.lean.tune(traced_rows=1 if self.lone_row is not None else 0)
         if self.compiled is not None:
             self.compiled.warm_up()
         if self.lone_row is not None and not self.lone_row.warm_up():
@@ -203,10 +203,12 @@ class ModelRunner:
         inputs = dict(input_ids=ids, position_ids=positions, cache_position=columns,
                       past_key_values=StepCache(self.cache, columns), use_cache=True,
                       **{attention.LAYOUT_KWARG: layout}, **({PLAN_KWARG: plan} if plan is not None else {}))
-        if self.head is None:
+        if self.lean is None:
             return self.model(**inputs, logits_to_keep=keep).logits[0].float()
+        # The LM head of a prefill runs at the few positions kept: as the lean decode's product (its form timed
+        # for that many rows), not through F.linear.
         hidden = self.model.model(**inputs).last_hidden_state[0]
-        return self.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
+        return self.lean.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
 
 
 def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
