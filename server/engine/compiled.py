@@ -6,11 +6,12 @@ reading the weights, which is the floor. Compiled, inductor fuses the elementwis
 GPU (`mode="reduce-overhead"`), the step is replayed as a CUDA graph: one launch.
 
 `CompiledLoneRow` (on by default on a CPU; `--no-compile-single` turns it off): the step of one row
-alone, the one person chatting with the server, through the lean forward (`LeanDecode.one_row`).
-Inductor turns each decoder layer into one C++ kernel around its attention call (the products
-included: its vectorised dot products read the weights as fast as `split_linear`), so the step
-runs about 1.2x the eager lean step and reaches the weight-read floor's neighbourhood
-(docs/internals/decode-profile.md). Its shapes are fixed but for the row's first column and key
+alone, the one person chatting with the server, through the lean forward (`LeanDecode.one_row`) up
+to the LM head, whose product runs after the graph in the form timed for it. Inductor fuses each
+decoder layer's norms, rotary, KV writes, SiLU x up and residual adds into a few C++ kernels
+between its products, which take the form `LeanDecode.tune` chose for one row: split products
+become inductor's own vectorised loops, F.linear a call to MKL. The step runs about 1.2x the eager
+lean step and reaches the weight-read floor's neighbourhood (docs/internals/decode-profile.md). Its shapes are fixed but for the row's first column and key
 count, two ints made symbolic (`dynamic_sources`), so one graph serves every slot and length and
 start-up compiles it once: about 40 s on the 2-core CPU, about 10 s when inductor's on-disk cache
 (under the server's cache directory) already holds it. The step skips dynamo's guards: about 400
