@@ -11,10 +11,11 @@ to the LM head, whose product runs after the graph in the form timed for it. Ind
 decoder layer's norms, rotary, KV writes, SiLU x up and residual adds into a few C++ kernels
 between its products, which take the form `LeanDecode.tune` chose for one row: split products
 become inductor's own vectorised loops, F.linear a call to MKL. The step runs about 1.2x the eager
-lean step and reaches the weight-read floor's neighbourhood (docs/internals/decode-profile.md). Its shapes are fixed but for the row's first column and key
-count, two ints made symbolic (`dynamic_sources`), so one graph serves every slot and length and
-start-up compiles it once: about 40 s on the 2-core CPU, about 10 s when inductor's on-disk cache
-(under the server's cache directory) already holds it. The step skips dynamo's guards: about 400
+lean step and reaches the weight-read floor's neighbourhood (docs/internals/decode-profile.md).
+Its shapes are fixed but for the row's first column and key count, two ints made symbolic
+(`dynamic_sources`), so one graph serves every slot and length and start-up compiles it once:
+about 40 s on the 2-core CPU, about 10 s when inductor's on-disk cache (under the server's cache
+directory) already holds it. The step skips dynamo's guards: about 400
 tensors are read from the model and the cache at each call, and checking them cost about 1 ms a
 step. That is sound because one call site feeds it: one row, int64 tensors on the model's device,
 in inference mode, with the pools and weights it was compiled on (both fixed for the process).

@@ -48,7 +48,8 @@ from server.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-# Rows up to which `split_linear` beats oneDNN's product (bench/matvec.py on the 2-core AMD EPYC, torch 2.13),
+# The untuned rule, which `LeanDecode.tune` keeps unless a form beats it by `TUNE_MARGIN` on the CPU it runs on:
+# rows up to which `split_linear` beats oneDNN's product (bench/matvec.py on the 2-core AMD EPYC, torch 2.13),
 # summed over the default model's weights, the LM head's included: over the weight as it is, 4 (at 8 rows oneDNN's
 # is as fast or faster); over its packed copy, 2 (at 3 rows the packed products took 6% less time in all).
 SPLIT_ROWS = 4
