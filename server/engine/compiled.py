@@ -8,19 +8,19 @@ GPU (`mode="reduce-overhead"`), the step is replayed as a CUDA graph: one launch
 `CompiledLoneRow` (on by default on a CPU; `--no-compile-single` turns it off): the step of one row
 alone, the one person chatting with the server, through the lean forward (`LeanDecode.one_row`) up
 to the LM head, whose product runs after the graph in the form timed for it. Inductor fuses each
-decoder layer's norms, rotary, KV writes, SiLU x up and residual adds into a few C++ kernels
-between its products, which take the form `LeanDecode.tune` chose for one row: split products
-become inductor's own vectorised loops, F.linear a call to MKL. The step runs about 1.2x the eager
-lean step and reaches the weight-read floor's neighbourhood (docs/internals/decode-profile.md).
-Its shapes are fixed but for the row's first column and key count, two ints made symbolic
-(`dynamic_sources`), so one graph serves every slot and length and start-up compiles it once:
-about 40 s on the 2-core CPU, about 10 s when inductor's on-disk cache (under the server's cache
-directory) already holds it. The step skips dynamo's guards: about 400
-tensors are read from the model and the cache at each call, and checking them cost about 1 ms a
-step. That is sound because one call site feeds it: one row, int64 tensors on the model's device,
-in inference mode, with the pools and weights it was compiled on (both fixed for the process).
-`warm_up` checks the compiled step against the eager one at a second slot and length, and runs
-eagerly, with a warning, if it differs or cannot be compiled (no C++ compiler, say).
+decoder layer's norms, rotary, KV writes, SiLU x up and residual adds into a few C++ kernels between
+its products, which take the form `LeanDecode.tune` chose for one row: split products become
+inductor's own vectorised loops, F.linear a call to MKL. The step runs about 1.2x the eager lean
+step and reaches the weight-read floor's neighbourhood (docs/internals/decode-profile.md). Its
+shapes are fixed but for the row's first column and key count, two ints made symbolic
+(`dynamic_sources`), so one graph serves every slot and length and start-up compiles it once: about
+40 s on the 2-core CPU, about 10 s when inductor's on-disk cache (under the server's cache
+directory) already holds it. The step skips dynamo's guards: about 400 tensors are read from the
+model and the cache at each call, and checking them cost about 1 ms a step. That is sound because
+one call site feeds it: one row, int64 tensors on the model's device, in inference mode, with the
+pools and weights it was compiled on (both fixed for the process). `warm_up` checks the compiled
+step against the eager one at a second slot and length, and runs eagerly, with a warning, if it
+differs or cannot be compiled (no C++ compiler, say).
 
 `CompiledDecode` (`--compile`, `REFT_COMPILE`): every decode step, through transformers' forward
 over the engine's KV cache, with attention as `attention.indexed_decode` (index tensors, not a
