@@ -269,6 +269,23 @@ def test_tuning_gives_each_weight_shape_one_form_per_row_count_that_its_products
     assert runner.lean.head.form(lean_decode.TUNED_ROWS[-1] + 1) == "onednn"
 
 
+def test_a_compiled_row_count_takes_only_forms_a_graph_can_hold(monkeypatch):
+    """However the timings fall (here oneDNN's product wins wherever it was timed), one row's layer products are
+    split or F.linear when that step is compiled; the LM head, which runs after the graph, may take oneDNN's."""
+
+    def onednn_wins(default, medians):  # noqa: ANN001, ANN202 - choose_forms' signature
+        at = [medians[next(m for m in sorted(medians) if m >= rows)] for rows in range(1, max(medians) + 1)]
+        return tuple("onednn" if "onednn" in timed else "linear" for timed in at)
+
+    monkeypatch.setattr(lean_decode, "choose_forms", onednn_wins)
+    lean = lean_decode.LeanDecode(tiny_llama(), pack=True)
+    lean.tune(traced_rows=1)
+    for layer in lean.layers:
+        for product in layer.products:
+            assert product.tuned[0] in lean_decode.TRACEABLE_FORMS and product.tuned[1] == "onednn"
+    assert lean.head.tuned[0] == "onednn"
+
+
 def test_the_packed_copy_costs_the_weights_bytes_once(base, runner):
     """Every product the lean forward holds is packed once: the four of each layer and the LM head."""
     products = [runner.lean.head, *(p for layer in runner.lean.layers for p in (layer.qkv, layer.o, layer.gate_up,
