@@ -62,11 +62,12 @@ def without(runner: ModelRunner, name: str) -> Callable[[list[DecodeRow]], torch
 
 
 def steps_agree(runner: ModelRunner, lengths: tuple[int, ...],
-                reference: Callable[[list[DecodeRow]], torch.Tensor], *, atol: float = 1e-4) -> None:
+                reference: Callable[[list[DecodeRow]], torch.Tensor], *, atol: float = 2e-4) -> None:
     """Rows of `lengths` prefilled, then three decode steps (each step's keys written by the last): the runner's
     logits against `reference`'s for the same rows, which writes the same columns again, up to float rounding.
 
-    float32 rounding by default: products sum in other orders. Measured: 2e-5 at most for the lean forward, on
+    float32 rounding by default: products sum in other orders. Measured: 2e-5 at most for the lean forward with split
+    and oneDNN products, 1.1e-4 with the forms a Xeon timed fastest at start-up (MKL's F.linear among them), on
     logits up to about 20 in magnitude."""
     rng = random.Random(len(lengths))
     prompts = [[rng.randrange(3, 40000) for _ in range(n)] for n in lengths]
@@ -139,7 +140,7 @@ def test_the_step_writes_and_reads_the_runner_s_current_cache(base, runner):
         slot = runner.cache.allocate(80)
         logits = runner.prefill([PrefillChunk(list(range(5, 69)), 0, 64, slot)]).logits
         rows = [DecodeRow(int(logits.argmax()), 64, slot)]
-        torch.testing.assert_close(runner.decode(rows), without(runner, "lean")(rows), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(runner.decode(rows), without(runner, "lean")(rows), rtol=1e-5, atol=2e-4)
     finally:
         runner.cache = kept
 
