@@ -33,6 +33,7 @@ order only. bfloat16 on a GPU keeps transformers' forward (the lean one has neve
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import statistics
 import time
@@ -214,13 +215,12 @@ def choose_forms(default: Callable[[int], str], medians: dict[int, dict[str, flo
 
 def _spans(forms: tuple[str, ...]) -> str:
     """("linear", "linear", "onednn") -> "1-2 linear, 3 onednn"."""
-    spans: list[tuple[int, int, str]] = []
-    for rows, form in enumerate(forms, 1):
-        if spans and spans[-1][2] == form:
-            spans[-1] = (spans[-1][0], rows, form)
-        else:
-            spans.append((rows, rows, form))
-    return ", ".join(f"{a} {f}" if a == b else f"{a}-{b} {f}" for a, b, f in spans)
+    spans, first = [], 1
+    for form, run in itertools.groupby(forms):
+        last = first + len(list(run)) - 1
+        spans.append(f"{first} {form}" if first == last else f"{first}-{last} {form}")
+        first = last + 1
+    return ", ".join(spans)
 
 
 def tune_products(products: Sequence[Product], traced_rows: int = 0, reps: int = TUNE_REPS) -> tuple[str, ...]:
