@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine import attention, attention_kernel
+from server.engine import attention, attention_kernel, cpp_library
 from server.engine.attention_kernel import DecodeKernel, RowColumns
 from server.engine.kv_cache import KVCache, Slot
 
@@ -152,7 +152,7 @@ def test_without_a_compiler_it_is_not_built(monkeypatch, caplog):
     def no_compiler() -> str:
         raise RuntimeError("No working C++ compiler found")
 
-    monkeypatch.setattr(attention_kernel, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(cpp_library, "get_cpp_compiler", no_compiler)
     assert DecodeKernel.build() is None
     assert "no C++ compiler for the decode attention kernel" in caplog.text
 
@@ -170,7 +170,7 @@ def test_loading_it_keeps_subnormal_floats(kernel):
 
 @pytest.mark.parametrize("stage", ["COMPILE_FLAGS", "LINK_FLAGS"])
 def test_a_failing_build_is_reported(monkeypatch, caplog, stage):
-    monkeypatch.setattr(attention_kernel, stage, (*getattr(attention_kernel, stage), "-no-such-flag"))
+    monkeypatch.setattr(cpp_library, stage, (*getattr(cpp_library, stage), "-no-such-flag"))
     assert DecodeKernel.build() is None
     assert "could not build the decode attention kernel" in caplog.text
     assert "no-such-flag" in caplog.text  # the compiler's own message
@@ -179,9 +179,10 @@ def test_a_failing_build_is_reported(monkeypatch, caplog, stage):
 def test_a_kernel_that_computes_something_else_is_refused(monkeypatch, tmp_path, caplog):
     """The start-up check against SDPA: here the source scales the scores twice over."""
     wrong = tmp_path / "decode_attention.cpp"
-    source = attention_kernel.SOURCE.read_text()
-    assert source.count("* scale;") == 2  # the compiled shapes' loops and the run-time ones
-    wrong.write_text(source.replace("* scale;", "* scale * 2.f;"))
+    wrong.write_text(attention_kernel.SOURCE.read_text())
+    header = attention_kernel.SOURCE.with_suffix(".h").read_text()
+    assert header.count("* scale;") == 2  # the compiled shapes' loops and the run-time ones
+    wrong.with_suffix(".h").write_text(header.replace("* scale;", "* scale * 2.f;"))
     monkeypatch.setattr(attention_kernel, "SOURCE", wrong)
     assert DecodeKernel.build() is None
     assert "differs from SDPA" in caplog.text

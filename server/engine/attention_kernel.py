@@ -18,19 +18,14 @@ Over bfloat16 pools (`--dtype bfloat16`) it reads the stored values, computes in
 result once; SDPA's CPU kernel also rounds its probabilities to bfloat16 before the values' product, so
 the two differ by about one bfloat16 rounding of the result (`CHECK_ABS_BF16`).
 
-Built with the C++ compiler inductor uses, for this CPU (`-march=native`), into a temporary directory
-at every start (about 0.7 s), since a cached library could be loaded by another CPU. Loading it leaves
-the process's floating-point state alone (no flush-to-zero: see `COMPILE_FLAGS`). Threads: OpenMP,
-in the runtime torch already loaded, as many as torch's. Without a compiler, or if the build or the
-check fails, the runner keeps SDPA and says so.
+Built for this CPU at every start (about 0.7 s; `cpp_library.py`). Threads: as many as torch's. Without a
+compiler, or if the build or the check fails, the runner keeps SDPA and says so.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,15 +33,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch._inductor.cpp_builder import get_cpp_compiler  # underscored, but torch is pinned
+
+from server.engine import cpp_library
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-# Compiled with -ffast-math (glibc's vectorised expf needs it), linked without it: linking with it adds gcc's
-# crtfastmath.o, whose constructor turns on flush-to-zero for the whole process (torch's arithmetic included).
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c")
-LINK_FLAGS = ("-shared", "-fopenmp")
 PROFILE_NAME = "reft::decode_attention"
 CHECK_ABS = 1e-4  # against SDPA at start-up: float rounding is ~1e-6, a wrong column is O(1)
 CHECK_ABS_BF16 = 2e-2  # bfloat16 results of |x| < 4 are 1/64 apart; a wrong column is O(1)
@@ -83,24 +75,11 @@ class DecodeKernel:
     def build(cls, group: int = 3, dim: int = 64) -> DecodeKernel | None:
         """Compile and load the kernel, then `check` it at the model's shape (query heads per key head, head size;
         the default model's by default) in both dtypes; None (and a warning) where that fails."""
-        try:
-            compiler = get_cpp_compiler()
-        except Exception as exc:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its probe raises
-            log.warning("no C++ compiler for the decode attention kernel (%s); decode attention runs through SDPA",
-                        exc)
-            return None
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="reft-attention-") as tmp:
-            objects, library = Path(tmp) / "decode_attention.o", Path(tmp) / "decode_attention.so"
-            shape = (f"-DREFT_GROUP={group}", f"-DREFT_DIM={dim}")  # the loops compiled for this shape
-            for command in ([compiler, *COMPILE_FLAGS, *shape, str(SOURCE), "-o", str(objects)],
-                            [compiler, *LINK_FLAGS, str(objects), "-o", str(library), "-lm"]):
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    log.warning("could not build the decode attention kernel (%s exited %d: %s); decode attention "
-                                "runs through SDPA", compiler, done.returncode, done.stderr.strip()[-500:])
-                    return None
-            loaded = ctypes.CDLL(str(library))  # mapped: the file may go
+        shape = (f"REFT_GROUP={group}", f"REFT_DIM={dim}")  # the loops compiled for this shape
+        loaded = cpp_library.build(SOURCE, shape, "the decode attention kernel", "decode attention runs through SDPA")
+        if loaded is None:
+            return None
         functions = {dtype: getattr(loaded, name) for dtype, name in ENTRY_POINTS.items()}
         for function in functions.values():
             function.argtypes, function.restype = _SIGNATURE, None
