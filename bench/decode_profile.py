@@ -1,11 +1,12 @@
-"""Where one batch-1 decode step's time goes, eager and compiled, against the weight-read bound.
+"""Where one batch-1 decode step's time goes, native, compiled and eager, against the weight-read bound.
 
-    .venv/bin/python bench/decode_profile.py                 # eager and compiled, 64-token prompt
+    .venv/bin/python bench/decode_profile.py                 # native, compiled and eager, 64-token prompt
     .venv/bin/python bench/decode_profile.py --modes eager --steps 64
     .venv/bin/python bench/decode_profile.py --modes compiled-all   # `--compile`: transformers' forward
 
-Modes: `eager` (the lean forward, `--no-compile-single`), `compiled` (the lone-row step compiled, what
-`make serve` runs), `compiled-all` (`--compile`, every step through transformers' forward, compiled).
+Modes: `native` (the lone-row step through the C++ library, what `make serve` runs on a CPU), `compiled`
+(the lone-row step compiled, `REFT_NATIVE_SINGLE=false`), `eager` (the lean forward, both off),
+`compiled-all` (`--compile`, every step through transformers' forward, compiled).
 
 The engine's own runner and sampler run in this process (no HTTP): a 64-token prompt is
 prefilled, then each step is `runner.decode` of one row plus the sampler, as the scheduler runs
@@ -21,7 +22,9 @@ them. Per mode:
   sampler). What no op accounts for is Python and dispatch between them. In `compiled` mode
   inductor's C++ kernels are timed one by one (`cpp.enable_kernel_profile`): each layer's
   products are fused with its norms, rotary, SiLU × up and adds into kernels of their own, so
-  those count together; in `compiled-all` they are not timed apart from the Python;
+  those count together; in `compiled-all` they are not timed apart from the Python. In `native` mode
+  the library is built with its phase timers (`lone_row.cpp`, `REFT_PROFILE`), which time each phase
+  of the step inside the call: what they leave is the Python, ctypes and torch around the call;
 - scheduler: one greedy request through the engine's real scheduler thread; its time per token
   beyond its decode steps (runner, sampler, output events and text, timed in that thread) is the
   loop's own (planning, admission, locking).
@@ -50,7 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.engine import attention  # noqa: E402
 from server.engine.adapter_cache import DeviceAdapterCache  # noqa: E402
 from server.engine.attention_kernel import PROFILE_NAME  # noqa: E402
+from server.engine.compiled import CompiledLoneRow  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.lone_row import NativeLoneRow  # noqa: E402
 from server.engine.loop import EngineLoop  # noqa: E402
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
 from server.engine.sampling import Sampler, SamplingParams  # noqa: E402
@@ -173,10 +178,12 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     runner = ModelRunner(base, cache, compile_decode=mode == "compiled-all", compile_single=mode == "compiled",
                          pack_weights=True, attention_kernel=True, max_rows=32)  # as `make serve`
     started = time.perf_counter()
+    if mode == "native":  # as the server builds it, with the phase timers
+        runner.lone_row = NativeLoneRow.build(runner.lean, cache, profile=True)
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": mode == "compiled"}):
         runner.warm_up()
-    if mode == "compiled" and runner.lone_row is None:
-        raise SystemExit("the lone-row step did not compile: see the warning above")
+    if mode in ("compiled", "native") and runner.lone_row is None:
+        raise SystemExit(f"no {mode} lone-row step: see the warning above")
     compile_s = time.perf_counter() - started
     sampler = Sampler(32, int(base.model.config.vocab_size), base.device)
     slot = cache.allocate(prompt_len + warm + steps + 2 * profiled_steps + 8)
@@ -213,12 +220,14 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     attention.decode_layout = _ranged("layout", kept_layout)
     if runner.compiled is not None:
         runner.compiled._step = _ranged("model", runner.compiled._step)
-    elif runner.lone_row is not None:
+    elif isinstance(runner.lone_row, CompiledLoneRow):
         runner.lone_row._step = _ranged("model", runner.lone_row._step)
     elif runner.lean is not None:
         runner.lean = _ranged("model", runner.lean)
     else:
         runner._forward = _ranged("model", runner._forward)
+    native = runner.lone_row if isinstance(runner.lone_row, NativeLoneRow) else None
+    phases = native.phase_seconds() if native is not None else {}
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
@@ -228,6 +237,9 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
     finally:
         attention.decode_layout, runner.lean = kept_layout, kept_lean
     breakdown, calls = attribute(prof, profiled_steps)
+    if native is not None:
+        for name, seconds in native.phase_seconds().items():
+            breakdown[f"native: {name}"] = 1000 * (seconds - phases[name]) / profiled_steps
     cache.free(slot)
     scheduler_ms, engine_step_ms = _scheduler_ms_per_token(base, runner, prompt, steps)
     return {"mode": mode, "wall_ms": {n: 1000 * statistics.median(ts) for n, ts in times.items()},
@@ -239,7 +251,7 @@ def run_mode(mode: str, prompt_len: int, steps: int, warm: int, profiled_steps: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--modes", default="native,compiled,eager")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=48, help="timed steps without the profiler")
     ap.add_argument("--profiled-steps", type=int, default=8)
@@ -252,7 +264,7 @@ def main() -> None:
         r = run_mode(mode, args.prompt, args.steps, args.warm, args.profiled_steps, threads)
         bound = r["weight_bytes"] / (args.gbps * 1e9) * 1000
         print(f"\n== {mode}: weight-read bound {bound:.1f} ms ({r['weight_bytes'] / 1e6:.0f} MB at {args.gbps:g} GB/s)"
-              + (f", compiled in {r['compile_s']:.1f} s" if mode != "eager" else ""))
+              + (f", built or compiled in {r['compile_s']:.1f} s" if mode != "eager" else ""))
         for n, ms in r["wall_ms"].items():
             print(f"   step {ms:.1f} ms median ({1000 / ms:.1f} tok/s, {ms / bound:.2f}x the bound) with {n} torch "
                   f"threads; the calling thread's CPU time {r['cpu_ms'][n]:.1f} ms")
@@ -263,7 +275,8 @@ def main() -> None:
             print(f"   {ms:7.2f} ms {100 * ms / r['profiled_ms']:5.1f}%  {name}")
         rest = r["profiled_ms"] - ops
         print(f"   {rest:7.2f} ms {100 * rest / r['profiled_ms']:5.1f}%  Python and dispatch outside any op"
-              + (" (and inductor's fused kernels)" if mode == "compiled-all" else ""))
+              + (" (and inductor's fused kernels)" if mode == "compiled-all" else "")
+              + (" or phase (the ctypes call, the rotary table's row)" if mode == "native" else ""))
         print(f"   scheduler: {r['scheduler_ms']:.1f} ms a token through the engine thread, of which its decode "
               f"step (runner, sampler, output events) {r['engine_step_ms']:.1f} ms "
               f"({r['scheduler_ms'] - r['engine_step_ms']:+.1f} ms)", flush=True)

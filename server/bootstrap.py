@@ -75,8 +75,8 @@ def build_engine(settings: Settings) -> Engine:
     log.info("KV cache: %d tokens in %d blocks of %d (%.2f GiB, %d bytes per token)", kv.capacity, kv.num_blocks,
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
     runner = ModelRunner(base, kv, compile_decode=settings.compile, compile_single=settings.compile_single,
-                         pack_weights=settings.packed_weights, attention_kernel=settings.attention_kernel,
-                         max_rows=settings.max_batch_size)
+                         native_single=settings.native_single, pack_weights=settings.packed_weights,
+                         attention_kernel=settings.attention_kernel, max_rows=settings.max_batch_size)
     if runner.lean is not None and runner.lean.packed_bytes:
         log.info("Packed weight copies for many-row decode steps: %.0f MiB", runner.lean.packed_bytes / 2**20)
     policy = Scheduler(

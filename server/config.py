@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         True, description="on a CPU, the decode step of a lone row (one stream) through torch.compile, compiled at "
                           "start-up: about 40 s the first time, about 10 s from inductor's cache; needs a C++ "
                           "compiler (without one, or with this off, that step runs eagerly)")
+    native_single: bool = Field(
+        True, description="on a CPU in float32, the decode step of a lone row (one stream) as one call into a C++ "
+                          "library built at start-up (about 1 s; needs a C++ compiler): products that read the "
+                          "weights at the memory's streaming rate. Without it the step runs as compile_single says")
     packed_weights: bool = Field(
         True, description="on a CPU, keep a oneDNN-packed copy of the projection and LM-head weights for decode steps "
                           "of 3 or more rows (many streams): 1.5-2x faster products, for the weights' bytes again "

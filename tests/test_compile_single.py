@@ -23,7 +23,7 @@ from server.engine.loop import EngineLoop
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler
-from server.model import load_base_model
+from server.model import BaseModel, load_base_model
 
 DATA = Path(__file__).parent / "data" / "pyreft-emoji"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["emoji"]
@@ -91,23 +91,24 @@ def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
         runner.cache.free(slot)
 
 
-def test_pyreft_greedy_tokens_through_the_compiled_lone_row(lone):
-    """Requests one at a time (every decode step has one row): pyreft's exact tokens for the emoji adapter."""
-    base, runner = lone
+def pyreft_tokens_one_request_at_a_time(base: BaseModel, runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyreft's emoji generations through the engine loop, one request at a time (every decode step has one row): its
+    exact greedy tokens, each decode step but the first of each request through the runner's lone-row step."""
     emoji = AdapterRef("emoji", 1, import_pyreft(DATA, EXPECTED["positions"], EXPECTED["share_weights"],
                                                  base.shape, 64))
     adapters = DeviceAdapterCache(base.device, base.dtype, 1 << 26, set())
     policy = Scheduler(runner.cache, adapters.get, max_batch_size=1, max_queue=64, max_prefill_tokens=4096,
                        max_prompt_tokens=4096, max_context=8192)
     calls = 0
-    step = runner.lone_row._step
+    kind = type(runner.lone_row)
+    step = kind.__call__
 
     def counted(*args: object) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return step(*args)
 
-    runner.lone_row._step = counted
+    monkeypatch.setattr(kind, "__call__", counted)
     sch = EngineLoop(runner, policy, lambda ids: base.tokenizer.decode(ids), eos_token_ids=[2])
     sch.start()
     try:
@@ -126,8 +127,13 @@ def test_pyreft_greedy_tokens_through_the_compiled_lone_row(lone):
             assert tokens == g["completion_ids"], g["question"]
     finally:
         sch.stop()
-        runner.lone_row._step = step
+    assert isinstance(runner.lone_row, kind)
     assert calls >= sum(len(g["completion_ids"]) - 1 for g in EXPECTED["generations"]), "decoded elsewhere"
+
+
+def test_pyreft_greedy_tokens_through_the_compiled_lone_row(lone, monkeypatch):
+    base, runner = lone
+    pyreft_tokens_one_request_at_a_time(base, runner, monkeypatch)
 
 
 def test_a_step_that_cannot_compile_leaves_the_eager_step(lone, caplog):

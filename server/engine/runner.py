@@ -24,6 +24,7 @@ from server.engine.attention_kernel import ENTRY_POINTS, DecodeKernel, RowColumn
 from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
+from server.engine.lone_row import NativeLoneRow
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
 from server.model import BaseModel
@@ -80,7 +81,8 @@ class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
     def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, compile_single: bool = False,
-                 pack_weights: bool = False, attention_kernel: bool = False, max_rows: int = 32) -> None:
+                 native_single: bool = False, pack_weights: bool = False, attention_kernel: bool = False,
+                 max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -107,22 +109,29 @@ class ModelRunner:
         self.kernel: DecodeKernel | None = None
         if attention_kernel and not compile_decode and self.device.type == "cpu" and cache.dtype in ENTRY_POINTS:
             self.kernel = DecodeKernel.build(self.model.config.num_attention_heads // cache.kv_heads, cache.head_dim)
-        # A lone row's step through a compiled lean forward (compiled.py): on a CPU in float32, where it was measured
-        # to pay. Not in bfloat16: inductor keeps fused intermediates in float32 where the eager step rounds each op,
-        # so the two steps' logits part by up to several units, more than a check could tell from a wrong result,
-        # for 1.12x (measured on a Xeon with AMX).
-        self.lone_row: CompiledLoneRow | None = None
-        if compile_single and self.lean is not None and self.device.type == "cpu" and cache.dtype == torch.float32:
+        # A lone row's step (one stream alone), on a CPU in float32: through a C++ library built at start-up
+        # (lone_row.py), else through a compiled lean forward (compiled.py), each measured to pay there. Not in
+        # bfloat16: inductor keeps fused intermediates in float32 where the eager step rounds each op, so the two
+        # steps' logits part by up to several units, more than a check could tell from a wrong result, for 1.12x
+        # (measured on a Xeon with AMX).
+        self.lone_row: NativeLoneRow | CompiledLoneRow | None = None
+        lone_cpu = self.lean is not None and self.device.type == "cpu" and cache.dtype == torch.float32
+        self.compile_single = compile_single and lone_cpu  # also where the native step fails its check (warm_up)
+        if native_single and lone_cpu:
+            self.lone_row = NativeLoneRow.build(self.lean, cache)
+        if self.lone_row is None and self.compile_single:
             self.lone_row = CompiledLoneRow(self.lean, cache)
 
     def warm_up(self) -> None:
-        """Time the lean forward's product forms, then compile the decode steps (and on a GPU record their CUDA
-        graphs), in the thread that will run them."""
+        """Check the native lone-row step, time the lean forward's product forms, then compile the decode steps (and
+        on a GPU record their CUDA graphs), in the thread that will run them."""
+        if isinstance(self.lone_row, NativeLoneRow) and not self.lone_row.warm_up():
+            self.lone_row = CompiledLoneRow(self.lean, self.cache) if self.compile_single else None
         if self.lean is not None:
-            self.lean.tune(traced_rows=1 if self.lone_row is not None else 0)
+            self.lean.tune(traced_rows=1 if isinstance(self.lone_row, CompiledLoneRow) else 0)
         if self.compiled is not None:
             self.compiled.warm_up()
-        if self.lone_row is not None and not self.lone_row.warm_up():
+        if isinstance(self.lone_row, CompiledLoneRow) and not self.lone_row.warm_up():
             self.lone_row = None
 
     @torch.inference_mode()
