@@ -166,7 +166,7 @@ def engine():
     torch.manual_seed(0)
     base = load_base_model()
     # Decode attention as the server runs it on a CPU (the kernel); the test servers add the packed copies
-    # and the compiled lone row.
+    # and the native lone row.
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 30),
                          attention_kernel=True)
     cache = DeviceAdapterCache(base.device, base.dtype, 1 << 28, set())
@@ -922,16 +922,20 @@ def poisoned(engine: Engine, *, position: int | None = None, kill: bool = False)
         ):
             raise EngineKilled("injected") if kill else RuntimeError("injected fault")
 
-    # On the decoder, which every prefill runs (the runner may apply the LM head itself, not through the model)
+    # On the decoder, which every step of a model the lean forward does not serve runs
     handle = engine.base.model.model.register_forward_pre_hook(check, with_kwargs=True)
-    lean = engine.runner.lean  # eager decode steps of the default model run this forward, not the model's
+    lean = engine.runner.lean  # the default model's prefills and eager decode steps run this forward, not the model's
 
     class LeanChecked:
-        """The lean forward, checked; its other attributes (the LM head a prefill uses) as they are."""
+        """The lean forward, checked; its other attributes (the LM head) as they are."""
 
         def __call__(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, *rest: object) -> torch.Tensor:
             check(engine.base.model, (), {"input_ids": ids, "position_ids": positions})
             return lean(cache, ids, positions, *rest)
+
+        def hidden(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, *rest: object) -> torch.Tensor:
+            check(engine.base.model, (), {"input_ids": ids, "position_ids": positions})
+            return lean.hidden(cache, ids, positions, *rest)
 
         def __getattr__(self, name: str) -> object:
             return getattr(lean, name)

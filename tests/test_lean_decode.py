@@ -294,23 +294,3 @@ def test_the_packed_copy_costs_the_weights_bytes_once(base, runner):
     assert runner.lean.packed_bytes == sum(p.weight.nbytes for p in products)
     projections = sum(m.weight.nbytes for layer in base.layers for m in lean_decode.projections(layer))
     assert runner.lean.packed_bytes == projections + base.model.get_output_embeddings().weight.nbytes
-
-
-def test_inference_linear_uses_onednn_in_inference_mode_and_keeps_f_linear_for_training():
-    module = torch.nn.Linear(40, 96, bias=False)
-    reference = torch.nn.Linear(40, 96, bias=False)
-    reference.weight = module.weight
-    module.__class__ = lean_decode.InferenceLinear
-    x = torch.randn(1, 7, 40, requires_grad=True)
-    y = module(x)  # training: F.linear, with its backward
-    assert torch.equal(y, reference(x))
-    y.sum().backward()
-    assert x.grad is not None
-    with torch.inference_mode():
-        torch.testing.assert_close(module(x), reference(x), rtol=1e-6, atol=1e-5)
-
-
-def test_the_runner_routes_the_default_model_s_projections_and_still_fits_the_lean_forward(base, runner):
-    layer = base.layers[0]
-    assert type(layer.mlp.down_proj) is lean_decode.InferenceLinear
-    assert lean_decode.supports(base.model)

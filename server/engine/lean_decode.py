@@ -1,4 +1,4 @@
-"""A decode step of a Llama-family base model in 36 torch calls a layer, not transformers' 61.
+"""A Llama-family base model's steps in 36 torch calls a layer, not transformers' 61.
 
 Why: at batch 1 the step computes little (one row against 135M weights), and eagerly through
 transformers' modules a third of its time went to the framework between the matmuls: about 1,840
@@ -22,8 +22,11 @@ hooks, keyword plumbing). This forward computes the same functions with the same
   depends on the CPU, so the runner times them at start-up on the model's own weights and keeps
   the fastest per weight shape and row count (`LeanDecode.tune`).
 
-Interventions are prefill-only, so no decoder-layer hook has anything to do in a decode step, and
-none runs here. Models this does not fit (`supports` says which) decode through transformers.
+Prefill steps run this forward too (`hidden`), with the runner's interventions applied to each layer's
+output as the decoder layers' hooks would apply them: the same fused products on the packed copies, where
+transformers' modules ran seven products a layer over the weights as they are (a 64-token prompt's prefill
+in 0.67x the time on a 2-core Xeon). Interventions are prefill-only, so a decode step has none. Models this
+does not fit (`supports` says which) run through transformers.
 
 float32 everywhere; bfloat16 (`--dtype bfloat16`) on a CPU, where oneDNN runs its products on AMX or
 avx512_bf16: each op is transformers' own in bfloat16, so the two forwards part by the products' summation
@@ -117,33 +120,10 @@ def bfloat16_products() -> bool:
     return native and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class InferenceLinear(nn.Linear):
-    """A bias-free nn.Linear whose products in inference mode go through `onednn_linear`.
-
-    The runner gives the decoder layers' projections this class (`use_onednn_products`), so that
-    prefill chunks, which run transformers' modules, read their weights through oneDNN as decode
-    steps do. Training runs outside inference mode and keeps F.linear: oneDNN's op has no backward.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            return onednn_linear(x, self.weight)
-        return super().forward(x)
-
-
 def projections(layer: nn.Module) -> tuple[nn.Module, ...]:
     """A Llama decoder layer's seven projections: q, k, v, o, gate, up, down."""
     a, m = layer.self_attn, layer.mlp
     return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
-
-
-def use_onednn_products(model: nn.Module) -> None:
-    """Route the decoder layers' projections of a model `supports` accepts through `InferenceLinear` (same
-    module, same weight: only the class changes), where oneDNN is there for their weights."""
-    for layer in model.model.layers:
-        for module in projections(layer):
-            if has_onednn_linear(module.weight):
-                module.__class__ = InferenceLinear
 
 
 @dataclass(frozen=True)
@@ -276,7 +256,7 @@ def supports(model: nn.Module) -> bool:
         return False
     inner = getattr(model, "model", None)
     return inner is not None and all(
-        type(m) in (nn.Linear, InferenceLinear) for layer in inner.layers for m in projections(layer))
+        type(m) is nn.Linear for layer in inner.layers for m in projections(layer))
 
 
 def split_linear(x: Tensor, blocks: Tensor) -> Tensor:
@@ -368,12 +348,19 @@ class LeanDecode:
                  layout: attention.Layout) -> Tensor:
         """ids, positions, columns: [N] (one token per row), written at `columns` of `cache`; logits [N, V] in
         float32. Called in inference mode (the runner's decode)."""
+        return self.head(self.hidden(cache, ids, positions, columns, layout)).float()
+
+    def hidden(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor, layout: attention.Layout,
+               edit: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """The final norm's output [N, hidden] for a step's packed tokens, a decode step's or a prefill's (its layout
+        says which columns each token's query reads); `edit(i, h)` changes layer i's output h [N, hidden] in place
+        (the runner's interventions, at prefill). Called in inference mode."""
 
         def attend(layer: _Layer, q: Tensor, pool_k: Tensor, pool_v: Tensor) -> Tensor:
             return attention.attention(layer.attn, q, pool_k, pool_v, None, scaling=self.scaling,
                                        **{attention.LAYOUT_KWARG: layout})[0]
 
-        return self._forward(cache, ids, positions, columns, attend)
+        return self._hidden(cache, ids, positions, columns, attend, edit)
 
     def one_row(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor, start: int,
                 kv_len: int) -> Tensor:
@@ -388,12 +375,9 @@ class LeanDecode:
 
         return self._hidden(cache, ids, positions, columns, attend)
 
-    def _forward(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
-                 attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        return self.head(self._hidden(cache, ids, positions, columns, attend)).float()
-
     def _hidden(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
-                attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+                attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor],
+                edit: Callable[[int, Tensor], None] | None = None) -> Tensor:
         n, d, heads, kv_heads = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         h = F.embedding(ids, self.embed)  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d], transformers' own values
@@ -415,4 +399,6 @@ class LeanDecode:
             x = self.norm(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
+            if edit is not None:
+                edit(i, h)
         return self.norm(h, self.final_norm)

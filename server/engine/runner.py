@@ -12,6 +12,7 @@ layer's keyword arguments, so decode forwards (no plan) cost what the base model
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from server.engine.adapter_cache import ResidentAdapter
 from server.engine.attention_kernel import ENTRY_POINTS, DecodeKernel, RowColumns
 from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
-from server.engine.lean_decode import LeanDecode, supports, use_onednn_products
+from server.engine.lean_decode import LeanDecode, supports
 from server.engine.lone_row import NativeLoneRow
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
@@ -96,11 +97,9 @@ class ModelRunner:
         # --compile: decode steps, which are many and alike, run through one captured graph (compiled.py);
         # prefill stays eager. Compiling happens in warm_up(), at start-up, not on the first request.
         self.compiled: CompiledDecode | None = None
-        # Eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py); a compiled
-        # step traces transformers' forward, whose graph inductor fuses anyway.
+        # Prefills and eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py);
+        # a compiled step traces transformers' forward, whose graph inductor fuses anyway.
         self.lean = LeanDecode(self.model, pack=pack_weights) if supports(self.model) and not compile_decode else None
-        if self.lean is not None:
-            use_onednn_products(self.model)  # prefill's products as the lean decode's (lean_decode.onednn_linear)
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
         # Decode attention through a kernel built at start-up, on a CPU over float32 or bfloat16 pools
@@ -209,30 +208,35 @@ class ModelRunner:
 
     def _model_step(self, ids: Tensor, positions: Tensor, columns: Tensor,
                     layout: attention.Layout, plan: BatchPlan | None, keep: Tensor | int) -> Tensor:
+        if self.lean is not None:
+            # Through the lean forward, its products fused and on packed weights as a decode step's, with the
+            # interventions applied to each layer's output as the decoder layers' hooks would.
+            edit = functools.partial(intervene, plan) if plan is not None else None
+            hidden = self.lean.hidden(self.cache, ids[0], positions[0], columns, layout, edit)
+            return self.lean.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
         inputs = dict(input_ids=ids, position_ids=positions, cache_position=columns,
                       past_key_values=StepCache(self.cache, columns), use_cache=True,
                       **{attention.LAYOUT_KWARG: layout}, **({PLAN_KWARG: plan} if plan is not None else {}))
-        if self.lean is None:
-            return self.model(**inputs, logits_to_keep=keep).logits[0].float()
-        # The LM head of a prefill runs at the few positions kept: as the lean decode's product (its form timed
-        # for that many rows), not through F.linear.
-        hidden = self.model.model(**inputs).last_hidden_state[0]
-        return self.lean.head(hidden if isinstance(keep, int) else hidden.index_select(0, keep)).float()
+        return self.model(**inputs, logits_to_keep=keep).logits[0].float()
+
+
+def intervene(plan: BatchPlan, layer_index: int, hidden: Tensor) -> None:
+    """Apply `plan`'s interventions after decoder layer `layer_index` to its output `hidden` [..., hidden], in place."""
+    if layer_index not in plan.rounds:
+        return
+    if not hidden.is_contiguous():
+        raise RuntimeError("decoder layer returned a non-contiguous hidden state; cannot intervene in place")
+    flat = hidden.view(-1, hidden.shape[-1])
+    for step in plan.rounds[layer_index]:
+        # In float32 whatever the model's dtype (pyreft trains in float32), written back in the model's.
+        x = flat.index_select(0, step.flat_index).float()
+        flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots).to(flat.dtype))
 
 
 def _intervene(layer_index: int):  # noqa: ANN202 - torch hook signature
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> None:
         plan: BatchPlan | None = kwargs.get(PLAN_KWARG)
-        if plan is None or layer_index not in plan.rounds:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        if not hidden.is_contiguous():
-            raise RuntimeError("decoder layer returned a non-contiguous hidden state; cannot intervene in place")
-        flat = hidden.view(-1, hidden.shape[-1])
-        for step in plan.rounds[layer_index]:
-            # In float32 whatever the model's dtype (pyreft trains in float32), written back in the model's.
-            x = flat.index_select(0, step.flat_index).float()
-            flat.index_copy_(0, step.flat_index, batched_apply(x, step.stacked, step.slots).to(flat.dtype))
-        return None
+        if plan is not None:
+            intervene(plan, layer_index, output[0] if isinstance(output, tuple) else output)
 
     return hook
