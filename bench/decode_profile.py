@@ -23,7 +23,7 @@ them. Per mode:
   inductor's C++ kernels are timed one by one (`cpp.enable_kernel_profile`): each layer's
   products are fused with its norms, rotary, SiLU × up and adds into kernels of their own, so
   those count together; in `compiled-all` they are not timed apart from the Python. In `native` mode
-  the library is built with its phase timers (`lone_row.cpp`, `REFT_PROFILE`), which time each phase
+  the library is built with its phase timers (`lone_row.cpp`, `PHASE_TIMERS`), which time each phase
   of the step inside the call: what they leave is the Python, ctypes and torch around the call;
 - scheduler: one greedy request through the engine's real scheduler thread; its time per token
   beyond its decode steps (runner, sampler, output events and text, timed in that thread) is the

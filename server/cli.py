@@ -54,6 +54,10 @@ def serve(
         True, "--compile-single/--no-compile-single", envvar=ENV + "COMPILE_SINGLE",
         help="on a CPU, compile a lone stream's decode step at start-up (about 40 s, 10 s once cached)",
     ),
+    native_single: bool = typer.Option(
+        True, "--native-single/--no-native-single", envvar=ENV + "NATIVE_SINGLE",
+        help="on a CPU in float32, a lone stream's decode step through a C++ library built at start-up (about 1 s)",
+    ),
     prefix_cache: bool = typer.Option(
         True, "--prefix-cache/--no-prefix-cache", envvar=ENV + "PREFIX_CACHE",
         help="reuse the KV of prompt prefixes that earlier requests computed (shared across adapters where exact)",
@@ -67,7 +71,8 @@ def serve(
             model=model, adapters=adapters, host=host, port=port, device=device, dtype=dtype,
             max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key, admin_key=admin_key,
             read_only_registry=read_only_registry, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-            drain_seconds=drain_seconds, compile=compile, compile_single=compile_single, prefix_cache=prefix_cache,
+            drain_seconds=drain_seconds, compile=compile, compile_single=compile_single, native_single=native_single,
+            prefix_cache=prefix_cache,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

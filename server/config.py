@@ -40,9 +40,10 @@ class Settings(BaseSettings):
         False, description="decode steps through torch.compile (inductor; CUDA graphs on GPU), compiled at start-up"
     )
     compile_single: bool = Field(
-        True, description="on a CPU, the decode step of a lone row (one stream) through torch.compile, compiled at "
-                          "start-up: about 40 s the first time, about 10 s from inductor's cache; needs a C++ "
-                          "compiler (without one, or with this off, that step runs eagerly)")
+        True, description="on a CPU, where native_single is off or cannot be built, the decode step of a lone row "
+                          "(one stream) through torch.compile, compiled at start-up: about 40 s the first time, "
+                          "about 10 s from inductor's cache; needs a C++ compiler (without one, or with this off, that "
+                          "step runs eagerly)")
     native_single: bool = Field(
         True, description="on a CPU in float32, the decode step of a lone row (one stream) as one call into a C++ "
                           "library built at start-up (about 1 s; needs a C++ compiler): products that read the "

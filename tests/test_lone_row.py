@@ -154,3 +154,23 @@ def test_it_is_built_only_in_float32_on_a_cpu(native):
         assert NativeLoneRow.build(lean, runner.cache) is None
     finally:
         lean.final_norm = kept
+
+
+def test_the_profiling_build_times_every_phase_of_its_steps(native):
+    """bench/decode_profile.py's build: the same step, with each phase's seconds summed inside the call."""
+    _, runner = native
+    timed = NativeLoneRow.build(runner.lean, runner.cache, profile=True)
+    assert timed is not None and timed.warm_up()
+    before = timed.phase_seconds()
+    slot = runner.cache.allocate(40)
+    try:
+        runner.prefill([PrefillChunk(list(range(100, 120)), 0, 20, slot)])
+        got = timed(7, 20, slot)
+        torch.testing.assert_close(got, runner.lone_row(7, 20, slot), rtol=0, atol=1e-5)
+    finally:
+        runner.cache.free(slot)
+    after = timed.phase_seconds()
+    assert list(after) == ["norms", "q/k/v product", "rotary and KV write", "attention", "o product",
+                           "residual adds", "gate/up product", "SiLU x up", "down product", "LM head"]
+    assert all(after[name] > before[name] for name in after)
+    assert not hasattr(runner.lone_row.library, "reft_phase_seconds")  # the server's build has no timers

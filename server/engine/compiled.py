@@ -5,7 +5,8 @@ framework (dispatching a few hundred small ops, and on a GPU launching a kernel 
 reading the weights, which is the floor. Compiled, inductor fuses the elementwise work and, on a
 GPU (`mode="reduce-overhead"`), the step is replayed as a CUDA graph: one launch.
 
-`CompiledLoneRow` (on by default on a CPU; `--no-compile-single` turns it off): the step of one row
+`CompiledLoneRow` (on a CPU where the native lone-row step, `lone_row.py`, is off or cannot be built;
+`--no-compile-single` turns it off): the step of one row
 alone, the one person chatting with the server, through the lean forward (`LeanDecode.one_row`) up
 to the LM head, whose product runs after the graph in the form timed for it. Inductor fuses each
 decoder layer's norms, rotary, KV writes, SiLU x up and residual adds into a few C++ kernels between

@@ -15,7 +15,7 @@
 
 #include "decode_attention.h"
 
-#ifdef REFT_PROFILE
+#ifdef PHASE_TIMERS
 #include <omp.h>
 #endif
 
@@ -75,14 +75,14 @@ void rotate(float* x, const float* cos, const float* sin, int64_t heads, int64_t
     }
 }
 
-// Where a step's time goes, for bench/decode_profile.py, which builds the library with REFT_PROFILE: each phase's
+// Where a step's time goes, for bench/decode_profile.py, which builds the library with PHASE_TIMERS: each phase's
 // seconds summed over the steps into `reft_phase_seconds` (its names: `reft_phase_names`). Built without it, as the
 // server builds it, `lap` is nothing.
 enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, ADDS, GATE_UP, SILU, DOWN, HEAD, PHASES };
 
 }  // namespace
 
-#ifdef REFT_PROFILE
+#ifdef PHASE_TIMERS
 extern "C" {
 char reft_phase_names[] = "norms,q/k/v product,rotary and KV write,attention,o product,residual adds,"
                           "gate/up product,SiLU x up,down product,LM head";

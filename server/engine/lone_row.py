@@ -7,14 +7,16 @@ each, and the fastest of them read the weights at 18-19 GB/s on a 2-core Xeon, w
 streams 23 GB/s: that, not the framework between them, kept the step behind llama.cpp's server.
 `lone_row.cpp` runs the whole step (the lean forward's ops, in its order: lean_decode.py) with
 products written to read at the streaming rate: 8 weight rows side by side per thread, each with
-its own vector accumulators, prefetching down the rows (the products over the default model's
-weights in 0.85x the time of F.linear's, bench/matvec.py --kernel). Attention is the attention
-kernel's own task (`decode_attention.h`). The LM head is in the step too.
+its own vector accumulators, prefetching down the rows: on that Xeon they read the default model's
+weights at 27-28 GB/s, and the whole step took 20 ms against the compiled step's 26-34
+(`bench/decode_profile.py`, docs/internals/decode-profile.md). Attention is the attention kernel's
+own task (`decode_attention.h`). The LM head is in the step too.
 
 What it computes is the lean forward's logits for one row, in float32; only the order of sums differs, by
 float rounding (`warm_up` checks it against the eager step, `CHECK_ABS`). It takes the pools and weights it was
-built on, fixed for the process; rotary's values come from the model's own rotary module, computed once for
-every position up to the model's context and cached (`_rotary`).
+built on, fixed for the process; rotary's values come from the model's own rotary module, as a table of
+positions computed once (`ROTARY_ROWS`, and again at twice the position whenever a row reaches past it).
+Threads: OpenMP in torch's runtime, as many as torch's, as the attention kernel's.
 
 Built for this CPU at start-up (about 1 s; `cpp_library.py`), for Llama-family models the lean
 forward serves (`lean_decode.supports`), in float32, on a CPU. Without a compiler, where the build
@@ -89,7 +91,7 @@ class NativeLoneRow:
         if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
             return None
         group, dim = lean.heads // lean.kv_heads, lean.head_dim
-        defines = (f"REFT_GROUP={group}", f"REFT_DIM={dim}", *(("REFT_PROFILE",) if profile else ()))
+        defines = (f"REFT_GROUP={group}", f"REFT_DIM={dim}", *(("PHASE_TIMERS",) if profile else ()))
         library = cpp_library.build(SOURCE, defines, "the lone-row decode step", "it runs through torch")
         return None if library is None else cls(library, lean, cache)
 
