@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from server.adapter_file import Adapter, build, import_pyreft, make_intervention
+from server.engine import runner as runner_module
 from server.engine.adapter_cache import AdapterRef, DeviceAdapterCache
 from server.engine.kv_cache import KVCache
 from server.engine.loop import EngineLoop
 from server.engine.output import Event
+from server.engine.plan import BatchPlan
 from server.engine.runner import ModelRunner, PrefillChunk
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler
@@ -192,7 +194,7 @@ def test_bf16_generation_runs_and_mostly_agrees_with_fp32(runs, workload):
     assert a["dlogprob_mean"] < 0.5 and a["dlogprob_max"] < 5.0, a
 
 
-def test_bf16_interventions_computed_in_float32(runs):
+def test_bf16_interventions_computed_in_float32(runs, monkeypatch):
     """The intervened positions hold the adapter applied in float32 to the bf16 hidden state, cast back to
     bf16 (to within one bf16 rounding step); the others are untouched; and a bf16 computation would differ."""
     side = runs.sides["bfloat16"]
@@ -200,15 +202,17 @@ def test_bf16_interventions_computed_in_float32(runs):
     layer = adapter.interventions[0].layer
     prompt = PROMPTS[0]
     captured: dict[str, torch.Tensor] = {}
+    apply = runner_module.intervene
 
-    def capture(key: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor | tuple], None]:
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            captured[key] = (output[0] if isinstance(output, tuple) else output)[0].clone()
+    def capture(plan: BatchPlan, layer_index: int, hidden: torch.Tensor) -> None:
+        """The layer's output [N, hidden] as the runner's forward hands it over, and after the plan's changes."""
+        if layer_index == layer:
+            captured["before"] = hidden.reshape(-1, hidden.shape[-1]).clone()
+        apply(plan, layer_index, hidden)
+        if layer_index == layer:
+            captured["after"] = hidden.reshape(-1, hidden.shape[-1]).clone()
 
-        return hook
-
-    handles = [side.base.layers[layer].register_forward_hook(capture("before"), prepend=True),
-               side.base.layers[layer].register_forward_hook(capture("after"))]
+    monkeypatch.setattr(runner_module, "intervene", capture)
     resident = side.cache.get(runs.emoji)
     assert all(t.dtype == torch.float32 for f in resident.forms for t in (f.W, f.b, f.P, f.p, f.A))
     slot = side.runner.cache.allocate(len(prompt))
@@ -216,8 +220,6 @@ def test_bf16_interventions_computed_in_float32(runs):
         side.runner.prefill([PrefillChunk(prompt, 0, len(prompt), slot, resident)])
     finally:
         side.runner.cache.free(slot)
-        for h in handles:
-            h.remove()
     before, after = captured["before"], captured["after"]
     assert before.dtype == after.dtype == torch.bfloat16
     expected, in_bf16 = before.clone(), before.clone()

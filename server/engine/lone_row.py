@@ -59,6 +59,12 @@ _SIGNATURE = [ctypes.POINTER(_Shape), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, 
               ctypes.c_int]
 
 
+def _layer_tensors(lean: LeanDecode) -> list[Tensor]:
+    """Each layer's weights in `reft_lone_row`'s order: input norm, q/k/v, o, post-attention norm, gate/up, down."""
+    return [t for layer in lean.layers for t in (layer.input_norm, layer.qkv.weight, layer.o.weight, layer.post_norm,
+                                                 layer.gate_up.weight, layer.down.weight)]
+
+
 class NativeLoneRow:
     """The lone-row decode step through `lone_row.cpp`: `__call__` is `LeanDecode`'s step and LM head for one row."""
 
@@ -71,8 +77,7 @@ class NativeLoneRow:
         self.shape = _Shape(len(lean.layers), lean.embed.shape[1], lean.heads, lean.kv_heads, lean.head_dim,
                             intermediate, head.shape[0], cache.capacity, lean.eps, lean.scaling)
         # What the library reads, as it reads them; these references keep every tensor alive as long as the step.
-        self._tensors = [t for layer in lean.layers for t in (layer.input_norm, layer.qkv.weight, layer.o.weight,
-                                                            layer.post_norm, layer.gate_up.weight, layer.down.weight)]
+        self._tensors = _layer_tensors(lean)
         self._weights = (_ptr * len(self._tensors))(*(t.data_ptr() for t in self._tensors))
         self._pools = (_ptr * (2 * len(lean.layers)))(*(p.data_ptr() for pair in zip(cache.k, cache.v, strict=True)
                                                         for p in pair))
@@ -85,9 +90,7 @@ class NativeLoneRow:
         """Build the library for this model's shape; None where it does not apply (not float32 on a CPU, weights or
         pools not contiguous) or cannot be built (a warning says which). `profile`: time each phase of the steps
         (`phase_seconds`; bench/decode_profile.py)."""
-        tensors = [lean.embed, lean.final_norm, lean.head.weight, *cache.k, *cache.v,
-                   *(t for layer in lean.layers for t in (layer.input_norm, layer.qkv.weight, layer.o.weight,
-                                                        layer.post_norm, layer.gate_up.weight, layer.down.weight))]
+        tensors = [lean.embed, lean.final_norm, lean.head.weight, *cache.k, *cache.v, *_layer_tensors(lean)]
         if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
             return None
         group, dim = lean.heads // lean.kv_heads, lean.head_dim

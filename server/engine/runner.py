@@ -4,10 +4,12 @@ Every forward is one packed sequence `[1, N]`: the rows' tokens one after anothe
 its own position ids and its own KV columns (`kv_cache.py`), so no token is padding and no row
 waits for the longest. What a forward needs beyond the model's own inputs travels with the call:
 the `AttentionLayout` (which columns each row's queries read) and, in a prefill, the `BatchPlan`
-(which positions each layer's hook changes). Nothing is left in a field between calls.
+(which positions each layer's interventions change). Nothing is left in a field between calls.
 
-Hooks on every decoder layer are installed once, at start-up; they read the plan from the
-layer's keyword arguments, so decode forwards (no plan) cost what the base model costs.
+One function applies a plan to a layer's output (`intervene`): the lean forward calls it after each
+layer of a prefill, and for a forward through transformers' modules, hooks installed once on every
+decoder layer read the plan from the layer's keyword arguments. Decode forwards have no plan, so
+they cost what the base model costs.
 """
 
 from __future__ import annotations
@@ -110,9 +112,9 @@ class ModelRunner:
             self.kernel = DecodeKernel.build(self.model.config.num_attention_heads // cache.kv_heads, cache.head_dim)
         # A lone row's step (one stream alone), on a CPU in float32: through a C++ library built at start-up
         # (lone_row.py), else through a compiled lean forward (compiled.py), each measured to pay there. Not in
-        # bfloat16: inductor keeps fused intermediates in float32 where the eager step rounds each op, so the two
-        # steps' logits part by up to several units, more than a check could tell from a wrong result, for 1.12x
-        # (measured on a Xeon with AMX).
+        # bfloat16: the library computes in float32 only, and inductor keeps fused intermediates in float32 where
+        # the eager step rounds each op, so the two steps' logits part by up to several units, more than a check
+        # could tell from a wrong result, for 1.12x (measured on a Xeon with AMX).
         self.lone_row: NativeLoneRow | CompiledLoneRow | None = None
         lone_cpu = self.lean is not None and self.device.type == "cpu" and cache.dtype == torch.float32
         self.compile_single = compile_single and lone_cpu  # also where the native step fails its check (warm_up)
