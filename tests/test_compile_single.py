@@ -51,10 +51,9 @@ def eager(runner: ModelRunner, rows: list[DecodeRow]) -> torch.Tensor:
         runner.lone_row = kept
 
 
-def test_compiled_and_eager_agree_at_every_slot_and_length(lone):
-    """Two slots of one block and a run of whole blocks; lengths from 2 to 3,000."""
-    _, runner = lone
-    graphs = counters["stats"].get("unique_graphs", 0)
+def lone_row_agrees_with_the_eager_step(runner: ModelRunner) -> None:
+    """The runner's lone-row step against the eager one at two slots of one block and a run of whole blocks, at
+    lengths from 2 to 3,000."""
     cache = runner.cache
     slots = [cache.allocate(n) for n in (40, 40, 3000)]
     assert len({s.start for s in slots}) == 3 and slots[2].blocks > 1
@@ -64,22 +63,28 @@ def test_compiled_and_eager_agree_at_every_slot_and_length(lone):
             runner.prefill([PrefillChunk(prompt, 0, len(prompt), slot)])
             for position in (1, 2, 19, 20, 39) if slot.size < 100 else (199, 200, 1000, 2047, 2999):
                 row = [DecodeRow(7 + position % 50, position, slot)]
-                compiled = runner.decode(row)
+                got = runner.decode(row)
                 reference = eager(runner, row)
-                assert (compiled - reference).abs().max().item() < 1e-3, (slot, position)
-                assert torch.equal(compiled.argmax(-1), reference.argmax(-1))
+                assert (got - reference).abs().max().item() < 1e-3, (slot, position)
+                assert torch.equal(got.argmax(-1), reference.argmax(-1))
     finally:
         for slot in slots:
             cache.free(slot)
+
+
+def test_compiled_and_eager_agree_at_every_slot_and_length(lone):
+    _, runner = lone
+    graphs = counters["stats"].get("unique_graphs", 0)
+    lone_row_agrees_with_the_eager_step(runner)
     assert counters["stats"].get("unique_graphs", 0) == graphs, "recompiled"
 
 
-def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
-    """Guards are skipped: another runner, with pools of another size, must not run the first one's graph."""
-    _, first = lone
-    base = load_base_model()  # a runner hooks its model's layers: a model of its own, as in the server
+def second_runner_agrees_with_its_eager_step(first: ModelRunner, **options: bool) -> ModelRunner:
+    """Another runner in the process (`options` as ModelRunner's), over pools of another size and a model of its own
+    (a runner hooks its model's layers, as in the server): its lone-row step against its eager one. Returns it."""
+    base = load_base_model()
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27),
-                         compile_single=True, pack_weights=True, attention_kernel=True)
+                         pack_weights=True, attention_kernel=True, **options)
     runner.warm_up()
     assert runner.lone_row is not None and runner.cache.k[0].shape != first.cache.k[0].shape
     slot = runner.cache.allocate(40)
@@ -89,6 +94,12 @@ def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
         assert (runner.decode(row) - eager(runner, row)).abs().max().item() < 1e-3
     finally:
         runner.cache.free(slot)
+    return runner
+
+
+def test_a_second_runner_in_the_process_compiles_its_own_step(lone):
+    """Guards are skipped: another runner, with pools of another size, must not run the first one's graph."""
+    second_runner_agrees_with_its_eager_step(lone[1], compile_single=True)
 
 
 def pyreft_tokens_one_request_at_a_time(base: BaseModel, runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,9 +14,13 @@ from server.engine import cpp_library, lone_row
 from server.engine.compiled import CompiledLoneRow
 from server.engine.kv_cache import KVCache
 from server.engine.lone_row import NativeLoneRow
-from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk
+from server.engine.runner import ModelRunner, PrefillChunk
 from server.model import load_base_model
-from tests.test_compile_single import pyreft_tokens_one_request_at_a_time
+from tests.test_compile_single import (
+    lone_row_agrees_with_the_eager_step,
+    pyreft_tokens_one_request_at_a_time,
+    second_runner_agrees_with_its_eager_step,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,34 +35,9 @@ def native():
     return base, runner
 
 
-def eager(runner: ModelRunner, rows: list[DecodeRow]) -> torch.Tensor:
-    kept, runner.lone_row = runner.lone_row, None
-    try:
-        return runner.decode(rows)
-    finally:
-        runner.lone_row = kept
-
-
 def test_native_and_eager_agree_at_every_slot_and_length(native):
-    """Two slots of one block and a run of whole blocks; lengths from 2 to 3,000 (rotary's table grows past 4,096
-    positions only; the slots' columns reach past 4,096)."""
     _, runner = native
-    cache = runner.cache
-    slots = [cache.allocate(n) for n in (40, 40, 3000)]
-    assert len({s.start for s in slots}) == 3 and slots[2].blocks > 1
-    try:
-        for slot in slots:
-            prompt = list(range(100, 120 if slot.size < 100 else 300))
-            runner.prefill([PrefillChunk(prompt, 0, len(prompt), slot)])
-            for position in (1, 2, 19, 20, 39) if slot.size < 100 else (199, 200, 1000, 2047, 2999):
-                row = [DecodeRow(7 + position % 50, position, slot)]
-                got = runner.decode(row)
-                reference = eager(runner, row)
-                assert (got - reference).abs().max().item() < 1e-3, (slot, position)
-                assert torch.equal(got.argmax(-1), reference.argmax(-1))
-    finally:
-        for slot in slots:
-            cache.free(slot)
+    lone_row_agrees_with_the_eager_step(runner)
 
 
 def test_rotary_values_past_the_first_table_are_the_model_s(native):
@@ -74,19 +53,8 @@ def test_rotary_values_past_the_first_table_are_the_model_s(native):
 
 def test_a_second_runner_reads_its_own_pools(native):
     """The step holds its runner's pool addresses: another runner, with pools of another size, has its own."""
-    _, first = native
-    base = load_base_model()
-    runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 27),
-                         native_single=True, pack_weights=True, attention_kernel=True)
-    runner.warm_up()
-    assert isinstance(runner.lone_row, NativeLoneRow) and runner.cache.k[0].shape != first.cache.k[0].shape
-    slot = runner.cache.allocate(40)
-    try:
-        runner.prefill([PrefillChunk(list(range(100, 120)), 0, 20, slot)])
-        row = [DecodeRow(7, 20, slot)]
-        assert (runner.decode(row) - eager(runner, row)).abs().max().item() < 1e-3
-    finally:
-        runner.cache.free(slot)
+    runner = second_runner_agrees_with_its_eager_step(native[1], native_single=True)
+    assert isinstance(runner.lone_row, NativeLoneRow)
 
 
 def test_pyreft_greedy_tokens_through_the_native_lone_row(native, monkeypatch):
