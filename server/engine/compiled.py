@@ -153,7 +153,7 @@ class CompiledLoneRow:
                 self.cache.writing(slot, 8)
             self(3, 2, slots[1])
             compiled = self(5, 6, slots[0])
-            eager = self.lean.head(self.lean.one_row(self.cache, *self._inputs(5, 6, slots[0]), slots[0].start, 7))
+            eager = self.lean.one_row_logits(self.cache, 5, 6, slots[0])
             error = (compiled - eager).abs().max().item()
             if not error <= LONE_ROW_CHECK_ABS:
                 log.warning("the compiled lone-row decode step differs from the eager one by %.3g; decoding eagerly",
@@ -172,10 +172,5 @@ class CompiledLoneRow:
         """Next-token logits [1, V] for `token` fed at `position` of `slot`: the compiled graph's hidden state, then
         the LM head's product, eagerly in its own form (`LeanDecode.one_row`)."""
         with torch.compiler.config.patch(dynamic_sources=LONE_ROW_DYNAMIC):
-            hidden = self._step(*self._inputs(token, position, slot), slot.start, position + 1)
+            hidden = self._step(*self.lean.row_inputs(token, position, slot), slot.start, position + 1)
         return self.lean.head(hidden).float()
-
-    def _inputs(self, token: int, position: int, slot: Slot) -> tuple[Tensor, Tensor, Tensor]:
-        device = self.lean.embed.device
-        return (torch.tensor([token], device=device), torch.tensor([position], device=device),
-                torch.tensor([slot.start + position], device=device))

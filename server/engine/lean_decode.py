@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from server.engine import attention
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, Slot
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,17 @@ class LeanDecode:
             return attention.single_row(q, pool_k, pool_v, start, kv_len, self.scaling)
 
         return self._hidden(cache, ids, positions, columns, attend)
+
+    def row_inputs(self, token: int, position: int, slot: Slot) -> tuple[Tensor, Tensor, Tensor]:
+        """`one_row`'s tensors for `token` fed at `position` of `slot`: ids, positions, columns [1] each."""
+        device = self.embed.device
+        return (torch.tensor([token], device=device), torch.tensor([position], device=device),
+                torch.tensor([slot.start + position], device=device))
+
+    def one_row_logits(self, cache: KVCache, token: int, position: int, slot: Slot) -> Tensor:
+        """The eager lone-row step's logits [1, V]: what the compiled and native steps are checked against."""
+        hidden = self.one_row(cache, *self.row_inputs(token, position, slot), slot.start, position + 1)
+        return self.head(hidden).float()
 
     def _hidden(self, cache: KVCache, ids: Tensor, positions: Tensor, columns: Tensor,
                 attend: Callable[[_Layer, Tensor, Tensor, Tensor], Tensor],
