@@ -57,6 +57,7 @@ from server.engine.compiled import CompiledLoneRow  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.lone_row import NativeLoneRow  # noqa: E402
 from server.engine.loop import EngineLoop  # noqa: E402
+from server.engine.panel_product import PROFILE_NAME as PANEL_PROFILE_NAME  # noqa: E402
 from server.engine.runner import DecodeRow, ModelRunner, PrefillChunk  # noqa: E402
 from server.engine.sampling import Sampler, SamplingParams  # noqa: E402
 from server.engine.scheduler import GenerationRequest, Scheduler  # noqa: E402
@@ -67,7 +68,7 @@ ELEMENTWISE = "rotary, SiLU x up, residual adds"
 # Top-level op -> category; ops not named here are views, casts and the like.
 CATEGORY = {
     **dict.fromkeys(("aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
-                     "mkl::_mkl_linear"), MATMULS),
+                     "mkl::_mkl_linear", PANEL_PROFILE_NAME), MATMULS),
     "aten::scaled_dot_product_attention": "attention (SDPA)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA)",
     **dict.fromkeys(("aten::matmul", "aten::softmax", "aten::masked_fill", "aten::where", "aten::index",

@@ -1,12 +1,13 @@
-"""A decode step of many streams, in-process: as the server runs it (the packed weight copies of
-`REFT_PACKED_WEIGHTS` and the decode attention kernel of `REFT_ATTENTION_KERNEL`) against each of the two
-turned off, side by side, and where the served step's time goes.
+"""A decode step of many streams, in-process: as the server runs it (the panel products of
+`REFT_PANEL_PRODUCTS` on the packed weight copies of `REFT_PACKED_WEIGHTS`, and the decode attention
+kernel of `REFT_ATTENTION_KERNEL`) against oneDNN's products on its packed copies, no packed copies, and
+SDPA's attention, side by side, and where the served step's time goes.
 
     .venv/bin/python bench/many_streams.py                      # 16 rows of 1,024-token contexts
     .venv/bin/python bench/many_streams.py --rows 32 --context 64
     .venv/bin/python bench/many_streams.py --dtype bfloat16     # as `--dtype bfloat16` serves it
 
-The three runners share the model and one KV cache: every row's prompt is prefilled once, then the
+The four runners share the model and one KV cache: every row's prompt is prefilled once, then the
 steps take turns, each feeding the same token at the same position of every row (so each writes the
 same KV columns and reads the same keys). Prints each side's median step, its ratio to the served one,
 how far its logits differ, and one profiled served step by kind of op (the categories of `decode_profile.py`).
@@ -44,9 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     base = load_base_model(dtype=args.dtype)
     cache = KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 31)
-    sides = {"served": ModelRunner(base, cache, pack_weights=True, attention_kernel=True),
+    sides = {"served": ModelRunner(base, cache, pack_weights=True, panel_products=True, attention_kernel=True),
+             "oneDNN's packed copies": ModelRunner(base, cache, pack_weights=True, attention_kernel=True),
              "no packed copies": ModelRunner(base, cache, attention_kernel=True),
-             "SDPA attention": ModelRunner(base, cache, pack_weights=True)}
+             "SDPA attention": ModelRunner(base, cache, pack_weights=True, panel_products=True)}
     if sides["served"].kernel is None:
         raise SystemExit("the decode attention kernel could not be built here (the log says why)")
     gen = torch.Generator().manual_seed(0)
@@ -58,7 +60,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in sides}
     logits: dict[str, torch.Tensor] = {}
     for step in range(args.steps + 3):
-        for name, runner in sides.items():
+        for name, runner in list(sides.items())[:: 1 if step % 2 else -1]:  # a drift hits every side alike
             started = time.perf_counter()
             logits[name] = runner.decode(rows)
             if step >= 3:  # the first steps warm caches and oneDNN's primitives

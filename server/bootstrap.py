@@ -76,9 +76,12 @@ def build_engine(settings: Settings) -> Engine:
              kv.block_tokens, kv.nbytes / 2**30, kv.bytes_per_token)
     runner = ModelRunner(base, kv, compile_decode=settings.compile, compile_single=settings.compile_single,
                          native_single=settings.native_single, pack_weights=settings.packed_weights,
+                         panel_products=settings.panel_products,
                          attention_kernel=settings.attention_kernel, max_rows=settings.max_batch_size)
     if runner.lean is not None and runner.lean.packed_bytes:
-        log.info("Packed weight copies for many-row decode steps: %.0f MiB", runner.lean.packed_bytes / 2**20)
+        kind = "panel products" if runner.lean.head.panels is not None else "oneDNN"
+        log.info("Packed weight copies for many-row decode steps (%s): %.0f MiB", kind,
+                 runner.lean.packed_bytes / 2**20)
     policy = Scheduler(
         kv, cache.get,
         max_batch_size=settings.max_batch_size,

@@ -49,9 +49,13 @@ class Settings(BaseSettings):
                           "library built at start-up (about 1 s; needs a C++ compiler): products that read the "
                           "weights at the memory's streaming rate. Without it the step runs as compile_single says")
     packed_weights: bool = Field(
-        True, description="on a CPU, keep a oneDNN-packed copy of the projection and LM-head weights for decode steps "
-                          "of 3 or more rows (many streams): 1.5-2x faster products, for the weights' bytes again "
-                          "(513 MiB with the default model)")
+        True, description="on a CPU, keep a packed copy of the projection and LM-head weights for decode steps of 3 or "
+                          "more rows (many streams): 1.5-2x faster products, for the weights' bytes again (513 MiB "
+                          "with the default model); the panel products' copy where panel_products is on, else oneDNN's")
+    panel_products: bool = Field(
+        True, description="on a CPU in float32 with packed_weights on, the products of decode steps of up to 96 rows "
+                          "through a C++ library built at start-up (about 0.5 s; needs a C++ compiler, else oneDNN's): "
+                          "0.7-0.8x oneDNN's time")
     attention_kernel: bool = Field(
         True, description="on a CPU, decode attention through a small C++ kernel built at start-up (about 0.7 s; "
                           "needs a C++ compiler, else SDPA): half SDPA's time for many streams")

@@ -39,10 +39,11 @@ def base() -> BaseModel:
 
 @pytest.fixture(scope="module")
 def runner(base: BaseModel) -> ModelRunner:
-    """With packed weight copies and the attention kernel, as the server runs by default (`Settings.packed_weights`,
-    `Settings.attention_kernel`), and warmed up as at start-up: its product forms timed on this CPU."""
+    """With packed weight copies for the panel products and the attention kernel, as the server runs by default
+    (`Settings.packed_weights`, `panel_products`, `attention_kernel`), and warmed up as at start-up: its product forms
+    timed on this CPU."""
     runner = ModelRunner(base, KVCache.for_model(base.model.config, base.dtype, base.device, 1 << 26),
-                         pack_weights=True, attention_kernel=True)
+                         pack_weights=True, panel_products=True, attention_kernel=True)
     runner.warm_up()
     return runner
 
@@ -91,9 +92,10 @@ def test_the_default_model_decodes_through_the_lean_forward(runner):
     assert runner.lean is not None
 
 
-@pytest.mark.parametrize("lengths", [(64,), (7, 40, 130), (5, 9, 17, 33, 65, 90)])
+@pytest.mark.parametrize("lengths", [(64,), (7, 40, 130), (5, 9, 17, 33, 65, 90), tuple(range(3, 63, 3))])
 def test_lean_logits_equal_the_transformers_forward(runner, lengths):
-    """A lone row and rows of different lengths, through the lean forward and through transformers' modules."""
+    """A lone row and rows of different lengths, through the lean forward and through transformers' modules; 20 rows:
+    past the rows whose product forms are timed at start-up, the panel products."""
     steps_agree(runner, lengths, without(runner, "lean"))
 
 
@@ -266,8 +268,9 @@ def test_tuning_gives_each_weight_shape_one_form_per_row_count_that_its_products
         assert len({p.tuned for p in products}) == 1  # one choice per shape, every layer's alike
         tuned = products[0].tuned
         assert len(tuned) == lean_decode.TUNED_ROWS[-1] and set(tuned) <= set(products[0].forms)
-    # past the rows timed, the untuned rule: oneDNN's product over the packed copy
-    assert runner.lean.head.form(lean_decode.TUNED_ROWS[-1] + 1) == "onednn"
+    # past the rows timed, the untuned rule: the panel products over their packed copy, then oneDNN's
+    assert runner.lean.head.form(lean_decode.TUNED_ROWS[-1] + 1) == "panels"
+    assert runner.lean.head.form(lean_decode.PANEL_ROWS + 1) == "onednn"
 
 
 def test_a_compiled_row_count_takes_only_forms_a_graph_can_hold(monkeypatch):

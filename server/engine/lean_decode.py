@@ -16,11 +16,13 @@ hooks, keyword plumbing). This forward computes the same functions with the same
   first half is negated (the same products and sum as transformers', bit for bit);
 - attention through `attention.attention` with the runner's layout, as every other step;
 - on a CPU, a product over a few rows as a batched product over row blocks of the weight
-  (`split_linear`): the same dot products, on all of torch's threads; over more rows, oneDNN's
-  matmul (`onednn_linear`), not MKL's, on a packed copy of the weight (`packed_weight`) unless the
-  runner was told not to keep one. Which of these (or F.linear, MKL's) is fastest at a few rows
-  depends on the CPU, so the runner times them at start-up on the model's own weights and keeps
-  the fastest per weight shape and row count (`LeanDecode.tune`).
+  (`split_linear`): the same dot products, on all of torch's threads; over more rows, the panel
+  products of `panel_product.py` on their own packed copy of the weight, up to `PANEL_ROWS` rows, and
+  oneDNN's matmul (`onednn_linear`), not MKL's, past them. Without the panel library, oneDNN's
+  matmul from a few rows up, on its own packed copy (`packed_weight`). The runner can be told to keep
+  no copy. Which form (F.linear, MKL's, too) is fastest at a few rows depends on the CPU, so the
+  runner times them at start-up on the model's own weights and keeps the fastest per weight shape and
+  row count (`LeanDecode.tune`).
 
 Prefill steps run this forward too (`hidden`), with the runner's interventions applied to each layer's
 output as the decoder layers' hooks would apply them: the same fused products on the packed copies, where
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 
 from server.engine import attention
 from server.engine.kv_cache import KVCache, Slot
+from server.engine.panel_product import PanelLibrary, PanelWeight
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ log = logging.getLogger(__name__)
 # is as fast or faster); over its packed copy, 2 (at 3 rows the packed products took 6% less time in all).
 SPLIT_ROWS = 4
 SPLIT_ROWS_PACKED = 2
+# Rows up to which the panel products (`panel_product.py`) beat oneDNN's and MKL's, by the sum of the default model's
+# products (2-core Xeon: 0.7-0.8x their time up to 64 rows, even at 96, 1.2x theirs at 256). Past it, oneDNN's.
+PANEL_ROWS = 96
 PACK_HINT_ROWS = 16
 # The same in bfloat16 (bench/matvec.py --dtype bfloat16 on a 2-core Xeon with AMX, torch 2.13), where oneDNN's
 # products of a few rows cost 60-80 us each whatever the weight's size: over the weight as it is, split products
@@ -65,13 +71,13 @@ PACK_HINT_ROWS = 16
 SPLIT_ROWS_BF16 = 32
 SPLIT_ROWS_PACKED_BF16 = 2
 # `LeanDecode.tune` times each form at these row counts; a step of n rows takes the choice made at the first >= n.
-# Past the last, the rule above holds (many rows: oneDNN's product, whose packed copy was made for them).
+# Past the last, the rule above holds (many rows: the panel products, or oneDNN's over its packed copy, made for them).
 TUNED_ROWS = (1, 2, 3, 4, 8, 16)
 TUNE_REPS = 4
 # A form replaces the untuned rule's only where its median took at most this share of the rule's time: on a
 # machine where two forms are about as fast, start-up timings then do not flip the choice from one run to the next.
 TUNE_MARGIN = 0.9
-FORMS = ("split", "onednn", "linear")
+FORMS = ("split", "onednn", "linear", "panels")
 # The forms a compiled step can hold: inductor lowers oneDNN's op only over weights it froze into the graph as
 # constants, which the lone-row step's are not (they are read from the model at each call).
 TRACEABLE_FORMS = ("split", "linear")
@@ -128,24 +134,30 @@ def projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 @dataclass(frozen=True)
 class Product:
-    """A weight's product with a step's rows in one of `FORMS`: `split_linear` up to `split_rows` rows, oneDNN's
-    beyond (on a CPU, over the packed copy where there is one; F.linear elsewhere), unless `tuned` names the form
-    for the step's row count."""
+    """A weight's product with a step's rows in one of `FORMS`: `split_linear` up to `split_rows` rows, the panel
+    products beyond where there is a panel copy, up to `PANEL_ROWS` rows, then oneDNN's (on a CPU, over its packed
+    copy where there is one; F.linear elsewhere), unless `tuned` names the form for the step's row count."""
 
     weight: Tensor  # [out, in]
     blocks: Tensor | None  # the weight as [threads, out / threads, in] (a view), where it splits evenly on a CPU
     onednn: Tensor | None  # what oneDNN's product reads: `packed_weight(weight)` or the weight itself; None off a CPU
     split_rows: int  # rows up to which `blocks` are used, where `tuned` does not say
     tuned: tuple[str, ...] = ()  # the form for a product of n rows at index n - 1 (`LeanDecode.tune`)
+    panels: PanelWeight | None = None  # the panel copy (`panel_product.py`), held instead of oneDNN's packed copy
 
     @classmethod
-    def of(cls, weight: Tensor, *, pack: bool = False) -> Product:
+    def of(cls, weight: Tensor, *, pack: bool = False, panels: PanelLibrary | None = None) -> Product:
+        """pack: keep a packed copy of the weight, the panel library's where it is given and takes the weight (float32
+        on a CPU), else oneDNN's."""
         threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
         split = threads > 1 and weight.shape[0] % threads == 0
+        blocks = weight.view(threads, -1, weight.shape[1]) if split else None
+        if pack and panels is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
+            return cls(weight, blocks, weight if has_onednn_linear(weight) else None, SPLIT_ROWS_PACKED,
+                       panels=panels.pack(weight))
         onednn = None
         if has_onednn_linear(weight):
             onednn = packed_weight(weight) if pack else weight
-        blocks = weight.view(threads, -1, weight.shape[1]) if split else None
         packed = onednn is not None and onednn is not weight
         if weight.dtype == torch.bfloat16:
             return cls(weight, blocks, onednn, SPLIT_ROWS_PACKED_BF16 if packed else SPLIT_ROWS_BF16)
@@ -153,19 +165,24 @@ class Product:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes held by the packed copy (0 without one)."""
+        """Bytes held by the packed copy, the panel library's or oneDNN's (0 without one)."""
+        if self.panels is not None:
+            return self.panels.panels.nbytes
         return 0 if self.onednn is None or self.onednn is self.weight else self.weight.nbytes
 
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms this product can run in, of `FORMS`."""
-        return tuple(f for f in FORMS if f == "linear" or (self.blocks if f == "split" else self.onednn) is not None)
+        held = {"split": self.blocks, "onednn": self.onednn, "linear": self.weight, "panels": self.panels}
+        return tuple(f for f in FORMS if held[f] is not None)
 
     def form(self, rows: int) -> str:
         if 0 < rows <= len(self.tuned):
             return self.tuned[rows - 1]
         if self.blocks is not None and 0 < rows <= self.split_rows:
             return "split"
+        if self.panels is not None and rows <= PANEL_ROWS:
+            return "panels"
         return "onednn" if self.onednn is not None else "linear"
 
     def run(self, form: str, x: Tensor) -> Tensor:
@@ -173,6 +190,8 @@ class Product:
             return split_linear(x, self.blocks)
         if form == "onednn":
             return onednn_linear(x, self.onednn)
+        if form == "panels":
+            return self.panels(x)
         return F.linear(x, self.weight)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -289,11 +308,13 @@ def fuse_projections(first: nn.Linear, *rest: nn.Linear) -> Tensor:
 class LeanDecode:
     """The base model's decode forward over the engine's KV cache: packed rows in, next-token logits out."""
 
-    def __init__(self, model: nn.Module, *, pack: bool = False) -> None:
-        """pack: keep oneDNN-packed copies of the products' weights (`packed_weight`), for steps of many rows."""
+    def __init__(self, model: nn.Module, *, pack: bool = False, panels: PanelLibrary | None = None) -> None:
+        """pack: keep packed copies of the products' weights for steps of many rows: the panel library's where it is
+        given (`panel_product.py`), else oneDNN's (`packed_weight`)."""
         cfg, inner = model.config, model.model
         self.embed = inner.embed_tokens.weight
-        self.head = Product.of(model.get_output_embeddings().weight, pack=pack)
+        product = functools.partial(Product.of, pack=pack, panels=panels)
+        self.head = product(model.get_output_embeddings().weight)
         self.final_norm = inner.norm.weight
         self.eps = float(cfg.rms_norm_eps)
         self.rotary = inner.rotary_emb
@@ -304,10 +325,9 @@ class LeanDecode:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                layer.input_layernorm.weight, Product.of(fuse_projections(a.q_proj, a.k_proj, a.v_proj), pack=pack),
-                Product.of(a.o_proj.weight, pack=pack), layer.post_attention_layernorm.weight,
-                Product.of(fuse_projections(m.gate_proj, m.up_proj), pack=pack),
-                Product.of(m.down_proj.weight, pack=pack), a,
+                layer.input_layernorm.weight, product(fuse_projections(a.q_proj, a.k_proj, a.v_proj)),
+                product(a.o_proj.weight), layer.post_attention_layernorm.weight,
+                product(fuse_projections(m.gate_proj, m.up_proj)), product(m.down_proj.weight), a,
             ))
         half = self.head_dim // 2
         self._sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(self.embed.device, self.embed.dtype)

@@ -28,6 +28,7 @@ from server.engine.compiled import CompiledDecode, CompiledLoneRow
 from server.engine.kv_cache import KVCache, Slot, StepCache
 from server.engine.lean_decode import LeanDecode, supports
 from server.engine.lone_row import NativeLoneRow
+from server.engine.panel_product import PanelLibrary
 from server.engine.plan import BatchPlan, PlanRow, build_plan
 from server.interventions import batched_apply
 from server.model import BaseModel
@@ -84,8 +85,8 @@ class ModelRunner:
     """Runs the base model's forward passes; the only place that touches the model."""
 
     def __init__(self, base: BaseModel, cache: KVCache, *, compile_decode: bool = False, compile_single: bool = False,
-                 native_single: bool = False, pack_weights: bool = False, attention_kernel: bool = False,
-                 max_rows: int = 32) -> None:
+                 native_single: bool = False, pack_weights: bool = False, panel_products: bool = False,
+                 attention_kernel: bool = False, max_rows: int = 32) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
@@ -101,7 +102,12 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         # Prefills and eager decode steps of a Llama-family model skip transformers' module code (lean_decode.py);
         # a compiled step traces transformers' forward, whose graph inductor fuses anyway.
-        self.lean = LeanDecode(self.model, pack=pack_weights) if supports(self.model) and not compile_decode else None
+        # Its packed weight copies, for steps of many rows, are the panel library's on a CPU in float32 where that
+        # builds (panel_product.py), else oneDNN's.
+        self.lean: LeanDecode | None = None
+        if supports(self.model) and not compile_decode:
+            panels = pack_weights and panel_products and self.device.type == "cpu" and base.dtype == torch.float32
+            self.lean = LeanDecode(self.model, pack=pack_weights, panels=PanelLibrary.build() if panels else None)
         if compile_decode:
             self.compiled = CompiledDecode(self._decode_forward, cache, max_rows, self.device)
         # Decode attention through a kernel built at start-up, on a CPU over float32 or bfloat16 pools
