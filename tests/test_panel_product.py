@@ -62,6 +62,7 @@ def test_inputs_it_cannot_read_are_refused(library):
     for x in (torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 31), torch.randn(32)):
         with pytest.raises(ValueError, match="float32 CPU rows of 32 inputs"):
             packed(x)
+    assert packed(torch.randn(0, 32)).shape == (0, 64)  # a step can have no rows of a kind
     x = torch.randn(32, 40).t()  # a view whose rows are not contiguous: copied first
     torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
 

@@ -71,6 +71,7 @@ extern "C" int64_t reft_panel_width() { return WIDTH; }
 // y [m, n] = x [m, k] w^T for w packed as `panels` (above), on `threads` threads
 extern "C" void reft_panel_product(const float* x, int64_t m, int64_t k, const float* panels, int64_t n, float* y,
                                    int threads) {
+    if (m <= 0) return;  // a step with no rows here (y is empty)
     const int64_t count = (n + WIDTH - 1) / WIDTH;
     const int64_t blocks = (m + ROWS - 1) / ROWS;
     const int64_t stride = (WIDTH * static_cast<int64_t>(sizeof(float)) + blocks - 1) / blocks;
