@@ -53,9 +53,9 @@ class Settings(BaseSettings):
                           "more rows (many streams): 1.5-2x faster products, for the weights' bytes again (513 MiB "
                           "with the default model); the panel products' copy where panel_products is on, else oneDNN's")
     panel_products: bool = Field(
-        True, description="on a CPU in float32 with packed_weights on, the products of decode steps of up to 96 rows "
+        True, description="on a CPU in float32 with packed_weights on, the products of decode steps of up to 128 rows "
                           "through a C++ library built at start-up (about 0.5 s; needs a C++ compiler, else oneDNN's): "
-                          "0.7-0.8x oneDNN's time")
+                          "0.64-0.92x the time of oneDNN's")
     attention_kernel: bool = Field(
         True, description="on a CPU, decode attention through a small C++ kernel built at start-up (about 0.7 s; "
                           "needs a C++ compiler, else SDPA): half SDPA's time for many streams")

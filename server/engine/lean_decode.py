@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 SPLIT_ROWS = 4
 SPLIT_ROWS_PACKED = 2
 # Rows up to which the panel products (`panel_product.py`) beat oneDNN's and MKL's, by the sum of the default model's
-# products (2-core Xeon: 0.7-0.8x their time up to 64 rows, even at 96, 1.2x theirs at 256). Past it, oneDNN's.
-PANEL_ROWS = 96
+# products (bench/matvec.py, 2-core Xeon: 0.64-0.78x the time of oneDNN's over its packed copy at 2-32 rows, 0.85-0.92x
+# at 64-128, 1.29x at 256). Past it, oneDNN's.
+PANEL_ROWS = 128
 PACK_HINT_ROWS = 16
 # The same in bfloat16 (bench/matvec.py --dtype bfloat16 on a 2-core Xeon with AMX, torch 2.13), where oneDNN's
 # products of a few rows cost 60-80 us each whatever the weight's size: over the weight as it is, split products

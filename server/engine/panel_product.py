@@ -7,10 +7,11 @@ about 110 GFLOPS at 32 rows on a 2-core Xeon: neither as fast as the cores multi
 large products) nor as fast as the memory streams (the weights at 23 GB/s would take 23 ms a step,
 oneDNN's took 75). `panel_product.cpp` packs each weight in panels of output columns, computes each
 block of rows as one tile of register accumulators, and streams the weights evenly by prefetching the
-next panel while the current one is computed: 0.68-0.78x oneDNN's time for the default model's
-products at 2 to 64 rows (`bench/many_streams.py` times the whole step both ways). Past about 100 rows
-oneDNN's and MKL's products catch up and win (prefill chunks), so the copy replaces oneDNN's packed
-copy rather than adding to it, and `lean_decode.Product` takes it for steps of up to `PANEL_ROWS` rows.
+next panel while the current one is computed: 0.64-0.78x oneDNN's time for the default model's
+products at 2 to 32 rows, 0.85-0.92x at 64 to 128 (`bench/matvec.py`; `bench/many_streams.py` times the
+whole step both ways). Past that oneDNN's and MKL's products win (prefill chunks, where the tiles re-read
+the rows too often), so the copy replaces oneDNN's packed copy rather than adding to it, and
+`lean_decode.Product` takes it for steps of up to `PANEL_ROWS` rows.
 
 What it computes is F.linear's result; only the order of the sums differs, by float rounding: each output is one
 sum over the inputs in order, the same for any number of rows. `PanelLibrary.build` checks it against F.linear at
