@@ -3,9 +3,9 @@
 Why: a decode step of many streams is, above all, each layer's products of a few dozen rows against
 weights read once from memory (540 MB with the default model), and the fastest of torch's forms,
 oneDNN's matmul over its own packed copy of the weight (`lean_decode.packed_weight`), ran them at
-about 110 GFLOPS at 32 rows on a 2-core Xeon: neither as fast as the cores multiply (220 GFLOPS on
+110-140 GFLOPS at 32 rows on a 2-core Xeon: neither as fast as the cores multiply (220 GFLOPS on
 large products) nor as fast as the memory streams (the weights at 23 GB/s would take 23 ms a step,
-oneDNN's took 75). `panel_product.cpp` packs each weight in panels of output columns, computes each
+oneDNN's products took 63-75). `panel_product.cpp` packs each weight in panels of output columns, computes each
 block of rows as one tile of register accumulators, and streams the weights evenly by prefetching the
 next panel while the current one is computed: 0.64-0.78x oneDNN's time for the default model's
 products at 2 to 32 rows, 0.85-0.92x at 64 to 128 (`bench/matvec.py`; `bench/many_streams.py` times the
