@@ -107,3 +107,20 @@ def test_without_a_compiler_the_products_stay_onednns(rebuilt, monkeypatch):
     monkeypatch.setattr(cpp_library, "build", lambda *args: None)
     assert rebuilt() is None
     assert panel_product.PanelLibrary.build() is None  # remembered for the process, until cleared
+
+
+def test_start_up_timing_skips_onednns_product_beside_a_panel_copy(library, monkeypatch):
+    """Beside a panel copy oneDNN's product reads the plain weight, which the panel products beat by 2x: not timed."""
+    timed: list[set[str]] = []
+    choose = lean_decode.choose_forms
+
+    def record(default, medians):  # noqa: ANN001, ANN202 - choose_forms' signature
+        timed.extend(set(at) for at in medians.values())
+        return choose(default, medians)
+
+    monkeypatch.setattr(lean_decode, "choose_forms", record)
+    lean_decode.LeanDecode(tiny_llama(), pack=True, panels=library).tune()
+    assert timed and all("panels" in forms and "onednn" not in forms for forms in timed)
+    timed.clear()
+    lean_decode.LeanDecode(tiny_llama(), pack=True).tune()
+    assert timed and all("onednn" in forms for forms in timed)

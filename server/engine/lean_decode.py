@@ -226,12 +226,15 @@ def _spans(forms: tuple[str, ...]) -> str:
 def tune_products(products: Sequence[Product], traced_rows: int = 0, reps: int = TUNE_REPS) -> tuple[str, ...]:
     """Time every form of `products` (weights of one shape, every layer's, read back to back as a step reads them)
     at each of `TUNED_ROWS`, forms interleaved in each of `reps` rounds, and choose from the medians. Up to
-    `traced_rows` rows, only `TRACEABLE_FORMS` compete: those steps run compiled."""
+    `traced_rows` rows, only `TRACEABLE_FORMS` compete: those steps run compiled. Beside a panel copy oneDNN's product
+    reads the weight as it is, and is not timed: the panel products took 0.54-0.59x its time at 2 to 16 rows
+    (bench/matvec.py, a step's products), and timing it cost 1.7 s of start-up with the default model."""
     first = products[0]
     medians: dict[int, dict[str, float]] = {}
     for rows in TUNED_ROWS:
         x = torch.randn(rows, first.weight.shape[1], dtype=first.weight.dtype, device=first.weight.device)
-        forms = [f for f in first.forms if rows > traced_rows or f in TRACEABLE_FORMS]
+        forms = [f for f in first.forms if (rows > traced_rows or f in TRACEABLE_FORMS)
+                 and not (f == "onednn" and first.panels is not None)]
         times: dict[str, list[float]] = {form: [] for form in forms}
         for _ in range(reps + 1):  # the first round warms each form up and is not kept
             for form, kept in times.items():
